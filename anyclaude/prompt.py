@@ -1,0 +1,229 @@
+"""Anthropic request -> chat messages -> the model's chat template -> token ids.
+
+count_tokens and generation share this path, so they agree to the token.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from msgspec import Struct
+
+from . import wire
+from .errors import InvalidRequest
+
+BILLING_HEADER = "x-anthropic-billing-header:"
+IMAGE_NOTE = "[image omitted: this model reads text only]"
+DOCUMENT_NOTE = "[document omitted: only text documents can be read]"
+
+
+class Rendered(Struct, frozen=True):
+    text: str
+    ids: list[int]
+    # Whether the tools went into the system prompt in the generic format below.
+    generic_tools: bool
+
+
+def render(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_header: bool = False) -> Rendered:
+    """The prompt for a request, as text and as token ids."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    native_tools = "tools" in template
+    tools = [_function(t) for t in request.tools or [] if t.type in (None, "custom")]
+    messages = chat_messages(request, keep_billing_header=keep_billing_header)
+    generic = bool(tools) and not native_tools
+    if generic:
+        messages = _generic_tools(messages, tools)
+    text = _apply(tokenizer, messages, tools if native_tools and tools else None)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return Rendered(text=text, ids=list(ids), generic_tools=generic)
+
+
+def chat_messages(request: wire.CountTokensRequest, *, keep_billing_header: bool = False) -> list[dict]:
+    """The conversation as chat-template messages (system, user, assistant, tool)."""
+    out: list[dict] = []
+    system = system_text(request.system, keep_billing_header=keep_billing_header)
+    if system:
+        out.append({"role": "system", "content": system})
+    for i, message in enumerate(request.messages):
+        blocks = wire.blocks(message.content, f"messages.{i}.content")
+        if message.role == "assistant":
+            _add(out, _assistant(blocks))
+        elif message.role == "system":
+            _add(out, {"role": "system", "content": _text(blocks)})
+        else:
+            for turn in _user(blocks):
+                _add(out, turn)
+    return out
+
+
+def system_text(system: str | list | None, *, keep_billing_header: bool = False) -> str:
+    if system is None:
+        return ""
+    parts = []
+    for block in wire.blocks(system, "system"):
+        if not isinstance(block, wire.TextBlock):
+            continue
+        # The billing header changes with every Claude Code version (and per request
+        # in some), so at the very top of the prompt it would defeat prefix caching.
+        if not keep_billing_header and block.text.startswith(BILLING_HEADER):
+            continue
+        parts.append(block.text)
+    return "\n\n".join(parts)
+
+
+def _text(blocks: list[wire.Block]) -> str:
+    parts = []
+    for block in blocks:
+        if isinstance(block, wire.TextBlock):
+            parts.append(block.text)
+        elif isinstance(block, wire.ImageBlock):
+            parts.append(IMAGE_NOTE)
+        elif isinstance(block, wire.DocumentBlock):
+            parts.append(_document(block))
+        elif isinstance(block, wire.MidConversationSystemBlock):
+            parts.append(_text(wire.blocks(block.content, "content")))
+    return "\n\n".join(p for p in parts if p)
+
+
+def _document(block: wire.DocumentBlock) -> str:
+    source = block.source or {}
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        title = f"{block.title}\n\n" if block.title else ""
+        return title + source["data"]
+    return DOCUMENT_NOTE
+
+
+def _assistant(blocks: list[wire.Block]) -> dict:
+    # Thinking from earlier turns is dropped, always the same way, so that the
+    # rendered history stays stable from turn to turn.
+    text = _text([b for b in blocks if isinstance(b, wire.TextBlock)])
+    turn: dict = {"role": "assistant", "content": text}
+    calls = [
+        {"type": "function", "id": b.id, "function": {"name": b.name, "arguments": b.input}}
+        for b in blocks
+        if isinstance(b, wire.ToolUseBlock)
+    ]
+    if calls:
+        turn["tool_calls"] = calls
+    return turn
+
+
+def _user(blocks: list[wire.Block]) -> list[dict]:
+    """A user message as turns: tool results become tool turns, in order, text around them user turns."""
+    turns: list[dict] = []
+    pending: list[wire.Block] = []
+
+    def flush() -> None:
+        if text := _text(pending):
+            turns.append({"role": "user", "content": text})
+        pending.clear()
+
+    for block in blocks:
+        if isinstance(block, wire.ToolResultBlock):
+            flush()
+            turns.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": _tool_result(block)})
+        elif isinstance(block, wire.MidConversationSystemBlock):
+            flush()
+            turns.append({"role": "system", "content": _text([block])})
+        else:
+            pending.append(block)
+    flush()
+    return turns
+
+
+def _tool_result(block: wire.ToolResultBlock) -> str:
+    text = _text(wire.blocks(block.content, "tool_result.content"))
+    return f"Error: {text}" if block.is_error else text
+
+
+def _add(out: list[dict], turn: dict) -> None:
+    """Append a turn, combining it with the previous one when the roles are the same."""
+    last = out[-1] if out else None
+    if last and last["role"] == turn["role"] and turn["role"] in ("user", "assistant", "system"):
+        if last.get("tool_calls") and turn["content"]:
+            # Text after a tool call would be rendered before it; keep order by not merging.
+            out.append(turn)
+            return
+        last["content"] = "\n\n".join(p for p in (last["content"], turn["content"]) if p)
+        if turn.get("tool_calls"):
+            last.setdefault("tool_calls", []).extend(turn["tool_calls"])
+        return
+    out.append(turn)
+
+
+def _function(tool: wire.Tool) -> dict:
+    # `$schema` and similar meta keys confuse templates and grammar engines alike.
+    schema = {k: v for k, v in tool.input_schema.items() if not k.startswith("$")}
+    return {"type": "function", "function": {"name": tool.name, "description": tool.description, "parameters": schema}}
+
+
+# The generic tool format (Hermes style), for chat templates that know no tools.
+GENERIC_TOOLS_HEADER = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+)
+GENERIC_TOOLS_FOOTER = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
+
+
+def _generic_tools(messages: list[dict], tools: list[dict]) -> list[dict]:
+    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    section = GENERIC_TOOLS_HEADER + listing + GENERIC_TOOLS_FOOTER
+    out = [dict(m) for m in messages]
+    if out and out[0]["role"] == "system":
+        out[0]["content"] = f"{out[0]['content']}\n\n{section}"
+    else:
+        out.insert(0, {"role": "system", "content": section})
+    for m in out:
+        if calls := m.pop("tool_calls", None):
+            rendered = "\n".join(
+                "<tool_call>\n"
+                + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
+                + "\n</tool_call>"
+                for c in calls
+            )
+            m["content"] = f"{m['content']}\n{rendered}" if m["content"] else rendered
+        if m["role"] == "tool":
+            m["role"] = "user"
+            m["content"] = f"<tool_response>\n{m['content']}\n</tool_response>"
+            m.pop("tool_call_id", None)
+    merged: list[dict] = []
+    for m in out:
+        _add(merged, m)
+    return merged
+
+
+def _apply(tokenizer: Any, messages: list[dict], tools: list[dict] | None) -> str:
+    continue_final = bool(messages) and messages[-1]["role"] == "assistant"
+    kwargs = dict(
+        tools=tools,
+        tokenize=False,
+        add_generation_prompt=not continue_final,
+        continue_final_message=continue_final,
+        enable_thinking=False,
+    )
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except Exception as first:
+        # Many templates refuse a system turn after the first message; give them
+        # the same text as a reminder inside the user turn instead of dropping it.
+        folded = _fold_system(messages)
+        if folded == messages:
+            raise InvalidRequest(f"the model's chat template cannot render this conversation: {first}") from None
+        try:
+            return tokenizer.apply_chat_template(folded, **kwargs)
+        except Exception as exc:
+            raise InvalidRequest(f"the model's chat template cannot render this conversation: {exc}") from None
+
+
+def _fold_system(messages: list[dict]) -> list[dict]:
+    out: list[dict] = []
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i > 0:
+            m = {"role": "user", "content": f"<system-reminder>\n{m['content']}\n</system-reminder>"}
+        _add(out, dict(m))
+    return out

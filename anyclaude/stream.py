@@ -1,0 +1,188 @@
+"""The one producer of Anthropic output: a state machine over generation, and its driver.
+
+Every response, streamed or not, is made of the events this module emits, so the
+grammar of the reference (§1) holds by construction: message_start first, blocks
+indexed 0..n-1 one at a time, delta types matching block types, one message_delta
+with a stop_reason, then message_stop; or an `error` event.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from msgspec import Struct
+
+from . import wire
+from .engine import Done, Failed, Generation, Prefilled, Token
+from .errors import AnthropicError, ApiError, ErrorEnvelope, envelope
+from .output import Output
+
+_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def new_id(prefix: str) -> str:
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(24))
+
+
+class MessageStream:
+    """Anthropic events for one message, in an order that is always valid."""
+
+    def __init__(self, *, model: str, input_tokens: int, cache_read: int = 0, cache_creation: int = 0):
+        self.id = new_id("msg_")
+        self.model = model
+        self.usage = wire.Usage(
+            input_tokens=input_tokens,
+            output_tokens=0,
+            cache_read_input_tokens=cache_read,
+            cache_creation_input_tokens=cache_creation,
+        )
+        self.output_tokens = 0
+        self._index = -1
+        self._open: str | None = None
+        self.finished = False
+
+    def start(self) -> list[wire.Event]:
+        body = wire.MessageBody(
+            id=self.id, model=self.model, content=[], stop_reason=None, stop_sequence=None, usage=self.usage
+        )
+        return [wire.MessageStart(message=body)]
+
+    def text(self, text: str) -> list[wire.Event]:
+        if not text or self.finished:
+            return []
+        events = self._switch("text", wire.TextContent())
+        events.append(wire.ContentBlockDelta(index=self._index, delta=wire.TextDelta(text=text)))
+        return events
+
+    def finish(self, stop_reason: str, stop_sequence: str | None = None) -> list[wire.Event]:
+        if self.finished:
+            return []
+        self.finished = True
+        events = self._close()
+        events.append(
+            wire.MessageDelta(
+                delta=wire.StopInfo(stop_reason=stop_reason, stop_sequence=stop_sequence),
+                usage=wire.DeltaUsage(output_tokens=self.output_tokens),
+            )
+        )
+        events.append(wire.MessageStop())
+        return events
+
+    def _switch(self, kind: str, block: wire.Content) -> list[wire.Event]:
+        if self._open == kind:
+            return []
+        events = self._close()
+        self._index += 1
+        self._open = kind
+        events.append(wire.ContentBlockStart(index=self._index, content_block=block))
+        return events
+
+    def _close(self) -> list[wire.Event]:
+        if self._open is None:
+            return []
+        self._open = None
+        return [wire.ContentBlockStop(index=self._index)]
+
+
+def accumulate(events: list[wire.Event]) -> wire.MessageBody:
+    """The non-streaming Message: the same events, put together."""
+    message: wire.MessageBody | None = None
+    for event in events:
+        if isinstance(event, wire.MessageStart):
+            message = event.message
+        elif isinstance(event, wire.ContentBlockStart):
+            message.content.append(event.content_block)
+        elif isinstance(event, wire.ContentBlockDelta):
+            block, delta = message.content[event.index], event.delta
+            if isinstance(delta, wire.TextDelta):
+                block.text += delta.text
+        elif isinstance(event, wire.MessageDelta):
+            message.stop_reason = event.delta.stop_reason
+            message.stop_sequence = event.delta.stop_sequence
+            message.usage.output_tokens = event.usage.output_tokens
+    return message
+
+
+def sse(event: wire.Event | ErrorEnvelope) -> bytes:
+    """One event in SSE framing; the event name always equals data.type."""
+    name = type(event).__struct_config__.tag
+    return b"event: " + name.encode() + b"\ndata: " + wire.encoder.encode(event) + b"\n\n"
+
+
+class Outcome(Struct):
+    """How a response ended (for the caller and, later, the request log)."""
+
+    stop_reason: str | None = None
+    error: AnthropicError | None = None
+    cancelled: bool = False
+    output_tokens: int = 0
+    first_token_seconds: float | None = None
+
+
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+
+
+async def drive(
+    stream: MessageStream,
+    generation: Generation,
+    output: Output,
+    emit: Callable[[list[Any]], Awaitable[bool]],
+    *,
+    ping_interval: float,
+) -> Outcome:
+    """Run a generation to its end, emitting events; `emit` returns False once the client is gone.
+
+    `finish` (or the error event) is reached on every path, and the engine work is
+    cancelled whenever this returns early.
+    """
+    outcome = Outcome()
+    started = time.monotonic()
+    try:
+        if not await emit(stream.start()):
+            outcome.cancelled = True
+            return outcome
+        while True:
+            event = await generation.next(timeout=ping_interval)
+            if event is None:
+                if not await emit([wire.Ping()]):
+                    outcome.cancelled = True
+                    return outcome
+                continue
+            if isinstance(event, Prefilled):
+                continue
+            if isinstance(event, Token):
+                if outcome.first_token_seconds is None:
+                    outcome.first_token_seconds = time.monotonic() - started
+                stream.output_tokens += 1
+                sent = await emit(stream.text(output.add(event.id)))
+                if output.stop_sequence is not None:
+                    outcome.stop_reason = "stop_sequence"
+                    await emit(stream.finish("stop_sequence", output.stop_sequence))
+                    return outcome
+                if not sent:
+                    outcome.cancelled = True
+                    return outcome
+            elif isinstance(event, Done):
+                if event.reason == "cancelled":
+                    outcome.cancelled = True
+                    return outcome
+                if event.reason == "stop":
+                    stream.output_tokens += 1  # the end-of-turn token was generated too
+                text = output.finish()
+                reason = "stop_sequence" if output.stop_sequence else _STOP_REASONS[event.reason]
+                outcome.stop_reason = reason
+                await emit(stream.text(text) + stream.finish(reason, output.stop_sequence))
+                return outcome
+            elif isinstance(event, Failed):
+                outcome.error = ApiError(f"generation failed: {event.message}")
+                return outcome
+    finally:
+        generation.cancel()
+        outcome.output_tokens = stream.output_tokens
+
+
+def error_event(error: AnthropicError, request_id: str) -> ErrorEnvelope:
+    return envelope(error, request_id)

@@ -1,0 +1,123 @@
+"""Fixtures: the real daemon (Granian on a free port, the tiny profile), and the official SDK."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anthropic
+import http.client
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Reply:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        import json
+
+        return json.loads(self.body)
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> Reply:
+    """A raw HTTP/1.1 exchange, to see exactly the bytes the daemon sends."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        conn.request(method, path, body=body, headers={"content-type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+    finally:
+        conn.close()
+
+
+class Daemon:
+    def __init__(self, profile: str, cache: Path, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = dict(os.environ, ANYCLAUDE_CACHE=str(cache), PYTHONUNBUFFERED="1")
+        self._out = open(log, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "anyclaude", "serve", "--profile", profile, "--port", str(self.port)],
+            cwd=REPO,
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        # Polls /health, the readiness signal the daemon exposes for exactly this.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if request(self.port, "GET", "/health").status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"daemon not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        finally:
+            self._out.close()
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["ANYCLAUDE_CACHE"] = str(cache)  # the GGUF import goes here, for the daemon too
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_cache) -> Path:
+    """The tiny profile's model, imported from its GGUF as the daemon does it."""
+    from anyclaude import models, profiles
+
+    (model,) = profiles.load("tiny").profile.models.values()
+    return Path(models.prepare(model))
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory, model_cache, tiny_model):
+    d = Daemon("tiny", model_cache, tmp_path_factory.mktemp("daemon") / "daemon.log")
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        code = d.stop()
+        assert code == 0, f"daemon exited with {code}:\n{d.output()}"
+
+
+@pytest.fixture(scope="session")
+def client(daemon) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=daemon.url, api_key="sk-local-test", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(tiny_model)

@@ -1,0 +1,120 @@
+"""Claude Code's request shapes and bad input, against the real daemon."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from claude_code import HEADERS, first_turn
+from conftest import request
+from sse_grammar import check
+
+
+def post(daemon, body, path="/v1/messages?beta=true", headers=HEADERS):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return request(daemon.port, "POST", path, data, headers)
+
+
+def count(daemon, body) -> int:
+    body = {k: v for k, v in body.items() if k not in ("max_tokens", "stream")}
+    reply = post(daemon, body, "/v1/messages/count_tokens?beta=true")
+    assert reply.status == 200, reply.body
+    return reply.json()["input_tokens"]
+
+
+def test_claude_code_first_turn_streams(daemon):
+    body = first_turn()
+    reply = post(daemon, body)
+    assert reply.status == 200, reply.body
+    assert reply.headers["content-type"] == "text/event-stream"
+    events = check(reply.body)
+    assert events[0]["message"]["usage"]["input_tokens"] == count(daemon, body)
+
+
+def test_claude_code_first_turn_too_long_for_the_window(daemon):
+    body = first_turn(description_words=120)
+    tokens = count(daemon, body)
+    assert tokens > 8192
+    reply = post(daemon, body)
+    assert reply.status == 400
+    assert reply.json()["error"] == {
+        "type": "invalid_request_error",
+        "message": f"prompt is too long: {tokens} tokens > 8192 maximum",
+    }
+
+
+def test_billing_header_is_not_rendered(daemon):
+    body = first_turn()
+    without = dict(body, system=body["system"][1:])
+    assert count(daemon, body) == count(daemon, without)
+
+
+def test_mid_conversation_system_turn_is_rendered(daemon):
+    body = first_turn()
+    shorter = dict(body, messages=body["messages"][:1])
+    assert count(daemon, body) > count(daemon, shorter)
+
+
+def test_non_streaming_fallback_of_the_same_request(daemon):
+    reply = post(daemon, first_turn(stream=False, max_tokens=8))
+    assert reply.status == 200
+    message = reply.json()
+    assert message["type"] == "message" and message["stop_reason"] in ("end_turn", "max_tokens")
+    assert all(b["type"] == "text" and b["text"] for b in message["content"])
+
+
+VALID = {"model": "claude-opus-4-8", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "kind", "message"),
+    [
+        (b'{"model": "claude-opus-4-8", "max_tokens": 4, "messages": [', 400, "invalid_request_error", "not valid JSON"),
+        ({k: v for k, v in VALID.items() if k != "max_tokens"}, 400, "invalid_request_error", "max_tokens: Field required"),
+        (dict(VALID, max_tokens="4"), 400, "invalid_request_error", "max_tokens: Expected `int`, got `str`"),
+        (dict(VALID, messages=[{"role": "robot", "content": "hi"}]), 400, "invalid_request_error", "messages.0.role"),
+        (dict(VALID, messages=[]), 400, "invalid_request_error", "messages"),
+        (dict(VALID, stop_sequences=[""]), 400, "invalid_request_error", "stop sequences must be non-empty"),
+        (dict(VALID, model="gpt-4o"), 404, "not_found_error", "gpt-4o"),
+        (b"x" * (33 * 1024 * 1024), 413, "request_too_large", "larger than"),
+    ],
+    ids=["malformed-json", "missing-max-tokens", "wrong-type", "bad-role", "no-messages", "empty-stop", "unknown-model", "oversized"],
+)
+def test_bad_input_gets_the_envelope_and_the_daemon_keeps_serving(daemon, body, status, kind, message):
+    reply = post(daemon, body)
+    assert reply.status == status, reply.body
+    error = reply.json()
+    assert error["type"] == "error" and error["error"]["type"] == kind
+    assert message in error["error"]["message"]
+    assert error["request_id"] == reply.headers["request-id"]
+    assert post(daemon, VALID).status == 200
+
+
+def test_lenient_input_is_accepted(daemon):
+    body = dict(
+        VALID,
+        system="Be brief.",
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "brand_new_block", "x": 1}]},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": ""}, {"type": "text", "text": "Hello"}]},
+            {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}, {"type": "text", "text": "what is this?"}]},
+        ],
+        some_future_field={"a": 1},
+        speed="fast",
+    )
+    reply = post(daemon, body, headers={"anthropic-beta": "a-beta-from-the-future-2030-01-01"})
+    assert reply.status == 200, reply.body
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("HEAD", "/", 200), ("GET", "/health", 200), ("HEAD", "/api/hello", 200), ("POST", "/api/event_logging/batch", 200), ("GET", "/nope", 404), ("GET", "/v1/messages", 400)],
+)
+def test_housekeeping_routes(daemon, method, path, status):
+    reply = request(daemon.port, method, path, b"{}" if method == "POST" else None)
+    assert reply.status == status
+    assert reply.headers["request-id"].startswith("req_")
+    if status >= 400:
+        assert reply.json()["type"] == "error"
