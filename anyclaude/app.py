@@ -6,41 +6,56 @@ import asyncio
 import json
 import os
 import sys
-from datetime import datetime, timezone
+import time
+from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from . import profiles, prompt, wire
+from . import logs, profiles, prompt, wire
 from .engine import Engine, Job, Sampling
-from .errors import AnthropicError, ApiError, InvalidRequest, NotFound, NotReady, RequestTooLarge, envelope, prompt_too_long
+from .errors import AnthropicError, ApiError, InvalidRequest, NotFound, NotReady, Overloaded, RequestTooLarge, envelope, prompt_too_long
 from .models import loader
 from .output import Output
-from .stream import MessageStream, accumulate, drive, new_id, sse
+from .scheduler import Scheduler
+from .stream import MessageStream, Timeouts, accumulate, drive, new_id, sse
 
 MAX_BODY = 32 * 1024 * 1024
+# Probes and polls that would drown the request log.
+_UNLOGGED = {"/", "/health", "/api/hello"}
 _CREATED = "2026-01-01T00:00:00Z"
 
 
 class Server:
-    """The daemon's state: the active profile and one engine per model it names."""
+    """The daemon's state: the active profile, one engine (and its queue) per model, the log."""
 
-    def __init__(self, loaded: profiles.Loaded):
+    def __init__(self, loaded: profiles.Loaded, make_engine: Callable[[str, profiles.Model], Engine] | None = None):
         self.loaded = loaded
+        self._make_engine = make_engine or self._real_engine
         self.engines: dict[str, Engine] = {}
+        self.schedulers: dict[str, Scheduler] = {}
+        settings = loaded.profile.log
+        path = Path(settings.path).expanduser() if settings.path else logs.default_path()
+        self.log = logs.RequestLog(path, max_bytes=settings.max_mb * 1024 * 1024)
 
     @property
     def profile(self) -> profiles.Profile:
         return self.loaded.profile
 
+    def _real_engine(self, key: str, model: profiles.Model) -> Engine:
+        settings = self.profile.engine
+        return Engine(loader(model, settings, self.loaded.path.parent), prefill_step=settings.prefill_step, name=f"engine-{key}")
+
     def start(self) -> None:
         p = self.profile
         for key, model in p.models.items():
-            engine = Engine(loader(model, p.engine, self.loaded.path.parent), prefill_step=p.engine.prefill_step, name=f"engine-{key}")
+            engine = self._make_engine(key, model)
             self.engines[key] = engine
+            self.schedulers[key] = Scheduler(engine, queue_size=p.engine.queue_size)
             engine.start()
 
-    def engine_for(self, requested: str) -> Engine:
+    def engine_for(self, requested: str) -> tuple[str, Engine]:
         key = self.profile.resolve(requested)
         if key is None:
             raise NotFound(f"model: {requested} is not served by profile {self.loaded.name!r}")
@@ -49,7 +64,7 @@ class Server:
             raise ApiError(f"model {key!r} failed to load: {engine.load_error}")
         if not engine.ready:
             raise NotReady("the model is still loading; try again shortly")
-        return engine
+        return key, engine
 
     @property
     def ready(self) -> bool:
@@ -98,16 +113,42 @@ class Exchange:
         self.server, self.scope, self.receive, self.send = server, scope, receive, send
         self.request_id = new_id("req_")
         self.started = False
+        self.status = 0
+        self.last_event: str | None = None
         self.disconnected = asyncio.Event()
+        self.clock = time.monotonic()
+        self.logged = False
+        # The request log line, filled in as the request goes.
+        self.record = logs.Record(ts=logs.now(), request_id=self.request_id, outcome="complete", profile=server.loaded.name, path=scope["path"])
 
     async def run(self) -> None:
         try:
             await self._route()
         except AnthropicError as exc:
+            self.record.outcome = "overloaded" if isinstance(exc, Overloaded) else "error"
+            self.record.error = exc.message
             await self._error(exc)
         except Exception as exc:  # a bug must still answer in the envelope, and be visible
             print(f"anyclaude: {self.request_id}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            self.record.outcome, self.record.error = "error", f"{type(exc).__name__}: {exc}"
             await self._error(ApiError(f"internal error: {type(exc).__name__}"))
+        finally:
+            self._log()
+
+    def _log(self) -> None:
+        """Write the request's log line, once: just before the response's last byte, so
+        that a client that has read the whole response can find its line."""
+        if self.logged or self.scope["path"] in _UNLOGGED or self.scope["path"].startswith("/api/"):
+            return
+        self.logged = True
+        record = self.record
+        record.status = self.status
+        record.ended = self.last_event if record.stream else None
+        record.duration_s = round(time.monotonic() - self.clock, 3)
+        try:
+            self.server.log.write(record)
+        except OSError as exc:  # a full disk must not take the response down with it
+            print(f"anyclaude: cannot write the request log: {exc}", file=sys.stderr, flush=True)
 
     async def _route(self) -> None:
         method, path = self.scope["method"], self.scope["path"].rstrip("/") or "/"
@@ -144,25 +185,64 @@ class Exchange:
     async def _health(self) -> None:
         server = self.server
         models = {
-            key: "failed" if e.load_error else "ready" if e.ready else "loading" for key, e in server.engines.items()
+            key: {
+                "state": "failed" if e.load_error else "ready" if e.ready else "loading",
+                "running": server.schedulers[key].running,
+                "waiting": server.schedulers[key].waiting,
+            }
+            for key, e in server.engines.items()
         }
         status = "ready" if server.ready else "loading"
-        body = {"status": status, "profile": server.loaded.name, "profile_path": str(server.loaded.path), "models": models}
+        body = {
+            "status": status,
+            "profile": server.loaded.name,
+            "profile_path": str(server.loaded.path),
+            "models": models,
+            "log": str(server.log.path),
+        }
         await self._json(200 if server.ready else 503, body)
 
     async def _count_tokens(self) -> None:
         request = wire.decode_request(await self._body(), wire.CountTokensRequest)
-        engine = self.server.engine_for(request.model)
+        self._describe(request)
+        _, engine = self.server.engine_for(request.model)
         rendered = prompt.render(request, engine.loaded.tokenizer)
+        self.record.prompt_tokens = len(rendered.ids)
         await self._json(200, wire.TokenCount(input_tokens=len(rendered.ids)))
 
+    def _describe(self, request: wire.CountTokensRequest) -> None:
+        record = self.record
+        record.model = request.model
+        record.resolved_model = self.server.profile.resolve(request.model)
+        record.messages = len(request.messages)
+        record.tools = len(request.tools or [])
+        record.system_chars = len(prompt.system_text(request.system))
+        record.session_id = self._session_id(request)
+
+    def _session_id(self, request: wire.CountTokensRequest) -> str | None:
+        header = dict(self.scope["headers"]).get(b"x-claude-code-session-id")
+        if header:
+            return header.decode(errors="replace")
+        user_id = getattr(getattr(request, "metadata", None), "user_id", None)
+        if user_id and user_id.startswith("{"):
+            try:
+                return json.loads(user_id).get("session_id")
+            except (ValueError, AttributeError):
+                return None
+        return None
+
     async def _messages(self) -> None:
-        request: wire.MessagesRequest = wire.decode_request(await self._body())
+        body = await self._body()
+        request: wire.MessagesRequest = wire.decode_request(body)
         server = self.server
-        engine = server.engine_for(request.model)
-        key = server.profile.resolve(request.model)
+        self._describe(request)
+        self.record.stream = request.stream
+        if server.profile.log.bodies:
+            self.record.request = msgspec.Raw(body)
+        key, engine = server.engine_for(request.model)
         model = server.profile.models[key]
         rendered = prompt.render(request, engine.loaded.tokenizer)
+        self.record.prompt_tokens = len(rendered.ids)
         context = engine.loaded.context_length
         if len(rendered.ids) >= context:
             raise prompt_too_long(len(rendered.ids), context)
@@ -178,16 +258,18 @@ class Exchange:
                 top_k=defaults.top_k if request.top_k is None else request.top_k,
             ),
         )
+        t = server.profile.timeouts
+        timeouts = Timeouts(t.first_token, t.idle, t.total, t.ping_interval, profile=server.loaded.name)
         stream = MessageStream(model=request.model, input_tokens=len(rendered.ids))
         output = Output(engine.loaded.tokenizer, request.stop_sequences)
+        # Admission before any headers: a full queue is a plain 529 the SDKs retry.
+        generation = server.schedulers[key].submit(job, side="haiku" in request.model)
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect())
         try:
             if request.stream:
                 await self._start(200, "text/event-stream", {"cache-control": "no-cache"})
-                generation = engine.submit(job)
-                outcome = await drive(
-                    stream, generation, output, self._send_events, ping_interval=server.profile.timeouts.ping_interval
-                )
+                outcome = await drive(stream, generation, output, self._send_events, timeouts)
+                self._record_outcome(generation, outcome)
                 if outcome.error and not self.disconnected.is_set():
                     await self._send_events([envelope(outcome.error, self.request_id)])
                 await self._finish_body()
@@ -198,14 +280,35 @@ class Exchange:
                     events.extend(batch)
                     return not self.disconnected.is_set()
 
-                generation = engine.submit(job)
-                outcome = await drive(stream, generation, output, collect, ping_interval=3600.0)
+                quiet = msgspec.structs.replace(timeouts, ping_interval=timeouts.first_token)
+                outcome = await drive(stream, generation, output, collect, quiet)
+                self._record_outcome(generation, outcome)
                 if outcome.error:
                     raise outcome.error
                 if not outcome.cancelled:
-                    await self._json(200, accumulate(events))
+                    message = accumulate(events)
+                    if server.profile.log.bodies:
+                        self.record.response = message
+                    await self._json(200, message)
         finally:
             watcher.cancel()
+            generation.cancel()
+
+    def _record_outcome(self, generation, outcome) -> None:
+        record = self.record
+        if generation.submitted_at is not None and generation.started_at is not None:
+            record.queue_wait_s = round(generation.started_at - generation.submitted_at, 3)
+        record.outcome = outcome.outcome
+        record.stop_reason = outcome.stop_reason
+        record.output_tokens = outcome.output_tokens
+        record.cached_tokens = 0
+        record.prefill_s = None if outcome.prefill_seconds is None else round(outcome.prefill_seconds, 3)
+        if outcome.first_token_seconds is not None:
+            record.ttft_s = round(outcome.first_token_seconds, 3)
+        if outcome.decode_seconds > 0 and outcome.output_tokens > 1:
+            record.decode_tps = round((outcome.output_tokens - 1) / outcome.decode_seconds, 2)
+        if outcome.error:
+            record.error = outcome.error.message
 
     def _model_list(self) -> wire.ModelList:
         data = [self._info(name) for name in self.server.profile.listed_names()]
@@ -265,6 +368,7 @@ class Exchange:
         headers = [(b"content-type", content_type.encode()), (b"request-id", self.request_id.encode())]
         headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
         self.started = True
+        self.status = status
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def _send_events(self, events: list) -> bool:
@@ -278,9 +382,11 @@ class Exchange:
         except Exception:  # the transport refuses writes after a disconnect
             self.disconnected.set()
             return False
+        self.last_event = type(events[-1]).__struct_config__.tag
         return True
 
     async def _finish_body(self) -> None:
+        self._log()
         try:
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
         except Exception:
@@ -291,6 +397,7 @@ class Exchange:
         await self._start(status, "application/json", extra)
         if self.scope["method"] == "HEAD":
             data = b""
+        self._log()
         await self.send({"type": "http.response.body", "body": data, "more_body": False})
 
     async def _error(self, exc: AnthropicError) -> None:

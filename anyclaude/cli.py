@@ -26,6 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     gguf.add_argument("--out", type=Path, required=True, help="the MLX model directory to write")
     gguf.set_defaults(run=_import_gguf)
 
+    log = commands.add_parser("logs", help="the request log").add_subparsers(dest="logs_command", required=True)
+    stats = log.add_parser("stats", help="outcomes, truncation, time to first token, decode speed, cache hits")
+    stats.add_argument("--since", help="30m, 2h, 1d, or an ISO date/time")
+    tail = log.add_parser("tail", help="follow the log, one readable line per request")
+    tail.add_argument("-n", type=int, default=10, help="show the last N requests first (default 10)")
+    for sub in (stats, tail):
+        sub.add_argument("--profile", default="tiny", help="whose log (profiles may set [log] path)")
+        sub.add_argument("--file", type=Path, help="a log file (instead of the profile's)")
+        sub.add_argument("--json", action="store_true", help="print JSON")
+    stats.set_defaults(run=_logs_stats)
+    tail.set_defaults(run=_logs_tail)
+
     args = parser.parse_args(argv)
     return args.run(args)
 
@@ -57,6 +69,46 @@ def _serve(args: argparse.Namespace) -> int:
         workers=1,
         log_access=False,
     ).serve()
+    return 0
+
+
+def _log_path(args: argparse.Namespace) -> Path:
+    from . import logs
+
+    if args.file:
+        return args.file
+    try:
+        configured = profiles.load(args.profile).profile.log.path
+    except profiles.ProfileError:
+        configured = None
+    return Path(configured).expanduser() if configured else logs.default_path()
+
+
+def _logs_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from . import logs
+
+    since = logs.parse_since(args.since) if args.since else None
+    figures = logs.stats(logs.read(_log_path(args), since))
+    print(json.dumps(figures) if args.json else logs.format_stats(figures))
+    return 0
+
+
+def _logs_tail(args: argparse.Namespace) -> int:
+    import json
+
+    from . import logs
+
+    path = _log_path(args)
+    show = (lambda r: json.dumps(r)) if args.json else logs.format_record
+    for record in logs.read(path)[-args.n :] if args.n else []:
+        print(show(record), flush=True)
+    try:
+        for record in logs.follow(path):
+            print(show(record), flush=True)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

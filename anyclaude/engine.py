@@ -66,12 +66,17 @@ class Loaded(Struct):
 
 
 class Generation:
-    """One submitted job, seen from the event loop."""
+    """One job, seen from the event loop: its events arrive here, and it can be cancelled."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_end: Callable[[Generation], None] | None = None):
         self._loop = loop
         self._events: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self._cancel = threading.Event()
+        self._on_end = on_end
+        self.ended = False
+        # Monotonic times, for the request log: queued, and handed to the engine.
+        self.submitted_at: float | None = None
+        self.started_at: float | None = None
 
     async def next(self, timeout: float | None = None) -> EngineEvent | None:
         """The next event, or None if `timeout` seconds pass first."""
@@ -88,11 +93,23 @@ class Generation:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
-    def _put(self, event: EngineEvent) -> None:
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Block (an engine thread) until the work is cancelled."""
+        return self._cancel.wait(timeout)
+
+    def put(self, event: EngineEvent) -> None:
+        """Deliver an event from any thread (the engine's, or a test's fake engine)."""
         try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._deliver, event)
         except RuntimeError:  # the loop is gone (shutdown): nobody is listening
             self._cancel.set()
+
+    def _deliver(self, event: EngineEvent) -> None:
+        self._events.put_nowait(event)
+        if isinstance(event, (Done, Failed)) and not self.ended:
+            self.ended = True
+            if self._on_end is not None:
+                self._on_end(self)
 
 
 class _Work(Struct):
@@ -104,7 +121,7 @@ _STOP = object()
 
 
 class Engine:
-    """A model on its own MLX thread. `submit` is the whole interface the server uses."""
+    """A model on its own MLX thread. `submit` is the whole interface the scheduler uses."""
 
     def __init__(self, loader: Callable[[], Loaded], *, prefill_step: int = 512, name: str = "engine"):
         self._loader = loader
@@ -129,11 +146,9 @@ class Engine:
     def stop(self) -> None:
         self._inbox.put(_STOP)
 
-    def submit(self, job: Job) -> Generation:
-        """Queue `job` for the engine thread; its events arrive on the returned handle."""
-        generation = Generation(asyncio.get_running_loop())
+    def submit(self, job: Job, generation: Generation) -> None:
+        """Hand `job` to the engine thread; its events arrive on `generation`."""
         self._inbox.put(_Work(job=job, generation=generation))
-        return generation
 
     # --- the engine thread -------------------------------------------------
 
@@ -162,7 +177,7 @@ class Engine:
                 self.busy = False
 
     def _send(self, work: _Work, event: EngineEvent) -> None:
-        work.generation._put(event)
+        work.generation.put(event)
 
     def _generate(self, work: _Work) -> None:
         import mlx.core as mx

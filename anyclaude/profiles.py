@@ -58,12 +58,17 @@ class Engine(_Section):
     cpu_dequantize: bool = True
     # Prompt tokens per prefill step; a cancelled request stops between steps.
     prefill_step: int = 512
+    # Requests that may wait for a busy engine; more are refused with 529.
+    queue_size: int = 8
 
 
 class Log(_Section):
-    # JSONL request log; default: the user's log directory.
+    # JSONL request log; default: ~/Library/Logs/anyclaude (macOS), ~/.local/state/anyclaude.
     path: str | None = None
+    # Also log full request and response bodies (prompt text!). Off by default.
     bodies: bool = False
+    # Rotate the log past this size; three old files are kept.
+    max_mb: int = 50
 
 
 class Profile(_Section):

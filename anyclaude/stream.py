@@ -17,7 +17,7 @@ from msgspec import Struct
 
 from . import wire
 from .engine import Done, Failed, Generation, Prefilled, Token
-from .errors import AnthropicError, ApiError, ErrorEnvelope, envelope
+from .errors import AnthropicError, ApiError, ErrorEnvelope, Overloaded, envelope
 from .output import Output
 
 _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -113,16 +113,32 @@ def sse(event: wire.Event | ErrorEnvelope) -> bytes:
 
 
 class Outcome(Struct):
-    """How a response ended (for the caller and, later, the request log)."""
+    """How a response ended, for the caller and the request log."""
 
+    # complete, max_tokens, stop_sequence, tool_use, cancelled, timeout_first_token,
+    # timeout_idle, timeout_total, error (and overloaded, decided before this runs).
+    outcome: str = "error"
     stop_reason: str | None = None
     error: AnthropicError | None = None
-    cancelled: bool = False
     output_tokens: int = 0
     first_token_seconds: float | None = None
+    decode_seconds: float = 0.0
+    prefill_seconds: float | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.outcome == "cancelled"
 
 
-_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+_ENDINGS = {"stop": ("end_turn", "complete"), "length": ("max_tokens", "max_tokens")}
+
+
+class Timeouts(Struct, frozen=True):
+    first_token: float
+    idle: float
+    total: float
+    ping_interval: float
+    profile: str = ""
 
 
 async def drive(
@@ -130,51 +146,60 @@ async def drive(
     generation: Generation,
     output: Output,
     emit: Callable[[list[Any]], Awaitable[bool]],
-    *,
-    ping_interval: float,
+    timeouts: Timeouts,
 ) -> Outcome:
     """Run a generation to its end, emitting events; `emit` returns False once the client is gone.
 
-    `finish` (or the error event) is reached on every path, and the engine work is
-    cancelled whenever this returns early.
+    Every path ends the message (finish, or an error for the caller to send) within
+    its timeout plus one engine step, and the engine work is cancelled whenever
+    this returns before the engine is done.
     """
     outcome = Outcome()
     started = time.monotonic()
+    first = last = None
     try:
         if not await emit(stream.start()):
-            outcome.cancelled = True
+            outcome.outcome = "cancelled"
             return outcome
         while True:
-            event = await generation.next(timeout=ping_interval)
+            if first is None:
+                deadline, kind = started + timeouts.first_token, "timeout_first_token"
+            else:
+                deadline, kind = min((last + timeouts.idle, "timeout_idle"), (started + timeouts.total, "timeout_total"))
+            wait = max(0.0, min(timeouts.ping_interval, deadline - time.monotonic()))
+            event = await generation.next(timeout=wait)
+            now = time.monotonic()
             if event is None:
+                if now >= deadline:
+                    return await _time_out(kind, stream, output, emit, outcome, timeouts)
                 if not await emit([wire.Ping()]):
-                    outcome.cancelled = True
+                    outcome.outcome = "cancelled"
                     return outcome
-                continue
-            if isinstance(event, Prefilled):
-                continue
-            if isinstance(event, Token):
-                if outcome.first_token_seconds is None:
-                    outcome.first_token_seconds = time.monotonic() - started
+            elif isinstance(event, Prefilled):
+                outcome.prefill_seconds = event.seconds
+            elif isinstance(event, Token):
+                first = first or now
+                last = now
                 stream.output_tokens += 1
                 sent = await emit(stream.text(output.add(event.id)))
                 if output.stop_sequence is not None:
-                    outcome.stop_reason = "stop_sequence"
+                    outcome.outcome = outcome.stop_reason = "stop_sequence"
                     await emit(stream.finish("stop_sequence", output.stop_sequence))
                     return outcome
                 if not sent:
-                    outcome.cancelled = True
+                    outcome.outcome = "cancelled"
                     return outcome
             elif isinstance(event, Done):
                 if event.reason == "cancelled":
-                    outcome.cancelled = True
+                    outcome.outcome = "cancelled"
                     return outcome
                 if event.reason == "stop":
                     stream.output_tokens += 1  # the end-of-turn token was generated too
                 text = output.finish()
-                reason = "stop_sequence" if output.stop_sequence else _STOP_REASONS[event.reason]
-                outcome.stop_reason = reason
-                await emit(stream.text(text) + stream.finish(reason, output.stop_sequence))
+                outcome.stop_reason, outcome.outcome = _ENDINGS[event.reason]
+                if output.stop_sequence:
+                    outcome.stop_reason = outcome.outcome = "stop_sequence"
+                await emit(stream.text(text) + stream.finish(outcome.stop_reason, output.stop_sequence))
                 return outcome
             elif isinstance(event, Failed):
                 outcome.error = ApiError(f"generation failed: {event.message}")
@@ -182,6 +207,24 @@ async def drive(
     finally:
         generation.cancel()
         outcome.output_tokens = stream.output_tokens
+        if first is not None:
+            outcome.first_token_seconds = first - started
+            outcome.decode_seconds = last - first
+
+
+async def _time_out(kind, stream, output, emit, outcome: Outcome, timeouts: Timeouts) -> Outcome:
+    outcome.outcome = kind
+    if kind == "timeout_first_token":
+        # Nothing was generated: an overloaded error makes Claude Code retry.
+        where = f" in profile {timeouts.profile}" if timeouts.profile else ""
+        outcome.error = Overloaded(
+            f"no output within {timeouts.first_token:g} s (timeouts.first_token{where}); the prompt is still prefilling"
+        )
+        return outcome
+    # Output began: end the message as cut short, keeping what was sent.
+    outcome.stop_reason = "max_tokens"
+    await emit(stream.text(output.finish()) + stream.finish("max_tokens"))
+    return outcome
 
 
 def error_event(error: AnthropicError, request_id: str) -> ErrorEnvelope:

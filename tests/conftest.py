@@ -45,19 +45,40 @@ def request(port: int, method: str, path: str, body: bytes | None = None, header
 
 
 class Daemon:
-    def __init__(self, profile: str, cache: Path, log: Path):
+    """`anyclaude serve` in a subprocess; or, with `fake=True`, Granian serving the same app
+    with a scripted engine (tests/fake_app.py) for fault injection."""
+
+    def __init__(self, profile: str, cache: Path, log: Path, *, fake: bool = False, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        env = dict(os.environ, ANYCLAUDE_CACHE=str(cache), PYTHONUNBUFFERED="1")
+        self.requests = log.with_name("requests.jsonl")
+        env = dict(os.environ, ANYCLAUDE_CACHE=str(cache), ANYCLAUDE_LOG=str(self.requests), PYTHONUNBUFFERED="1", **(env or {}))
+        if fake:
+            from anyclaude import profiles
+
+            env.update(ANYCLAUDE_PROFILE=str(profiles.find(profile)), PYTHONPATH=str(REPO / "tests"))
+            command = ["-m", "granian", "--interface", "asgi", "--http", "1", "--port", str(self.port), "--factory", "fake_app:create_app"]
+        else:
+            command = ["-m", "anyclaude", "serve", "--profile", profile, "--port", str(self.port)]
         self._out = open(log, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "anyclaude", "serve", "--profile", profile, "--port", str(self.port)],
-            cwd=REPO,
-            env=env,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-        )
+        self.process = subprocess.Popen([sys.executable, *command], cwd=REPO, env=env, stdout=self._out, stderr=subprocess.STDOUT)
+
+    def wait_idle(self, timeout: float = 30) -> float:
+        """Seconds until no engine runs or waits (read from /health, which reports exactly that)."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            models = request(self.port, "GET", "/health").json()["models"].values()
+            if not any(m["running"] or m["waiting"] for m in models):
+                return time.monotonic() - started
+        raise TimeoutError(f"engine still busy after {timeout}s")
+
+    def records(self) -> list[dict]:
+        import json
+
+        if not self.requests.exists():
+            return []
+        return [json.loads(line) for line in self.requests.read_text().splitlines()]
 
     def wait_ready(self, timeout: float = 300) -> None:
         # Polls /health, the readiness signal the daemon exposes for exactly this.
@@ -109,6 +130,22 @@ def daemon(tmp_path_factory, model_cache, tiny_model):
     finally:
         code = d.stop()
         assert code == 0, f"daemon exited with {code}:\n{d.output()}"
+
+
+def profile_file(directory: Path, name: str, **sections) -> Path:
+    """A copy of the tiny profile with some keys changed: profile_file(d, "x", timeouts={"idle": 1})."""
+    import tomllib
+
+    import tomli_w
+
+    from anyclaude import profiles
+
+    data = tomllib.loads(profiles.find("tiny").read_text())
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    path = directory / f"{name}.toml"
+    path.write_text(tomli_w.dumps(data))
+    return path
 
 
 @pytest.fixture(scope="session")

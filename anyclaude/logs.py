@@ -1,0 +1,228 @@
+"""The JSONL request log: one line per request, written when it ends, however it ends."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from msgspec import Struct
+
+MAX_BYTES = 50 * 1024 * 1024
+KEEP = 3  # rotated files: requests.jsonl.1 .. .3
+
+
+class Record(Struct, omit_defaults=True):
+    ts: str
+    request_id: str
+    outcome: str
+    profile: str = ""
+    path: str = ""
+    status: int = 0
+    session_id: str | None = None
+    model: str | None = None
+    resolved_model: str | None = None
+    stream: bool | None = None
+    system_chars: int | None = None
+    tools: int | None = None
+    messages: int | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    queue_wait_s: float | None = None
+    prefill_s: float | None = None
+    ttft_s: float | None = None
+    output_tokens: int | None = None
+    decode_tps: float | None = None
+    stop_reason: str | None = None
+    # The last event a stream sent: message_stop, error, or None (cut off).
+    ended: str | None = None
+    duration_s: float | None = None
+    error: str | None = None
+    request: Any = None
+    response: Any = None
+
+
+def default_path() -> Path:
+    if os.environ.get("ANYCLAUDE_LOG"):
+        return Path(os.environ["ANYCLAUDE_LOG"])
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Logs" / "anyclaude" / "requests.jsonl"
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "anyclaude" / "requests.jsonl"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_encoder = msgspec.json.Encoder()
+
+
+class RequestLog:
+    """Appends records as whole lines: one write(2) per line on an O_APPEND file, so
+    lines never interleave and a crash loses at most the line being written."""
+
+    def __init__(self, path: Path, *, max_bytes: int = MAX_BYTES):
+        self.path = path
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+
+    def write(self, record: Record) -> None:
+        line = _encoder.encode(record) + b"\n"
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._rotate_if_full(len(line))
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+
+    def _rotate_if_full(self, incoming: int) -> None:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size + incoming <= self.max_bytes:
+            return
+        for n in range(KEEP - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{n}")
+            if older.exists():
+                older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
+        self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+
+
+def read(path: Path, since: datetime | None = None) -> list[dict]:
+    """Records from a log and its rotated files, oldest first; broken lines are skipped."""
+    files = [path.with_name(f"{path.name}.{n}") for n in range(KEEP, 0, -1)] + [path]
+    records = []
+    for file in files:
+        try:
+            lines = file.read_bytes().splitlines()
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            try:
+                record = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if since is None or _time(record) >= since:
+                records.append(record)
+    return records
+
+
+def _time(record: dict) -> datetime:
+    return datetime.fromisoformat(record["ts"].replace("Z", "+00:00"))
+
+
+def parse_since(text: str) -> datetime:
+    """`30m`, `2h`, `1d` ago, or an ISO date/time."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:-1].replace(".", "", 1).isdigit() and text[-1] in units:
+        return datetime.fromtimestamp(time.time() - float(text[:-1]) * units[text[-1]], timezone.utc)
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def stats(records: list[dict]) -> dict:
+    """The figures `anyclaude logs stats` prints."""
+    messages = [r for r in records if r.get("path") == "/v1/messages"]
+    streams = [r for r in messages if r.get("stream") and r.get("status") == 200]
+    # A stream is truncated when the server ended it with neither message_stop nor an
+    # error event; a client that went away ended it itself (outcome cancelled).
+    truncated = [r for r in streams if r.get("ended") not in ("message_stop", "error") and r["outcome"] != "cancelled"]
+    prompt = sum(r.get("prompt_tokens") or 0 for r in messages)
+    cached = sum(r.get("cached_tokens") or 0 for r in messages)
+    ttft = [r["ttft_s"] for r in messages if r.get("ttft_s") is not None]
+    tps = [r["decode_tps"] for r in messages if r.get("decode_tps")]
+    return {
+        "requests": len(messages),
+        "outcomes": dict(Counter(r["outcome"] for r in messages).most_common()),
+        "streams": len(streams),
+        "truncated": len(truncated),
+        "truncation_rate": len(truncated) / len(streams) if streams else 0.0,
+        "ttft_p50_s": _percentile(ttft, 0.5),
+        "ttft_p95_s": _percentile(ttft, 0.95),
+        "decode_tps_p50": _percentile(tps, 0.5),
+        "cache_hit_ratio": cached / prompt if prompt else 0.0,
+    }
+
+
+def format_stats(figures: dict) -> str:
+    def num(value, unit=""):
+        return "-" if value is None else f"{value:.2f}{unit}"
+
+    lines = [f"requests          {figures['requests']}"]
+    for outcome, count in figures["outcomes"].items():
+        lines.append(f"  {outcome:<16}{count}")
+    lines += [
+        f"streams           {figures['streams']}",
+        f"truncated         {figures['truncated']} ({figures['truncation_rate']:.2%})",
+        f"ttft p50 / p95    {num(figures['ttft_p50_s'], ' s')} / {num(figures['ttft_p95_s'], ' s')}",
+        f"decode p50        {num(figures['decode_tps_p50'], ' tok/s')}",
+        f"cache hit ratio   {figures['cache_hit_ratio']:.2%}",
+    ]
+    return "\n".join(lines)
+
+
+def format_record(r: dict) -> str:
+    """One record as a line a person reads."""
+    clock = r["ts"][11:19]
+    parts = [clock, r["request_id"], r.get("path", "")]
+    if r.get("model"):
+        parts.append(f"{r['model']}->{r.get('resolved_model')}")
+    if r.get("prompt_tokens") is not None:
+        parts.append(f"in {r['prompt_tokens']} ({r.get('cached_tokens') or 0} cached)")
+    if r.get("ttft_s") is not None:
+        parts.append(f"ttft {r['ttft_s']:.2f}s")
+    if r.get("output_tokens") is not None:
+        parts.append(f"out {r['output_tokens']}")
+    if r.get("decode_tps"):
+        parts.append(f"{r['decode_tps']:.1f} tok/s")
+    parts.append(r["outcome"] if r.get("stop_reason") in (None, r["outcome"]) else f"{r['outcome']} ({r['stop_reason']})")
+    if r.get("error"):
+        parts.append(f"error: {r['error']}")
+    return "  ".join(parts)
+
+
+def follow(path: Path, *, from_start: bool = False, stop: threading.Event | None = None):
+    """Yield records as they are appended, across rotations (watchfiles wakes us)."""
+    import watchfiles
+
+    position = 0 if from_start else (path.stat().st_size if path.exists() else 0)
+    inode = path.stat().st_ino if path.exists() else None
+    buffer = b""
+    while True:
+        if path.exists():
+            stat = path.stat()
+            if stat.st_ino != inode or stat.st_size < position:  # rotated or truncated
+                inode, position, buffer = stat.st_ino, 0, b""
+            with open(path, "rb") as f:
+                f.seek(position)
+                chunk = f.read()
+                position += len(chunk)
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                try:
+                    yield msgspec.json.decode(line)
+                except msgspec.DecodeError:
+                    continue
+        if stop is not None and stop.is_set():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in watchfiles.watch(path.parent, stop_event=stop, yield_on_timeout=True, rust_timeout=1000):
+            break

@@ -1,0 +1,85 @@
+"""Admission and order: which request an engine runs next, and which are turned away.
+
+One engine runs one generation at a time; the others wait here, in this order:
+1. requests for the main models before side requests (model names with "haiku":
+   Claude Code's titles, summaries and classifiers), so that its background chatter
+   never holds up the conversation the user is waiting for;
+2. oldest first within each class;
+3. except that a side request waiting longer than SIDE_MAX_WAIT seconds goes first,
+   so that side requests are delayed, never starved.
+A full queue is refused at once with 529 and `retry-after`, before any headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+from msgspec import Struct
+
+from .engine import Engine, Generation, Job
+from .errors import Overloaded
+
+SIDE_MAX_WAIT = 30.0
+RETRY_AFTER_SECONDS = 5
+
+
+class _Waiting(Struct):
+    job: Job
+    generation: Generation
+    side: bool
+    since: float
+    order: int
+
+
+class Scheduler:
+    """The queue in front of one engine."""
+
+    def __init__(self, engine: Engine, *, queue_size: int):
+        self.engine = engine
+        self.queue_size = queue_size
+        self._waiting: list[_Waiting] = []
+        self._running: Generation | None = None
+        self._order = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for w in self._waiting if not w.generation.cancelled)
+
+    @property
+    def running(self) -> bool:
+        return self._running is not None
+
+    def submit(self, job: Job, *, side: bool = False) -> Generation:
+        """Queue a job; raises Overloaded when the queue is full."""
+        self._waiting = [w for w in self._waiting if not w.generation.cancelled]
+        if self._running is not None and len(self._waiting) >= self.queue_size:
+            raise Overloaded(
+                f"the engine is busy and {len(self._waiting)} requests are waiting (queue_size {self.queue_size}); retry shortly",
+                headers={"retry-after": str(RETRY_AFTER_SECONDS)},
+            )
+        generation = Generation(asyncio.get_running_loop(), on_end=self._ended)
+        generation.submitted_at = time.monotonic()
+        self._waiting.append(_Waiting(job, generation, side, generation.submitted_at, next(self._order)))
+        self._dispatch()
+        return generation
+
+    def _dispatch(self) -> None:
+        while self._running is None and self._waiting:
+            chosen = min(self._waiting, key=self._rank)
+            self._waiting.remove(chosen)
+            if chosen.generation.cancelled:
+                continue
+            self._running = chosen.generation
+            chosen.generation.started_at = time.monotonic()
+            self.engine.submit(chosen.job, chosen.generation)
+
+    def _rank(self, w: _Waiting) -> tuple[int, int]:
+        overdue = w.side and time.monotonic() - w.since > SIDE_MAX_WAIT
+        return (0 if overdue else 2 if w.side else 1, w.order)
+
+    def _ended(self, generation: Generation) -> None:
+        if generation is self._running:
+            self._running = None
+            self._dispatch()

@@ -1,0 +1,65 @@
+"""The real app and Granian, with a scripted engine in place of MLX, to inject faults.
+
+The last user message says what the engine does (`SCRIPT:<name>`); see `ScriptedEngine`.
+Started by the `fake_daemon` fixture as `granian --factory fake_app:create_app`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+
+from anyclaude import profiles
+from anyclaude.app import App, Server
+from anyclaude.engine import Done, Failed, Generation, Job, Loaded, Prefilled, Token
+
+
+class ScriptedEngine:
+    """Behind the engine interface: plays a fault script instead of running a model."""
+
+    def __init__(self, tokenizer):
+        self.loaded = Loaded(model=None, tokenizer=tokenizer, context_length=8192, eos_ids=frozenset(tokenizer.eos_token_ids), device="scripted")
+        self.load_error = None
+        self.ready = True
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def wait_ready(self, timeout=None) -> bool:
+        return True
+
+    def submit(self, job: Job, generation: Generation) -> None:
+        threading.Thread(target=self._play, args=(job, generation), daemon=True).start()
+
+    def _play(self, job: Job, generation: Generation) -> None:
+        tokenizer = self.loaded.tokenizer
+        text = tokenizer.decode(job.prompt)
+        script = re.findall(r"SCRIPT:([\w-]+)", text)[-1]
+        emit = lambda s: [generation.put(Token(t)) for t in tokenizer.encode(s, add_special_tokens=False)]  # noqa: E731
+        if script == "stall-before-first-token":
+            pass
+        elif script == "stall-mid-text":
+            generation.put(Prefilled(len(job.prompt), 0.0))
+            emit("Hello, this is the start of")
+        elif script == "stall-mid-tool-call":
+            generation.put(Prefilled(len(job.prompt), 0.0))
+            emit('Let me read it.\n<tool_call>\n{"name": "Read", "arguments": {"file_')
+        elif script == "crash-mid-text":
+            emit("Hello")
+            generation.put(Failed("RuntimeError: the engine crashed"))
+            return
+        # Stalled: hold the engine until the daemon cancels the work, as MLX would between steps.
+        generation.wait_cancelled()
+        generation.put(Done("cancelled"))
+
+
+def create_app() -> App:
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(os.environ["FAKE_TOKENIZER_DIR"])
+    loaded = profiles.load(os.environ["ANYCLAUDE_PROFILE"])
+    return App(Server(loaded, make_engine=lambda key, model: ScriptedEngine(tokenizer)))

@@ -1,0 +1,120 @@
+"""Every stream ends well-formed within its timeout, and the log says how (issue: watchdog)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from conftest import Daemon, profile_file, request
+from sse_grammar import check
+
+TIMEOUTS = {"first_token": 1.5, "idle": 1.0, "total": 30, "ping_interval": 0.4}
+STEP = 0.5  # what "plus one engine step" is allowed to add, with margin for a loaded CI machine
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory, model_cache, tiny_model):
+    directory = tmp_path_factory.mktemp("fake")
+    profile = profile_file(directory, "faults", timeouts=TIMEOUTS, engine={"queue_size": 1})
+    d = Daemon(str(profile), model_cache, directory / "daemon.log", fake=True, env={"FAKE_TOKENIZER_DIR": str(tiny_model)})
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.stop()
+
+
+def ask(daemon, script: str, stream: bool = True):
+    body = {"model": "claude-opus-4-8", "max_tokens": 100, "stream": stream, "messages": [{"role": "user", "content": f"SCRIPT:{script}"}]}
+    started = time.monotonic()
+    reply = request(daemon.port, "POST", "/v1/messages", json.dumps(body).encode())
+    return reply, time.monotonic() - started
+
+
+def record(daemon, request_id: str) -> dict:
+    (found,) = [r for r in daemon.records() if r["request_id"] == request_id]
+    return found
+
+
+def test_stall_before_the_first_token_ends_with_an_overloaded_error(fake):
+    reply, took = ask(fake, "stall-before-first-token")
+    events = check(reply.body)
+    assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "overloaded_error"
+    assert "timeouts.first_token" in events[-1]["error"]["message"] and "faults" in events[-1]["error"]["message"]
+    assert TIMEOUTS["first_token"] <= took < TIMEOUTS["first_token"] + STEP
+    pings = reply.body.count(b"event: ping\n")
+    assert pings >= 2  # the wait was kept alive with real ping events
+    r = record(fake, reply.headers["request-id"])
+    assert r["outcome"] == "timeout_first_token" and r["ended"] == "error"
+
+
+def test_stall_mid_text_ends_the_message_as_max_tokens(fake):
+    reply, took = ask(fake, "stall-mid-text")
+    events = check(reply.body)
+    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
+    assert text == "Hello, this is the start of"
+    assert events[-2]["delta"]["stop_reason"] == "max_tokens"
+    assert took < TIMEOUTS["idle"] + STEP
+    r = record(fake, reply.headers["request-id"])
+    assert r["outcome"] == "timeout_idle" and r["ended"] == "message_stop" and r["stop_reason"] == "max_tokens"
+
+
+def test_non_streaming_stall_before_first_token_is_a_529(fake):
+    reply, _ = ask(fake, "stall-before-first-token", stream=False)
+    assert reply.status == 529
+    assert reply.json()["error"]["type"] == "overloaded_error"
+
+
+def test_engine_crash_mid_text_ends_with_an_error_event(fake):
+    reply, _ = ask(fake, "crash-mid-text")
+    events = check(reply.body)
+    assert events[-1]["type"] == "error" and "crashed" in events[-1]["error"]["message"]
+    assert record(fake, reply.headers["request-id"])["outcome"] == "error"
+
+
+def test_a_full_queue_answers_529_with_retry_after_before_any_headers(fake):
+    # queue_size is 1: one stalled request runs, one waits, the third is refused.
+    results = {}
+
+    def run(name):
+        results[name] = ask(fake, "stall-before-first-token")[0]
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # until both are admitted: one running, one waiting
+        health = request(fake.port, "GET", "/health").json()["models"]["smollm2"]
+        if health["running"] and health["waiting"] == 1:
+            break
+    refused = ask(fake, "stall-before-first-token")[0]
+    for t in threads:
+        t.join()
+    assert refused.status == 529, refused.body
+    assert refused.headers["retry-after"].isdigit() and 0 < int(refused.headers["retry-after"]) <= 60
+    assert refused.json()["error"]["type"] == "overloaded_error"
+    assert record(fake, refused.headers["request-id"])["outcome"] == "overloaded"
+    assert all(results[n].status == 200 for n in results)
+
+
+def test_real_engine_with_a_tiny_first_token_budget(tmp_path, model_cache, tiny_model):
+    profile = profile_file(tmp_path, "impatient", timeouts={"first_token": 0.05, "ping_interval": 0.02})
+    d = Daemon(str(profile), model_cache, tmp_path / "daemon.log")
+    try:
+        d.wait_ready()
+        long_prompt = "Tell me about the sea. " * 60
+        body = {"model": "claude-opus-4-8", "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": long_prompt}]}
+        started = time.monotonic()
+        reply = request(d.port, "POST", "/v1/messages", json.dumps(body).encode())
+        took = time.monotonic() - started
+        events = check(reply.body)
+        assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "overloaded_error"
+        assert took < 1
+        # The engine notices at its next prefill step (512 tokens at most) and is free again.
+        assert d.wait_idle(timeout=15) < 10
+        assert record(d, reply.headers["request-id"])["outcome"] == "timeout_first_token"
+    finally:
+        assert d.stop() == 0
