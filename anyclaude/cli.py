@@ -102,10 +102,14 @@ def _logs_tail(args: argparse.Namespace) -> int:
 
     path = _log_path(args)
     show = (lambda r: json.dumps(r)) if args.json else logs.format_record
-    for record in logs.read(path)[-args.n :] if args.n else []:
-        print(show(record), flush=True)
+    seen = path.read_bytes() if path.exists() else b""
+    for line in seen.splitlines()[-args.n :] if args.n else []:
+        try:
+            print(show(json.loads(line)), flush=True)
+        except ValueError:
+            continue
     try:
-        for record in logs.follow(path):
+        for record in logs.follow(path, start=len(seen)):
             print(show(record), flush=True)
     except KeyboardInterrupt:
         pass

@@ -198,11 +198,11 @@ def format_record(r: dict) -> str:
     return "  ".join(parts)
 
 
-def follow(path: Path, *, from_start: bool = False, stop: threading.Event | None = None):
-    """Yield records as they are appended, across rotations (watchfiles wakes us)."""
+def follow(path: Path, *, start: int = 0, stop: threading.Event | None = None):
+    """Yield records appended to `path` after byte `start`, across rotations (watchfiles wakes us)."""
     import watchfiles
 
-    position = 0 if from_start else (path.stat().st_size if path.exists() else 0)
+    position = start
     inode = path.stat().st_ino if path.exists() else None
     buffer = b""
     while True:

@@ -184,8 +184,7 @@ async def drive(
                 sent = await emit(stream.text(output.add(event.id)))
                 if output.stop_sequence is not None:
                     outcome.outcome = outcome.stop_reason = "stop_sequence"
-                    await emit(stream.finish("stop_sequence", output.stop_sequence))
-                    return outcome
+                    return await _end(emit, stream.finish("stop_sequence", output.stop_sequence), outcome)
                 if not sent:
                     outcome.outcome = "cancelled"
                     return outcome
@@ -199,8 +198,7 @@ async def drive(
                 outcome.stop_reason, outcome.outcome = _ENDINGS[event.reason]
                 if output.stop_sequence:
                     outcome.stop_reason = outcome.outcome = "stop_sequence"
-                await emit(stream.text(text) + stream.finish(outcome.stop_reason, output.stop_sequence))
-                return outcome
+                return await _end(emit, stream.text(text) + stream.finish(outcome.stop_reason, output.stop_sequence), outcome)
             elif isinstance(event, Failed):
                 outcome.error = ApiError(f"generation failed: {event.message}")
                 return outcome
@@ -223,7 +221,13 @@ async def _time_out(kind, stream, output, emit, outcome: Outcome, timeouts: Time
         return outcome
     # Output began: end the message as cut short, keeping what was sent.
     outcome.stop_reason = "max_tokens"
-    await emit(stream.text(output.finish()) + stream.finish("max_tokens"))
+    return await _end(emit, stream.text(output.finish()) + stream.finish("max_tokens"), outcome)
+
+
+async def _end(emit, events: list, outcome: Outcome) -> Outcome:
+    # A client gone before message_stop reached it ended the stream itself.
+    if not await emit(events):
+        outcome.outcome = "cancelled"
     return outcome
 
 

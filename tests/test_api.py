@@ -5,7 +5,7 @@ from __future__ import annotations
 import anthropic
 import pytest
 
-from conftest import request
+from bench.harness import request
 from sse_grammar import check
 
 MODEL = "claude-opus-4-8"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from claude_code import HEADERS, first_turn
-from conftest import request
+from bench.harness import request
 from sse_grammar import check
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import Daemon, profile_file, request
+from bench.harness import Daemon, profile_file, request
 from sse_grammar import check
 
 TIMEOUTS = {"first_token": 1.5, "idle": 1.0, "total": 30, "ping_interval": 0.4}

@@ -1,0 +1,95 @@
+"""The request log: lines, rotation, stats and tail; and disconnects recorded as cancelled."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+
+from anyclaude import logs
+from bench.harness import REPO, request
+
+
+def test_concurrent_writers_leave_whole_lines_and_rotation_keeps_three(tmp_path):
+    log = logs.RequestLog(tmp_path / "requests.jsonl", max_bytes=20_000)
+
+    def write(worker: int) -> None:
+        for i in range(200):
+            log.write(logs.Record(ts=logs.now(), request_id=f"req_{worker}_{i}", outcome="complete", error="x" * (i % 50)))
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["requests.jsonl", "requests.jsonl.1", "requests.jsonl.2", "requests.jsonl.3"]
+    assert all(f.stat().st_size <= 20_000 for f in files)
+    for f in files:
+        for line in f.read_bytes().splitlines():
+            assert json.loads(line)["outcome"] == "complete"
+    records = logs.read(tmp_path / "requests.jsonl")
+    assert len({r["request_id"] for r in records}) == len(records) > 100
+
+
+def test_stats_count_truncation_and_percentiles(tmp_path):
+    path = tmp_path / "requests.jsonl"
+    rows = [
+        {"outcome": "complete", "stream": True, "ended": "message_stop", "ttft_s": 1.0, "decode_tps": 10, "prompt_tokens": 100, "cached_tokens": 50},
+        {"outcome": "timeout_first_token", "stream": True, "ended": "error", "prompt_tokens": 100, "cached_tokens": 0},
+        {"outcome": "cancelled", "stream": True, "ended": "content_block_delta", "ttft_s": 3.0},
+        {"outcome": "complete", "stream": True, "ended": "content_block_delta", "ttft_s": 2.0},  # cut off by the server
+        {"outcome": "complete", "stream": False, "ttft_s": 4.0, "decode_tps": 20},
+    ]
+    path.write_text("".join(json.dumps({"ts": logs.now(), "request_id": f"req_{i}", "path": "/v1/messages", "status": 200, **r}) + "\n" for i, r in enumerate(rows)) + "{broken\n")
+    figures = logs.stats(logs.read(path))
+    assert figures["requests"] == 5 and figures["streams"] == 4
+    assert figures["truncated"] == 1 and figures["truncation_rate"] == 0.25
+    assert figures["outcomes"] == {"complete": 3, "timeout_first_token": 1, "cancelled": 1}
+    assert (figures["ttft_p50_s"], figures["ttft_p95_s"]) == (3.0, 4.0)
+    assert figures["cache_hit_ratio"] == 0.25
+    out = subprocess.run([sys.executable, "-m", "anyclaude", "logs", "stats", "--file", str(path)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "truncated         1 (25.00%)" in out.stdout
+
+
+def test_tail_follows_appends_and_rotation(tmp_path):
+    path = tmp_path / "requests.jsonl"
+    log = logs.RequestLog(path, max_bytes=400)
+    stop = threading.Event()
+    seen: list[str] = []
+    got = threading.Condition()
+
+    def follow():
+        for record in logs.follow(path, stop=stop):
+            with got:
+                seen.append(record["request_id"])
+                got.notify_all()
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    try:
+        for i in range(6):  # 6 records of ~130 bytes: rotates at least once
+            log.write(logs.Record(ts=logs.now(), request_id=f"req_{i}", outcome="complete", error="y" * 40))
+            with got:
+                assert got.wait_for(lambda: len(seen) == i + 1, timeout=10), seen
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert seen == [f"req_{i}" for i in range(6)]
+    assert path.with_name("requests.jsonl.1").exists()
+
+
+def test_a_client_that_goes_away_is_logged_cancelled_and_frees_the_engine(daemon):
+    body = json.dumps({"model": "claude-opus-4-8", "max_tokens": 500, "stream": True, "messages": [{"role": "user", "content": "Write a very long story."}]}).encode()
+    with socket.create_connection(("127.0.0.1", daemon.port)) as s:
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        received = b""
+        while b"text_delta" not in received:
+            received += s.recv(4096)
+        request_id = [l for l in received.split(b"\r\n") if l.lower().startswith(b"request-id:")][0].split(b":")[1].strip().decode()
+    # Gone: the engine stops within one decode step.
+    assert daemon.wait_idle(timeout=10) < 5
+    (record,) = [r for r in daemon.records() if r["request_id"] == request_id]
+    assert record["outcome"] == "cancelled" and record["output_tokens"] < 500
