@@ -13,11 +13,12 @@ from typing import Any
 
 import msgspec
 
-from . import logs, profiles, prompt, wire
+from . import logs, profiles, prompt, toolcalls, wire
 from .engine import Engine, Job, Sampling
 from .errors import AnthropicError, ApiError, InvalidRequest, NotFound, NotReady, Overloaded, RequestTooLarge, envelope, prompt_too_long
 from .models import loader
 from .output import Output
+from .cache import PrefixCache
 from .scheduler import Scheduler
 from .stream import MessageStream, Timeouts, accumulate, drive, new_id, sse
 
@@ -44,8 +45,14 @@ class Server:
         return self.loaded.profile
 
     def _real_engine(self, key: str, model: profiles.Model) -> Engine:
-        settings = self.profile.engine
-        return Engine(loader(model, settings, self.loaded.path.parent), prefill_step=settings.prefill_step, name=f"engine-{key}")
+        settings, cache = self.profile.engine, self.profile.cache
+        prefix_cache = PrefixCache(int(cache.max_gb * 2**30))
+        return Engine(
+            loader(model, settings, self.loaded.path.parent, persist_cache=cache.persist),
+            prefill_step=settings.prefill_step,
+            cache=prefix_cache,
+            name=f"engine-{key}",
+        )
 
     def start(self) -> None:
         p = self.profile
@@ -251,6 +258,7 @@ class Exchange:
         defaults = server.profile.sampling
         job = Job(
             prompt=rendered.ids,
+            checkpoint=rendered.checkpoint,
             max_tokens=max_tokens,
             sampling=Sampling(
                 temperature=defaults.temperature if request.temperature is None else request.temperature,
@@ -260,15 +268,22 @@ class Exchange:
         )
         t = server.profile.timeouts
         timeouts = Timeouts(t.first_token, t.idle, t.total, t.ping_interval, profile=server.loaded.name)
-        stream = MessageStream(model=request.model, input_tokens=len(rendered.ids))
-        output = Output(engine.loaded.tokenizer, request.stop_sequences)
+        # What the prefix cache holds now; if it changes before the engine gets here
+        # (eviction while queued), message_delta carries the true figures.
+        cached = engine.cache.peek(rendered.ids) if engine.cache else 0
+        stream = MessageStream(model=request.model, input_tokens=len(rendered.ids) - cached, cache_read=cached)
+        choice = request.tool_choice or wire.ToolChoice()
+        # tool_choice none: the tools stay in the prompt, but no call is made.
+        parser = toolcalls.Parser(rendered.format, [] if choice.type == "none" else rendered.tools, thinking=rendered.thinking_open)
+        output = Output(engine.loaded.tokenizer, parser, request.stop_sequences)
+        single_call = choice.disable_parallel_tool_use
         # Admission before any headers: a full queue is a plain 529 the SDKs retry.
         generation = server.schedulers[key].submit(job, side="haiku" in request.model)
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect())
         try:
             if request.stream:
                 await self._start(200, "text/event-stream", {"cache-control": "no-cache"})
-                outcome = await drive(stream, generation, output, self._send_events, timeouts)
+                outcome = await drive(stream, generation, output, self._send_events, timeouts, single_call=single_call)
                 self._record_outcome(generation, outcome)
                 if outcome.error and not self.disconnected.is_set():
                     await self._send_events([envelope(outcome.error, self.request_id)])
@@ -281,7 +296,7 @@ class Exchange:
                     return not self.disconnected.is_set()
 
                 quiet = msgspec.structs.replace(timeouts, ping_interval=timeouts.first_token)
-                outcome = await drive(stream, generation, output, collect, quiet)
+                outcome = await drive(stream, generation, output, collect, quiet, single_call=single_call)
                 self._record_outcome(generation, outcome)
                 if outcome.error:
                     raise outcome.error
@@ -301,7 +316,7 @@ class Exchange:
         record.outcome = outcome.outcome
         record.stop_reason = outcome.stop_reason
         record.output_tokens = outcome.output_tokens
-        record.cached_tokens = 0
+        record.cached_tokens = outcome.cached_tokens
         record.prefill_s = None if outcome.prefill_seconds is None else round(outcome.prefill_seconds, 3)
         if outcome.first_token_seconds is not None:
             record.ttft_s = round(outcome.first_token_seconds, 3)
@@ -309,6 +324,8 @@ class Exchange:
             record.decode_tps = round((outcome.output_tokens - 1) / outcome.decode_seconds, 2)
         if outcome.error:
             record.error = outcome.error.message
+        if outcome.tool_parse_errors:
+            record.tool_parse_errors = outcome.tool_parse_errors
 
     def _model_list(self) -> wire.ModelList:
         data = [self._info(name) for name in self.server.profile.listed_names()]

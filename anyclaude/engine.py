@@ -6,13 +6,17 @@ The event loop talks to it through thread-safe queues only (DESIGN principle 3).
 from __future__ import annotations
 
 import asyncio
+import copy
 import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from msgspec import Struct
+
+from .cache import CHECKPOINT, PrefixCache, length
 
 
 class Sampling(Struct, frozen=True):
@@ -27,12 +31,18 @@ class Job(Struct, frozen=True):
     prompt: list[int]
     max_tokens: int
     sampling: Sampling
+    # Tokens of the shared system+tools prefix, kept as a cache checkpoint (0: none).
+    checkpoint: int = 0
+    # Builds logits processors on the engine thread (constrained decoding), from the tokenizer.
+    processors: Callable[[Any], list] | None = None
 
 
 # What the engine sends back, in order: Prefilled once, Token per token, then Done or Failed.
 class Prefilled(Struct, frozen=True):
     tokens: int
     seconds: float
+    # Prompt tokens that came from the prefix cache instead of being computed.
+    cached: int = 0
 
 
 class Token(Struct, frozen=True):
@@ -63,6 +73,8 @@ class Loaded(Struct):
     context_length: int
     eos_ids: frozenset[int]
     device: str = ""
+    # Where this model's prefix-cache checkpoints are saved (None: not saved).
+    cache_dir: Path | None = None
 
 
 class Generation:
@@ -123,9 +135,17 @@ _STOP = object()
 class Engine:
     """A model on its own MLX thread. `submit` is the whole interface the scheduler uses."""
 
-    def __init__(self, loader: Callable[[], Loaded], *, prefill_step: int = 512, name: str = "engine"):
+    def __init__(
+        self,
+        loader: Callable[[], Loaded],
+        *,
+        prefill_step: int = 512,
+        cache: PrefixCache | None = None,
+        name: str = "engine",
+    ):
         self._loader = loader
         self._prefill_step = prefill_step
+        self.cache = cache
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ready = threading.Event()
         self.loaded: Loaded | None = None
@@ -155,6 +175,9 @@ class Engine:
     def _run(self) -> None:
         try:
             self.loaded = self._loader()
+            if self.cache is not None and self.loaded.cache_dir is not None:
+                self.cache.persist_dir = self.loaded.cache_dir
+                self.cache.load_persisted()
         except Exception as exc:  # a load failure is reported, not raised into the void
             self.load_error = f"{type(exc).__name__}: {exc}"
         finally:
@@ -182,6 +205,7 @@ class Engine:
     def _generate(self, work: _Work) -> None:
         import mlx.core as mx
         from mlx_lm.generate import generate_step
+        from mlx_lm.models.cache import make_prompt_cache
         from mlx_lm.sample_utils import make_sampler
 
         job, loaded = work.job, self.loaded
@@ -189,32 +213,60 @@ class Engine:
             raise Cancelled
         s = job.sampling
         sampler = make_sampler(temp=s.temperature, top_p=s.top_p if s.top_p < 1.0 else 0.0, top_k=s.top_k)
-
-        def progress(done: int, total: int) -> None:
-            if work.generation.cancelled:
-                raise Cancelled
-
         started = time.perf_counter()
-        steps = generate_step(
-            mx.array(job.prompt),
-            loaded.model,
-            max_tokens=job.max_tokens,
-            sampler=sampler,
-            prefill_step_size=self._prefill_step,
-            prompt_progress_callback=progress,
-        )
-        produced = 0
+        reuse = self.cache.fetch(job.prompt) if self.cache else None
+        kv = reuse.cache if reuse and reuse.cache is not None else make_prompt_cache(loaded.model)
+        cached = reuse.tokens if reuse else 0
+        generated: list[int] = []
         try:
-            for token, _ in steps:
-                if produced == 0:
-                    self._send(work, Prefilled(tokens=len(job.prompt), seconds=time.perf_counter() - started))
+            done = cached
+            if self.cache and cached < job.checkpoint < len(job.prompt) - 1:
+                # The shared system+tools prefix becomes its own entry, for the side
+                # requests and subagents that share it (and, saved, for the next start).
+                self._prefill(kv, job.prompt[done : job.checkpoint], work)
+                done = job.checkpoint
+                if not self.cache.has(job.prompt[:done], CHECKPOINT):
+                    self.cache.store(job.prompt[:done], copy.deepcopy(kv), CHECKPOINT)
+
+            def progress(_done: int, _total: int) -> None:
                 if work.generation.cancelled:
                     raise Cancelled
-                if token in loaded.eos_ids:
-                    self._send(work, Done("stop"))
-                    return
-                produced += 1
-                self._send(work, Token(token))
-            self._send(work, Done("length"))
+
+            steps = generate_step(
+                mx.array(job.prompt[done:]),
+                loaded.model,
+                max_tokens=job.max_tokens,
+                sampler=sampler,
+                prompt_cache=kv,
+                prefill_step_size=self._prefill_step,
+                prompt_progress_callback=progress,
+                logits_processors=job.processors(loaded.tokenizer) if job.processors else None,
+            )
+            try:
+                for token, _ in steps:
+                    if not generated:
+                        self._send(work, Prefilled(len(job.prompt), time.perf_counter() - started, cached))
+                    generated.append(token)
+                    if work.generation.cancelled:
+                        raise Cancelled
+                    if token in loaded.eos_ids:
+                        self._send(work, Done("stop"))
+                        return
+                    self._send(work, Token(token))
+                self._send(work, Done("length"))
+            finally:
+                steps.close()
         finally:
-            steps.close()
+            # Whatever the KV cache holds now (all of it, or the prefill done before a
+            # cancel or a timeout) is kept, so the next turn, or a retry, resumes from it.
+            if self.cache:
+                self.cache.store((job.prompt + generated)[: length(kv) or 0], kv)
+
+    def _prefill(self, kv: list, tokens: list[int], work: _Work) -> None:
+        import mlx.core as mx
+
+        for i in range(0, len(tokens), self._prefill_step):
+            if work.generation.cancelled:
+                raise Cancelled
+            self.loaded.model(mx.array(tokens[i : i + self._prefill_step])[None], cache=kv)
+            mx.eval([c.state for c in kv])

@@ -44,6 +44,8 @@ class Record(Struct, omit_defaults=True):
     ended: str | None = None
     duration_s: float | None = None
     error: str | None = None
+    # Tool calls that could not be made valid and were shown as text instead.
+    tool_parse_errors: list[str] | None = None
     request: Any = None
     response: Any = None
 

@@ -71,7 +71,7 @@ def prepare(model: Model, relative_to: Path | None = None) -> str:
     return where
 
 
-def loader(model: Model, settings: EngineSettings, relative_to: Path | None = None):
+def loader(model: Model, settings: EngineSettings, relative_to: Path | None = None, *, persist_cache: bool = False):
     """A function that loads `model` (to be called on the engine thread)."""
 
     def load() -> Loaded:
@@ -91,12 +91,15 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
             device = "CPU (install OpenBLAS for a faster CPU path: see the README)"
         own = _context_length(where)
         context = model.context_length or own or 8192
+        # Saved KV caches are only valid for the same weights computed the same way.
+        identity = hashlib.sha256(f"{where}|{device}".encode()).hexdigest()[:16]
         return Loaded(
             model=mlx_model,
             tokenizer=tokenizer,
             context_length=context,
             eos_ids=frozenset(tokenizer.eos_token_ids),
             device=device,
+            cache_dir=cache_home() / "prompts" / identity if persist_cache else None,
         )
 
     return load

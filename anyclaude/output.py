@@ -1,44 +1,63 @@
-"""Generated token ids -> text, with stop sequences found, held back and cut."""
+"""Generated token ids -> segments: text, reasoning and tool calls, with stop sequences cut.
+
+Tokens are detokenized incrementally; stop sequences are found in the raw text
+(held back while they might be starting, so a matched one never reaches the
+client); the rest goes through the model family's parser (`toolcalls`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from .toolcalls import BadCall, Parser, Segment
+
 
 class Output:
-    """Incremental detokenizer for one response.
+    """The output side of one response."""
 
-    Text that could be the start of a stop sequence is held back until it is
-    known not to be one, so a matched stop sequence never reaches the client.
-    """
-
-    def __init__(self, tokenizer: Any, stop_sequences: list[str] | None = None):
+    def __init__(self, tokenizer: Any, parser: Parser, stop_sequences: list[str] | None = None):
         self._detokenizer = tokenizer.detokenizer  # a fresh one per response
+        self._parser = parser
         self._stops = [s for s in stop_sequences or [] if s]
         self._held = ""
         self.stop_sequence: str | None = None
+        # Calls that could not be made valid (shown as text), for the log.
+        self.bad_calls: list[str] = []
 
-    def add(self, token: int) -> str:
-        """Feed one token; returns the text that may be sent now."""
+    @property
+    def in_call(self) -> bool:
+        return self._parser.in_call
+
+    def add(self, token: int) -> list[Segment]:
+        """Feed one token; returns the segments that are certain now."""
         self._detokenizer.add_token(token)
-        return self._feed(self._detokenizer.last_segment)
+        return self._parse(self._cut(self._detokenizer.last_segment))
 
-    def finish(self) -> str:
-        """The text still held back at the end of generation."""
+    def finish(self, *, cut: bool = False) -> list[Segment]:
+        """Generation is over. `cut`: it was stopped short, so a call still open is dropped."""
         self._detokenizer.finalize()
-        text = self._feed(self._detokenizer.last_segment)
+        text = self._cut(self._detokenizer.last_segment)
         if self.stop_sequence is None:
             text, self._held = text + self._held, ""
-        return text
+        segments = self._parse(text)
+        dropping = cut and self._parser.in_call
+        rest = self._parser.finish()
+        if dropping:  # half a call is never sent: it would not be valid
+            rest = [s for s in rest if not (isinstance(s, BadCall) and s.reason == "truncated")]
+        return segments + self._note(rest)
 
-    def _feed(self, segment: str) -> str:
+    def _parse(self, text: str) -> list[Segment]:
+        return self._note(self._parser.feed(text)) if text else []
+
+    def _note(self, segments: list[Segment]) -> list[Segment]:
+        self.bad_calls += [s.reason for s in segments if isinstance(s, BadCall)]
+        return segments
+
+    def _cut(self, segment: str) -> str:
         if self.stop_sequence is not None:
             return ""
         buffer = self._held + segment
-        match = min(
-            ((buffer.find(s), s) for s in self._stops if s in buffer),
-            default=None,
-        )
+        match = min(((buffer.find(s), s) for s in self._stops if s in buffer), default=None)
         if match is not None:
             self.stop_sequence = match[1]
             self._held = ""

@@ -62,6 +62,13 @@ class Engine(_Section):
     queue_size: int = 8
 
 
+class Cache(_Section):
+    # Prefix KV cache: memory for all entries together (conversations and checkpoints).
+    max_gb: float = 2.0
+    # Save the system+tools checkpoint to disk, so the first request after a restart is warm.
+    persist: bool = False
+
+
 class Log(_Section):
     # JSONL request log; default: ~/Library/Logs/anyclaude (macOS), ~/.local/state/anyclaude.
     path: str | None = None
@@ -79,6 +86,7 @@ class Profile(_Section):
     sampling: Sampling = Sampling()
     timeouts: Timeouts = Timeouts()
     engine: Engine = Engine()
+    cache: Cache = Cache()
     log: Log = Log()
 
     def resolve(self, requested: str) -> str | None:

@@ -5,12 +5,13 @@ count_tokens and generation share this path, so they agree to the token.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
 from msgspec import Struct
 
-from . import wire
+from . import toolcalls, wire
 from .errors import InvalidRequest
 
 BILLING_HEADER = "x-anthropic-billing-header:"
@@ -21,22 +22,73 @@ DOCUMENT_NOTE = "[document omitted: only text documents can be read]"
 class Rendered(Struct, frozen=True):
     text: str
     ids: list[int]
+    # The tools as function definitions, and the call format the model will write.
+    tools: list[dict]
+    format: toolcalls.Format
     # Whether the tools went into the system prompt in the generic format below.
     generic_tools: bool
+    # Whether the prompt ends inside an opened reasoning block.
+    thinking_open: bool
+    # Tokens of the leading system turn (system prompt and tools): the prefix that
+    # Claude Code's main conversation, side requests and subagents share.
+    checkpoint: int = 0
 
 
 def render(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_header: bool = False) -> Rendered:
     """The prompt for a request, as text and as token ids."""
-    template = getattr(tokenizer, "chat_template", None) or ""
-    native_tools = "tools" in template
+    fmt = toolcalls.format_for(tokenizer)
     tools = [_function(t) for t in request.tools or [] if t.type in (None, "custom")]
     messages = chat_messages(request, keep_billing_header=keep_billing_header)
-    generic = bool(tools) and not native_tools
+    # A template whose own tool syntax we cannot parse gets the generic format instead.
+    generic = bool(tools) and fmt.name == "generic"
     if generic:
         messages = _generic_tools(messages, tools)
-    text = _apply(tokenizer, messages, tools if native_tools and tools else None)
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return Rendered(text=text, ids=list(ids), generic_tools=generic)
+    template_tools = tools if tools and not generic else None
+    thinking = thinking_wanted(request)
+    text = _apply(tokenizer, messages, template_tools, thinking)
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    thinking_open = bool(fmt.think_start) and text.rstrip().endswith(fmt.think_start)
+    return Rendered(
+        text=text,
+        ids=ids,
+        tools=tools,
+        format=fmt,
+        generic_tools=generic,
+        thinking_open=thinking_open,
+        checkpoint=_system_prefix(tokenizer, messages, template_tools, thinking, text, ids),
+    )
+
+
+def _system_prefix(tokenizer, messages: list[dict], tools, thinking: bool, text: str, ids: list[int]) -> int:
+    if len(messages) < 2 or messages[0]["role"] != "system":
+        return 0
+    try:
+        system = tokenizer.apply_chat_template(
+            messages[:1], tools=tools, tokenize=False, add_generation_prompt=False, enable_thinking=thinking
+        )
+    except Exception:  # a template that wants more than a system turn: no checkpoint
+        return 0
+    if not text.startswith(system):
+        return 0
+    prefix = _encode(tokenizer, system)
+    # Tokens can merge across the boundary; the checkpoint stops where they agree.
+    n = min(len(prefix), len(ids))
+    return next((i for i in range(n) if prefix[i] != ids[i]), n)
+
+
+@functools.lru_cache(maxsize=8)
+def _encode(tokenizer, text: str) -> tuple[int, ...]:
+    # The same system prompt and tools come with every turn: tokenize them once.
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+
+def thinking_wanted(request: wire.CountTokensRequest) -> bool:
+    """Whether to switch the template's reasoning on: `enabled`, or `adaptive` unless effort is low."""
+    thinking = request.thinking
+    if thinking is None or thinking.type == "disabled":
+        return False
+    effort = request.output_config.effort if request.output_config else None
+    return thinking.type == "enabled" or effort != "low"
 
 
 def chat_messages(request: wire.CountTokensRequest, *, keep_billing_header: bool = False) -> list[dict]:
@@ -197,14 +249,15 @@ def _generic_tools(messages: list[dict], tools: list[dict]) -> list[dict]:
     return merged
 
 
-def _apply(tokenizer: Any, messages: list[dict], tools: list[dict] | None) -> str:
+def _apply(tokenizer: Any, messages: list[dict], tools: list[dict] | None, thinking: bool) -> str:
     continue_final = bool(messages) and messages[-1]["role"] == "assistant"
     kwargs = dict(
         tools=tools,
         tokenize=False,
         add_generation_prompt=not continue_final,
         continue_final_message=continue_final,
-        enable_thinking=False,
+        # Templates with a reasoning switch read it; the others ignore it.
+        enable_thinking=thinking,
     )
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)

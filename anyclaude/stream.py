@@ -13,14 +13,20 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from msgspec import Struct
 
 from . import wire
 from .engine import Done, Failed, Generation, Prefilled, Token
 from .errors import AnthropicError, ApiError, ErrorEnvelope, Overloaded, envelope
 from .output import Output
+from .toolcalls import BadCall, Text, Thinking, ToolCall
 
 _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+SIGNATURE = "anyclaude-local"
+_JSON_PIECE = 64  # characters of tool input per input_json_delta
 
 
 def new_id(prefix: str) -> str:
@@ -40,6 +46,8 @@ class MessageStream:
             cache_creation_input_tokens=cache_creation,
         )
         self.output_tokens = 0
+        self.tool_uses = 0
+        self._usage_changed = False
         self._index = -1
         self._open: str | None = None
         self.finished = False
@@ -57,22 +65,49 @@ class MessageStream:
         events.append(wire.ContentBlockDelta(index=self._index, delta=wire.TextDelta(text=text)))
         return events
 
+    def thinking(self, text: str) -> list[wire.Event]:
+        if not text or self.finished:
+            return []
+        events = self._switch("thinking", wire.ThinkingContent())
+        events.append(wire.ContentBlockDelta(index=self._index, delta=wire.ThinkingDelta(thinking=text)))
+        return events
+
+    def tool_use(self, name: str, arguments: dict) -> list[wire.Event]:
+        """A whole tool_use block: its input as one JSON object, in input_json_delta pieces."""
+        if self.finished:
+            return []
+        events = self._switch("tool_use", wire.ToolUseContent(id=new_id("toolu_"), name=name), always_new=True)
+        text = wire.encoder.encode(arguments).decode()
+        if text != "{}":
+            for i in range(0, len(text), _JSON_PIECE):
+                events.append(wire.ContentBlockDelta(index=self._index, delta=wire.InputJsonDelta(partial_json=text[i : i + _JSON_PIECE])))
+        events += self._close()
+        self.tool_uses += 1
+        return events
+
+    def cached(self, tokens: int) -> None:
+        """The engine's actual reuse, if it differs from what message_start said."""
+        total = self.usage.input_tokens + self.usage.cache_read_input_tokens
+        if tokens != self.usage.cache_read_input_tokens:
+            self.usage.cache_read_input_tokens = tokens
+            self.usage.input_tokens = total - tokens
+            self._usage_changed = True
+
     def finish(self, stop_reason: str, stop_sequence: str | None = None) -> list[wire.Event]:
         if self.finished:
             return []
         self.finished = True
         events = self._close()
-        events.append(
-            wire.MessageDelta(
-                delta=wire.StopInfo(stop_reason=stop_reason, stop_sequence=stop_sequence),
-                usage=wire.DeltaUsage(output_tokens=self.output_tokens),
-            )
-        )
+        usage = wire.DeltaUsage(output_tokens=self.output_tokens)
+        if self._usage_changed:  # the SDKs overwrite these when present (cumulative, not increments)
+            usage.input_tokens = self.usage.input_tokens
+            usage.cache_read_input_tokens = self.usage.cache_read_input_tokens
+        events.append(wire.MessageDelta(delta=wire.StopInfo(stop_reason=stop_reason, stop_sequence=stop_sequence), usage=usage))
         events.append(wire.MessageStop())
         return events
 
-    def _switch(self, kind: str, block: wire.Content) -> list[wire.Event]:
-        if self._open == kind:
+    def _switch(self, kind: str, block: wire.Content, always_new: bool = False) -> list[wire.Event]:
+        if self._open == kind and not always_new:
             return []
         events = self._close()
         self._index += 1
@@ -83,13 +118,23 @@ class MessageStream:
     def _close(self) -> list[wire.Event]:
         if self._open is None:
             return []
+        events: list[wire.Event] = []
+        if self._open == "thinking":
+            # Clients expect a signature; nothing checks a local one, so any opaque string does.
+            events.append(wire.ContentBlockDelta(index=self._index, delta=wire.SignatureDelta(signature=SIGNATURE)))
         self._open = None
-        return [wire.ContentBlockStop(index=self._index)]
+        events.append(wire.ContentBlockStop(index=self._index))
+        return events
+
+    @property
+    def open_block(self) -> str | None:
+        return self._open
 
 
 def accumulate(events: list[wire.Event]) -> wire.MessageBody:
     """The non-streaming Message: the same events, put together."""
     message: wire.MessageBody | None = None
+    partial_json: dict[int, str] = {}
     for event in events:
         if isinstance(event, wire.MessageStart):
             message = event.message
@@ -99,10 +144,21 @@ def accumulate(events: list[wire.Event]) -> wire.MessageBody:
             block, delta = message.content[event.index], event.delta
             if isinstance(delta, wire.TextDelta):
                 block.text += delta.text
+            elif isinstance(delta, wire.ThinkingDelta):
+                block.thinking += delta.thinking
+            elif isinstance(delta, wire.SignatureDelta):
+                block.signature = delta.signature
+            elif isinstance(delta, wire.InputJsonDelta):
+                partial_json[event.index] = partial_json.get(event.index, "") + delta.partial_json
+        elif isinstance(event, wire.ContentBlockStop) and event.index in partial_json:
+            message.content[event.index].input = msgspec.json.decode(partial_json.pop(event.index))
         elif isinstance(event, wire.MessageDelta):
             message.stop_reason = event.delta.stop_reason
             message.stop_sequence = event.delta.stop_sequence
             message.usage.output_tokens = event.usage.output_tokens
+            if event.usage.input_tokens is not None:
+                message.usage.input_tokens = event.usage.input_tokens
+                message.usage.cache_read_input_tokens = event.usage.cache_read_input_tokens
     return message
 
 
@@ -124,13 +180,12 @@ class Outcome(Struct):
     first_token_seconds: float | None = None
     decode_seconds: float = 0.0
     prefill_seconds: float | None = None
+    tool_parse_errors: list[str] = []
+    cached_tokens: int | None = None
 
     @property
     def cancelled(self) -> bool:
         return self.outcome == "cancelled"
-
-
-_ENDINGS = {"stop": ("end_turn", "complete"), "length": ("max_tokens", "max_tokens")}
 
 
 class Timeouts(Struct, frozen=True):
@@ -147,12 +202,15 @@ async def drive(
     output: Output,
     emit: Callable[[list[Any]], Awaitable[bool]],
     timeouts: Timeouts,
+    *,
+    single_call: bool = False,
 ) -> Outcome:
     """Run a generation to its end, emitting events; `emit` returns False once the client is gone.
 
     Every path ends the message (finish, or an error for the caller to send) within
     its timeout plus one engine step, and the engine work is cancelled whenever
-    this returns before the engine is done.
+    this returns before the engine is done. `single_call`: stop after the first
+    tool call (disable_parallel_tool_use).
     """
     outcome = Outcome()
     started = time.monotonic()
@@ -177,14 +235,17 @@ async def drive(
                     return outcome
             elif isinstance(event, Prefilled):
                 outcome.prefill_seconds = event.seconds
+                outcome.cached_tokens = event.cached
+                stream.cached(event.cached)
             elif isinstance(event, Token):
                 first = first or now
                 last = now
                 stream.output_tokens += 1
-                sent = await emit(stream.text(output.add(event.id)))
+                sent = await emit(_events(stream, output.add(event.id)))
                 if output.stop_sequence is not None:
-                    outcome.outcome = outcome.stop_reason = "stop_sequence"
-                    return await _end(emit, stream.finish("stop_sequence", output.stop_sequence), outcome)
+                    return await _finish(stream, output, emit, outcome, "stop_sequence")
+                if single_call and stream.tool_uses:
+                    return await _finish(stream, output, emit, outcome, "tool_use", cut=True)
                 if not sent:
                     outcome.outcome = "cancelled"
                     return outcome
@@ -194,20 +255,49 @@ async def drive(
                     return outcome
                 if event.reason == "stop":
                     stream.output_tokens += 1  # the end-of-turn token was generated too
-                text = output.finish()
-                outcome.stop_reason, outcome.outcome = _ENDINGS[event.reason]
-                if output.stop_sequence:
-                    outcome.stop_reason = outcome.outcome = "stop_sequence"
-                return await _end(emit, stream.text(text) + stream.finish(outcome.stop_reason, output.stop_sequence), outcome)
+                    return await _finish(stream, output, emit, outcome, "complete")
+                return await _finish(stream, output, emit, outcome, "max_tokens", cut=True)
             elif isinstance(event, Failed):
                 outcome.error = ApiError(f"generation failed: {event.message}")
                 return outcome
     finally:
         generation.cancel()
         outcome.output_tokens = stream.output_tokens
+        outcome.tool_parse_errors = output.bad_calls
         if first is not None:
             outcome.first_token_seconds = first - started
             outcome.decode_seconds = last - first
+
+
+def _events(stream: MessageStream, segments: list) -> list[wire.Event]:
+    events: list[wire.Event] = []
+    for segment in segments:
+        if isinstance(segment, Text):
+            events += stream.text(segment.text)
+        elif isinstance(segment, Thinking):
+            events += stream.thinking(segment.text)
+        elif isinstance(segment, ToolCall):
+            events += stream.tool_use(segment.name, segment.arguments)
+        elif isinstance(segment, BadCall):
+            # Never a broken tool_use: the model's words are shown as they were written.
+            events += stream.text(("\n" if stream.open_block == "text" else "") + segment.raw)
+    return events
+
+
+async def _finish(stream, output: Output, emit, outcome: Outcome, ending: str, *, cut: bool = False) -> Outcome:
+    """End the message. `ending`: complete, max_tokens, stop_sequence or tool_use (from the
+    engine's point of view); a call cut short by the cap makes it max_tokens, any call
+    emitted makes it tool_use."""
+    cut_call = cut and output.in_call
+    events = _events(stream, output.finish(cut=cut))
+    if stream.tool_uses and not (ending == "max_tokens" and cut_call):
+        reason = "tool_use"
+    else:
+        reason = {"complete": "end_turn", "tool_use": "tool_use"}.get(ending, ending)
+    outcome.stop_reason = reason
+    if outcome.outcome not in ("timeout_idle", "timeout_total"):
+        outcome.outcome = "complete" if reason == "end_turn" else reason
+    return await _end(emit, events + stream.finish(reason, output.stop_sequence if reason == "stop_sequence" else None), outcome)
 
 
 async def _time_out(kind, stream, output, emit, outcome: Outcome, timeouts: Timeouts) -> Outcome:
@@ -219,9 +309,8 @@ async def _time_out(kind, stream, output, emit, outcome: Outcome, timeouts: Time
             f"no output within {timeouts.first_token:g} s (timeouts.first_token{where}); the prompt is still prefilling"
         )
         return outcome
-    # Output began: end the message as cut short, keeping what was sent.
-    outcome.stop_reason = "max_tokens"
-    return await _end(emit, stream.text(output.finish()) + stream.finish("max_tokens"), outcome)
+    # Output began: end the message as cut short, keeping what was sent (but not half a call).
+    return await _finish(stream, output, emit, outcome, "max_tokens", cut=True)
 
 
 async def _end(emit, events: list, outcome: Outcome) -> Outcome:

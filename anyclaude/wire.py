@@ -268,8 +268,10 @@ class StopInfo(Struct):
     stop_sequence: str | None = None
 
 
-class DeltaUsage(Struct):
+class DeltaUsage(Struct, omit_defaults=True):
     output_tokens: int
+    input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
 
 
 class MessageDelta(Struct, tag="message_delta", tag_field="type"):

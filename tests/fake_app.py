@@ -22,6 +22,7 @@ class ScriptedEngine:
         self.loaded = Loaded(model=None, tokenizer=tokenizer, context_length=8192, eos_ids=frozenset(tokenizer.eos_token_ids), device="scripted")
         self.load_error = None
         self.ready = True
+        self.cache = None
 
     def start(self) -> None:
         pass

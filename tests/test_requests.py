@@ -29,7 +29,8 @@ def test_claude_code_first_turn_streams(daemon):
     assert reply.status == 200, reply.body
     assert reply.headers["content-type"] == "text/event-stream"
     events = check(reply.body)
-    assert events[0]["message"]["usage"]["input_tokens"] == count(daemon, body)
+    usage = events[0]["message"]["usage"]
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] == count(daemon, body)
 
 
 def test_claude_code_first_turn_too_long_for_the_window(daemon):

@@ -27,8 +27,11 @@ def fake(tmp_path_factory, model_cache, tiny_model):
         d.stop()
 
 
+READ = {"name": "Read", "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}}, "required": ["file_path"]}}
+
+
 def ask(daemon, script: str, stream: bool = True):
-    body = {"model": "claude-opus-4-8", "max_tokens": 100, "stream": stream, "messages": [{"role": "user", "content": f"SCRIPT:{script}"}]}
+    body = {"model": "claude-opus-4-8", "max_tokens": 100, "stream": stream, "tools": [READ], "messages": [{"role": "user", "content": f"SCRIPT:{script}"}]}
     started = time.monotonic()
     reply = request(daemon.port, "POST", "/v1/messages", json.dumps(body).encode())
     return reply, time.monotonic() - started
@@ -60,6 +63,17 @@ def test_stall_mid_text_ends_the_message_as_max_tokens(fake):
     assert took < TIMEOUTS["idle"] + STEP
     r = record(fake, reply.headers["request-id"])
     assert r["outcome"] == "timeout_idle" and r["ended"] == "message_stop" and r["stop_reason"] == "max_tokens"
+
+
+def test_stall_mid_tool_call_drops_the_half_call(fake):
+    reply, took = ask(fake, "stall-mid-tool-call")
+    events = check(reply.body)
+    blocks = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
+    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
+    assert blocks == ["text"] and text == "Let me read it."
+    assert events[-2]["delta"]["stop_reason"] == "max_tokens"
+    assert took < TIMEOUTS["idle"] + STEP
+    assert record(fake, reply.headers["request-id"])["outcome"] == "timeout_idle"
 
 
 def test_non_streaming_stall_before_first_token_is_a_529(fake):

@@ -1,0 +1,724 @@
+"""Generated text -> visible text, reasoning and tool calls, piece by piece.
+
+The model's output arrives as the pieces an incremental detokenizer gives, and a
+`Parser` cuts it into segments by the markers of the model family (`Format`):
+`Text`, `Thinking`, a complete and validated `ToolCall`, or a `BadCall` that the
+daemon shows as text and logs as `tool_parse_error`.
+
+Families, chosen by `format_for` from the tokenizer as mlx-lm infers it:
+- Hermes / Qwen2.5 / Qwen3 and `GENERIC`: `<tool_call>{"name": .., "arguments": {..}}</tool_call>`.
+- Llama 3.x: `{"name": .., "parameters": {..}}` at the start of the reply (or of
+  the text after thinking or a call), or after `<|python_tag|>`; several calls
+  may be separated by `;`. The call ends where its JSON value does.
+- Mistral: `[TOOL_CALLS]` then a JSON list `[{"name": .., "arguments": ..}]` or
+  `NAME[ARGS]{..}` (also `NAME[CALL_ID]ID[ARGS]{..}`); the call ends where the JSON does.
+- Every other mlx-lm tool parser (Qwen3-Coder XML, GLM, Kimi, Gemma, MiniMax,
+  pythonic, ...): its own `tool_call_start`/`tool_call_end` markers, the body
+  between them handed to its `parse_tool_call`, which converts values by schema.
+Thinking sits between `<think>` and `</think>`, or the tokenizer's own markers.
+
+Segment rules. Text and reasoning are emitted as soon as they cannot be the
+start of a marker. Each run of text or reasoning (between the start, markers and
+calls) is stripped at both ends, so no segment is empty or whitespace-only and
+whitespace between calls or at the end is dropped; whitespace inside a run is
+held only until its next visible character. A stray end-of-thinking marker in
+text, a repeated start marker in reasoning, and mlx-lm's structural markers are
+dropped. A call start marker inside reasoning ends the reasoning, as in mlx-lm.
+Llama's marker-less calls are recognised only when the request has tools. In
+JSON bodies a marker inside a JSON string (a file's content mentioning
+`</tool_call>`) does not end the call, and a new call's start marker ends a call
+whose end marker was forgotten.
+
+Repairs, applied only to what does not already parse and validate:
+1. JSON text: code fences around it, single-quoted strings, trailing commas,
+   Python literals (True/False/None), bare-word keys, raw control characters in
+   strings, missing closing brackets/braces/quotes, extra closing ones at the end.
+2. Call shape: arguments under `arguments`, `parameters`, `input` or `args`, or
+   OpenAI's `{"function": {...}}` wrapper; arguments given as a JSON string are
+   decoded (with the same repair); missing or null arguments are `{}`.
+3. Against the tool's JSON Schema (jsonschema, Draft 2020-12), recursively
+   through `properties` and `items`: a string where the schema admits only
+   non-strings is read as integer / number / boolean / null / JSON object or
+   array, and a lone string where only an array is admitted becomes a list of
+   it; a number or boolean where only a string is admitted becomes its JSON
+   text, and an object or array becomes indented JSON text (models write a JSON
+   file's `content` as an object); keys absent from `properties` are dropped
+   where `additionalProperties` is false.
+`format` is an annotation under Draft 2020-12 and is not asserted (Claude Code
+checks its own inputs and tells the model). A schema jsonschema cannot use
+(invalid, or an unresolvable `$ref`) only requires an object.
+
+What becomes a `BadCall` (raw = the exact generated text, markers included):
+an unknown tool, a body that cannot be parsed, arguments that are not an object
+or still fail validation after repair, and, from `finish()`, a call whose end
+never came (`reason="truncated"`); for an mlx-lm parser that has no end marker
+the call runs to the end of generation and `finish()` parses it. When one body
+holds several calls (a Mistral list) and only some fail, the good ones are
+`ToolCall`s and one `BadCall` carries the whole body.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+from typing import Any
+
+import msgspec
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, best_match
+from msgspec import Struct
+from referencing.exceptions import Unresolvable
+
+
+class Text(Struct):
+    """A piece of visible text (never empty)."""
+
+    text: str
+
+
+class Thinking(Struct):
+    """A piece of reasoning (never empty)."""
+
+    text: str
+
+
+class ToolCall(Struct):
+    """One complete call; its arguments are valid for the tool's schema."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+class BadCall(Struct):
+    """A call that could not be made valid: its generated text, and why (for the log)."""
+
+    raw: str
+    reason: str
+
+
+Segment = Text | Thinking | ToolCall | BadCall
+
+
+class Format(Struct, frozen=True):
+    """The markers a model family writes, and how a call's body is parsed.
+
+    `syntax` is "json" (one call object or a list of them), "mistral" (a JSON
+    list or NAME[ARGS]{...}) or "mlx:<module>" (that mlx_lm.tool_parsers
+    module's parse_tool_call). With no `call_end`, a call ends where its JSON
+    value does. `bare_json`: a text run that starts with "{" is a call (Llama 3).
+    `drop`: markers removed from text (mlx-lm's structural markers).
+    """
+
+    name: str
+    call_start: tuple[str, ...] = ()
+    call_end: str = ""
+    syntax: str = "json"
+    bare_json: bool = False
+    think_start: str = "<think>"
+    think_end: str = "</think>"
+    drop: tuple[str, ...] = ()
+
+
+GENERIC = Format(name="generic", call_start=("<tool_call>",), call_end="</tool_call>")
+_HERMES = msgspec.structs.replace(GENERIC, name="hermes")
+_LLAMA3 = Format(name="llama3", call_start=("<|python_tag|>",), bare_json=True)
+_MISTRAL = Format(name="mistral", call_start=("[TOOL_CALLS]",), syntax="mistral")
+
+
+def format_for(tokenizer: Any) -> Format:
+    """The format of the model behind an mlx-lm TokenizerWrapper.
+
+    mlx-lm's own inference (tokenizer.tool_parser, tool_call_start/end,
+    think_start/end) decides where it knows the family; Llama 3.x templates,
+    which it does not know, are recognised here; anything else is GENERIC.
+    """
+    parser = getattr(tokenizer, "tool_parser", None)
+    module = getattr(parser, "__module__", "") or ""
+    module = module.rsplit(".", 1)[-1] if module.startswith("mlx_lm.tool_parsers.") else None
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates, e.g. "default" and "tool_use"
+        template = "\n".join(t for t in template.values() if isinstance(t, str))
+    template = template if isinstance(template, str) else ""
+    if module == "json_tools":
+        base = _HERMES
+    elif module == "mistral":
+        base = _MISTRAL
+    elif module is not None:
+        base = Format(
+            name=module,
+            call_start=(tokenizer.tool_call_start,),
+            call_end=tokenizer.tool_call_end or "",
+            syntax=f"mlx:{module}",
+        )
+    elif _is_llama3(template):
+        base = _LLAMA3
+    else:
+        base = GENERIC
+    start, end = getattr(tokenizer, "think_start", None), getattr(tokenizer, "think_end", None)
+    if not (isinstance(start, str) and isinstance(end, str) and start and end):
+        start, end = base.think_start, base.think_end
+    drop = tuple(getattr(tokenizer, "structural_markers", None) or ())
+    return msgspec.structs.replace(base, think_start=start, think_end=end, drop=drop)
+
+
+def _is_llama3(template: str) -> bool:
+    # Llama 3.1-3.3 templates render tool calls as {"name": .., "parameters": ..}
+    # and know <|python_tag|>; mlx-lm infers no parser for them.
+    if "<|python_tag|>" in template:
+        return True
+    return "<|start_header_id|>" in template and "tools" in template and '"parameters"' in template
+
+
+_TEXT, _THINK, _CALL = "text", "think", "call"
+
+
+class Parser:
+    """Cuts one response's generated text into segments, incrementally."""
+
+    def __init__(self, fmt: Format, tools: list[dict] | None, *, thinking: bool = False):
+        self.fmt = fmt
+        self._tool_list = list(tools or [])
+        self._tools = {f["name"]: f for f in map(_function, self._tool_list) if f}
+        # Without tools a reply that is JSON is an answer, not a Llama call.
+        self._bare = fmt.bare_json and bool(self._tools)
+        # The markers that end a text or reasoning run, and the state after each;
+        # a marker that keeps the state is dropped from the run.
+        calls = [(m, _CALL) for m in fmt.call_start]
+        text_drops = [(m, _TEXT) for m in fmt.drop]
+        think_drops = [(m, _THINK) for m in fmt.drop]
+        self._moves = {
+            _TEXT: _markers((fmt.think_start, _THINK), (fmt.think_end, _TEXT), *text_drops, *calls),
+            _THINK: _markers((fmt.think_end, _TEXT), (fmt.think_start, _THINK), *think_drops, *calls),
+        }
+        self._state = _THINK if thinking else _TEXT
+        self._buf = ""
+        self._started = False  # the current run has shown a visible character
+        self._ws = ""  # whitespace held at the end of the current run
+        self._after_call = False
+        self._marker = ""
+        self._body = ""
+        self._searched = 0
+        self._scan: _Scan | None = None
+
+    @property
+    def in_call(self) -> bool:
+        """Inside a call whose end has not been generated yet."""
+        return self._state == _CALL
+
+    def feed(self, text: str) -> list[Segment]:
+        """The segments that are certain once `text` is added."""
+        self._buf += text
+        out: list[Segment] = []
+        while self._step(out, final=False):
+            pass
+        return out
+
+    def finish(self) -> list[Segment]:
+        """Generation ended: the rest, with an unterminated call as BadCall("truncated")."""
+        out: list[Segment] = []
+        while self._step(out, final=True):
+            pass
+        if self._state == _CALL:
+            raw = self._marker + self._body
+            if not self.fmt.call_end and self.fmt.syntax.startswith("mlx:"):
+                out.extend(self._calls(raw, self._body))
+            else:
+                out.append(BadCall(raw=raw, reason="truncated"))
+            self._state, self._body = _TEXT, ""
+        return out
+
+    # -- text and reasoning --
+
+    def _step(self, out: list[Segment], final: bool) -> bool:
+        if self._state == _CALL:
+            return self._call_step(out)
+        if self._state == _TEXT and not self._started and self._run_starts_call():
+            return True
+        kind = Text if self._state == _TEXT else Thinking
+        buf = self._buf
+        found = None
+        for marker, state in self._moves[self._state]:
+            i = buf.find(marker)
+            if i >= 0 and (found is None or i < found[0] or (i == found[0] and len(marker) > len(found[1]))):
+                found = (i, marker, state)
+        if found is None:
+            keep = 0 if final else _partial(buf, [m for m, _ in self._moves[self._state]])
+            self._show(kind, buf[: len(buf) - keep], out)
+            self._buf = buf[len(buf) - keep :]
+            return False
+        i, marker, state = found
+        self._show(kind, buf[:i], out)
+        self._buf = buf[i + len(marker) :]
+        if state != self._state:  # a dropped marker leaves the run going
+            self._new_run(after_call=False)
+        if state == _CALL:
+            self._open(marker)
+        self._state = state
+        return True
+
+    def _run_starts_call(self) -> bool:
+        """Leading whitespace of a run is dropped; for Llama, "{" there opens a call."""
+        buf = self._buf.lstrip()
+        if self._bare and self._after_call:
+            buf = buf.lstrip(";").lstrip()  # the separator between Llama calls
+        self._buf = buf
+        if self._bare and buf.startswith("{"):
+            self._open("")
+            return True
+        return False
+
+    def _show(self, kind: type, text: str, out: list[Segment]) -> None:
+        if not self._started:
+            text = text.lstrip()
+            if not text:
+                return
+            self._started = True
+        body = text.rstrip()
+        if body:
+            out.append(kind(self._ws + body))
+            self._ws = text[len(body) :]
+        else:
+            self._ws += text
+
+    def _new_run(self, *, after_call: bool) -> None:
+        self._started, self._ws, self._after_call = False, "", after_call
+
+    # -- calls --
+
+    def _open(self, marker: str) -> None:
+        self._state, self._marker, self._body, self._searched = _CALL, marker, "", 0
+        self._scan = _Scan() if self.fmt.syntax in ("json", "mistral") else None
+
+    def _call_step(self, out: list[Segment]) -> bool:
+        self._body += self._buf
+        self._buf = ""
+        end = self._find_end()
+        if end is None:
+            return False
+        stop, resume = end
+        out.extend(self._calls(self._marker + self._body[:resume], self._body[:stop]))
+        self._buf = self._body[resume:]
+        self._state, self._body = _TEXT, ""
+        self._new_run(after_call=True)
+        return True
+
+    def _find_end(self) -> tuple[int, int] | None:
+        """Where the call's body stops and the text after it resumes."""
+        body, end = self._body, self.fmt.call_end
+        if self._scan is None:
+            # An mlx-lm body: up to its end marker, or to the end of generation.
+            i = body.find(end, self._searched) if end else -1
+            if i < 0:
+                self._searched = max(0, len(body) - len(end) + 1)
+                return None
+            return i, i + len(end)
+        if end:
+            # A new call's start marker also ends a call whose end was forgotten.
+            found = self._scan.marker(body, [end, *self.fmt.call_start])
+            if found is None:
+                return None
+            i, marker = found
+            return (i, i + len(end)) if marker == end else (i, i)
+        if not self._scan.begun and not self._scan.begin(body):
+            return None
+        i = self._scan.value(body)
+        return None if i is None else (i, i)
+
+    def _calls(self, raw: str, body: str) -> list[Segment]:
+        try:
+            calls = [_shape(c) for c in self._parse(body)]
+        except ValueError as e:
+            return [BadCall(raw=raw, reason=_short(f"unparseable call: {e}"))]
+        out: list[Segment] = []
+        reasons = []
+        for name, arguments in calls:
+            checked = self._check(name, arguments)
+            if isinstance(checked, ToolCall):
+                out.append(checked)
+            else:
+                reasons.append(checked)
+        if reasons:
+            out.append(BadCall(raw=raw, reason=_short("; ".join(reasons))))
+        return out
+
+    def _parse(self, body: str) -> list[Any]:
+        syntax = self.fmt.syntax
+        if syntax == "mistral" and not body.lstrip().startswith("["):
+            return [_mistral_header(body)]
+        if syntax in ("json", "mistral"):
+            parsed = _loads(body)
+            if not parsed:
+                raise ValueError("no call in the body")
+            return parsed if isinstance(parsed, list) else [parsed]
+        module = importlib.import_module(f"mlx_lm.tool_parsers.{syntax.removeprefix('mlx:')}")
+        try:
+            parsed = module.parse_tool_call(body.strip(), self._tool_list)
+        except Exception:
+            # Its schema-typed conversion can refuse a value; read every value
+            # as given and let the schema repair below decide.
+            try:
+                parsed = module.parse_tool_call(body.strip(), None)
+            except Exception as e:
+                raise ValueError(f"{type(e).__name__}: {e}") from None
+        return parsed if isinstance(parsed, list) else [parsed]
+
+    def _check(self, name: str, arguments: Any) -> ToolCall | str:
+        function = self._tools.get(name)
+        if function is None:
+            return f"unknown tool {name!r}"
+        if not isinstance(arguments, dict):
+            return f"{name}: arguments are not a JSON object"
+        schema = function.get("parameters") or {}
+        validator = _validator(json.dumps(schema, sort_keys=True))
+        try:
+            if validator.is_valid(arguments):
+                return ToolCall(name=name, arguments=arguments)
+            fixed = _coerce(arguments, schema)
+            if validator.is_valid(fixed):
+                return ToolCall(name=name, arguments=fixed)
+            error = best_match(validator.iter_errors(fixed))
+        except Unresolvable:
+            # A $ref that leads nowhere (remote ones are never fetched): an
+            # object is all that can be asked.
+            return ToolCall(name=name, arguments=arguments)
+        where = "/".join(str(p) for p in error.absolute_path) or "arguments"
+        return f"{name}: invalid {where}: {error.message}"
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(schema_json: str) -> Draft202012Validator:
+    # Checking a schema costs milliseconds, and the same tools come with every
+    # request of a session, so validators are kept by schema text.
+    schema = json.loads(schema_json)
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError:
+        schema = {"type": "object"}
+    return Draft202012Validator(schema)
+
+
+def _function(tool: Any) -> dict | None:
+    """The function of an OpenAI-style tool (a bare function is accepted too)."""
+    if not isinstance(tool, dict):
+        return None
+    function = tool.get("function", tool)
+    return function if isinstance(function, dict) and isinstance(function.get("name"), str) else None
+
+
+def _markers(*moves: tuple[str, str]) -> list[tuple[str, str]]:
+    return [(marker, state) for marker, state in moves if marker]
+
+
+def _partial(text: str, markers: list[str]) -> int:
+    """Length of the longest end of `text` that is a proper start of a marker."""
+    best = 0
+    for marker in markers:
+        for n in range(min(len(text), len(marker) - 1), best, -1):
+            if text.endswith(marker[:n]):
+                best = n
+                break
+    return best
+
+
+def _short(reason: str, limit: int = 300) -> str:
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
+class _Scan:
+    """Reads a JSON call body incrementally, skipping strings, so that brackets
+    and markers inside string values do not end the call."""
+
+    def __init__(self) -> None:
+        self.pos = 0
+        self.begun = False
+        self.depth = 0
+        self.quote = ""
+        self.escape = False
+        self.last = ""  # the last non-space character outside strings
+
+    def begin(self, body: str) -> bool:
+        """Find where the JSON value of an end-marker-less body starts."""
+        stripped = body.lstrip()
+        if stripped[:1] in ("{", "["):
+            self.pos = len(body) - len(stripped)
+        elif (i := body.find("[ARGS]")) >= 0:  # Mistral's NAME[ARGS]{...}
+            self.pos = i + len("[ARGS]")
+        else:
+            return False
+        self.begun = True
+        return True
+
+    def marker(self, body: str, markers: list[str]) -> tuple[int, str] | None:
+        """The first of `markers` outside strings, and where; None while not seen."""
+        while self.pos < len(body):
+            i = self.pos
+            if not self.quote:
+                for marker in markers:
+                    if marker and body.startswith(marker, i):
+                        return i, marker
+                tail = body[i : i + max(map(len, markers))]
+                if any(len(tail) < len(m) and m.startswith(tail) for m in markers):
+                    return None  # may be a marker: wait for more
+            self._char(body[i])
+            self.pos += 1
+        return None
+
+    def value(self, body: str) -> int | None:
+        """Position just after the first complete value, or None while open."""
+        while self.pos < len(body):
+            self._char(body[self.pos])
+            self.pos += 1
+            if self.depth <= 0 and self.last in ("}", "]"):
+                return self.pos
+        return None
+
+    def _char(self, c: str) -> None:
+        if self.quote:
+            if self.escape:
+                self.escape = False
+            elif c == "\\":
+                self.escape = True
+            elif c == self.quote:
+                self.quote, self.last = "", c
+            return
+        # A quote opens a string only where JSON allows one, so that an
+        # apostrophe in a non-JSON body does not swallow the end marker.
+        if c in "\"'" and self.last in ("", "{", "[", ",", ":"):
+            self.quote = c
+        elif c in "{[":
+            self.depth += 1
+        elif c in "}]":
+            self.depth -= 1
+        if not c.isspace():
+            self.last = c
+
+
+# -- lenient JSON --
+
+_LITERALS = {"true": "true", "false": "false", "null": "null", "True": "true", "False": "false", "None": "null"}
+_DECODER = json.JSONDecoder(strict=False)
+
+
+def _loads(text: str) -> Any:
+    """JSON from model output, repaired where a small repair suffices."""
+    text = _unfence(text.strip())
+    try:
+        return _DECODER.decode(text)
+    except ValueError as e:
+        error = e
+    fixed = _repair(text)
+    try:
+        value, end = _DECODER.raw_decode(fixed)
+    except ValueError:
+        raise error from None
+    if fixed[end:].strip(" \t\r\n}]"):
+        raise error
+    return value
+
+
+def _unfence(text: str) -> str:
+    if text.startswith("```"):
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+        text = text.rstrip().removesuffix("```").rstrip()
+    return text
+
+
+def _repair(text: str) -> str:
+    out: list[str] = []
+    closers: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"'":
+            string, i = _string(text, i)
+            out.append(string)
+            continue
+        if c.isalpha() or c == "_":
+            j = i
+            while j < n and (text[j].isalnum() or text[j] == "_"):
+                j += 1
+            word = text[i:j]
+            out.append(_LITERALS.get(word) or json.dumps(word))  # a bare key becomes a string
+            i = j
+            continue
+        if c.isdigit() or c == "-":
+            j = i + 1
+            while j < n and (text[j].isdigit() or text[j] in ".eE+-"):
+                j += 1
+            out.append(text[i:j])
+            i = j
+            continue
+        if c in "{[":
+            closers.append("}" if c == "{" else "]")
+        elif c in "}]":
+            _drop_trailing_comma(out)
+            if closers:
+                c = closers.pop()
+        out.append(c)
+        i += 1
+    _drop_trailing_comma(out)
+    out.extend(reversed(closers))
+    return "".join(out)
+
+
+def _string(text: str, i: int) -> tuple[str, int]:
+    """The string starting at text[i] as a double-quoted JSON string, closed if cut."""
+    quote, j, parts = text[i], i + 1, ['"']
+    while j < len(text):
+        c = text[j]
+        if c == "\\" and j + 1 < len(text):
+            parts.append("'" if text[j + 1] == "'" else text[j : j + 2])
+            j += 2
+            continue
+        if c == quote:
+            j += 1
+            break
+        parts.append('\\"' if c == '"' else c)
+        j += 1
+    parts.append('"')
+    return "".join(parts), j
+
+
+def _drop_trailing_comma(out: list[str]) -> None:
+    while out and out[-1].isspace():
+        out.pop()
+    if out and out[-1] == ",":
+        out.pop()
+
+
+# -- call shapes --
+
+
+def _shape(call: Any) -> tuple[str, Any]:
+    """(name, arguments) of one parsed call, whatever key holds the arguments."""
+    if not isinstance(call, dict):
+        raise ValueError("a call is not a JSON object")
+    if isinstance(call.get("function"), dict):
+        call = call["function"]
+    name = call.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError("a call without a tool name")
+    arguments: Any = {}
+    for key in ("arguments", "parameters", "input", "args"):
+        if key in call:
+            arguments = call[key]
+            break
+    if arguments is None:
+        arguments = {}
+    if isinstance(arguments, str):
+        arguments = _loads(arguments) if arguments.strip() else {}
+    return name, arguments
+
+
+def _mistral_header(body: str) -> dict:
+    """NAME[ARGS]{...} or NAME[CALL_ID]ID[ARGS]{...}."""
+    head, sep, arguments = body.partition("[ARGS]")
+    if not sep:
+        raise ValueError("no [ARGS] after the tool name")
+    name = head.split("[", 1)[0].strip()
+    return {"name": name, "arguments": _loads(arguments)}
+
+
+# -- schema-driven repair --
+
+
+def _coerce(value: Any, schema: Any) -> Any:
+    """`value` with the mistakes listed in the module docstring fixed, by `schema`."""
+    if not isinstance(schema, dict):
+        return value
+    types = _types(schema)
+    if types and "string" not in types and isinstance(value, str):
+        value = _from_string(value, types)
+        if types == {"array"} and isinstance(value, str):
+            value = [value]  # a lone item where a list is asked; the items schema decides
+    elif types == {"string"} and not isinstance(value, str) and value is not None:
+        value = _to_string(value)
+    if isinstance(value, dict):
+        return _coerce_object(value, schema)
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_coerce(v, schema["items"]) for v in value]
+    return value
+
+
+def _coerce_object(value: dict, schema: dict) -> dict:
+    properties = schema.get("properties")
+    properties = properties if isinstance(properties, dict) else {}
+    closed = schema.get("additionalProperties") is False and not schema.get("patternProperties")
+    return {
+        key: _coerce(item, properties.get(key))
+        for key, item in value.items()
+        if key in properties or not closed
+    }
+
+
+def _types(schema: dict) -> set[str]:
+    """The JSON types a schema admits; empty when it admits any."""
+    declared = schema.get("type")
+    types = {declared} if isinstance(declared, str) else set(declared) if isinstance(declared, list) else set()
+    for key in ("anyOf", "oneOf"):
+        branches = schema.get(key)
+        if not isinstance(branches, list):
+            continue
+        for branch in branches:
+            branch_types = _types(branch) if isinstance(branch, dict) else set()
+            if not branch_types:
+                return set()  # an untyped branch admits anything
+            types |= branch_types
+    if "const" in schema:
+        types.add(_json_type(schema["const"]))
+    if isinstance(schema.get("enum"), list):
+        types |= {_json_type(v) for v in schema["enum"]}
+    return types
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _from_string(text: str, types: set[str]) -> Any:
+    s = text.strip()
+    if "null" in types and s in ("null", "None"):
+        return None
+    if "boolean" in types and s.lower() in ("true", "false"):
+        return s.lower() == "true"
+    if types & {"integer", "number"} and (number := _number(s, integer="integer" in types)) is not None:
+        return number
+    if types & {"object", "array"} and s[:1] in ("{", "["):
+        try:
+            parsed = _loads(s)
+        except ValueError:
+            return text
+        if _json_type(parsed) in types:
+            return parsed
+    return text
+
+
+def _number(s: str, *, integer: bool) -> int | float | None:
+    try:
+        return int(s)  # exactly, even past 2**53
+    except ValueError:
+        pass
+    try:
+        number = float(s)
+    except ValueError:
+        return None
+    if number != number or abs(number) == float("inf"):
+        return None
+    return int(number) if integer and number.is_integer() else number
+
+
+def _to_string(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, indent=2)
+    return json.dumps(value, ensure_ascii=False)
