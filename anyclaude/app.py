@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from . import logs, profiles, prompt, toolcalls, wire
+from . import logs, misses, profiles, prompt, toolcalls, wire
 from .engine import Engine, Job, Sampling
 from .errors import AnthropicError, ApiError, InvalidRequest, NotFound, NotReady, Overloaded, RequestTooLarge, envelope, prompt_too_long
 from .models import loader
@@ -36,6 +36,7 @@ class Server:
         self._make_engine = make_engine or self._real_engine
         self.engines: dict[str, Engine] = {}
         self.schedulers: dict[str, Scheduler] = {}
+        self.sessions = misses.Sessions()
         settings = loaded.profile.log
         path = Path(settings.path).expanduser() if settings.path else logs.default_path()
         self.log = logs.RequestLog(path, max_bytes=settings.max_mb * 1024 * 1024)
@@ -256,6 +257,10 @@ class Exchange:
         # Claude Code asks for 32-64K tokens whatever the model: clamp, don't refuse.
         max_tokens = min(request.max_tokens, model.max_tokens, context - len(rendered.ids))
         defaults = server.profile.sampling
+        session = (self.record.session_id, request.model) if self.record.session_id else None
+        if session and (position := server.sessions.check(session, rendered.ids)) is not None:
+            part = misses.locate(request, engine.loaded.tokenizer, rendered.ids, position)
+            self.record.cache_miss = misses.Miss(position=position, part=part)
         job = Job(
             prompt=rendered.ids,
             checkpoint=rendered.checkpoint,
@@ -285,6 +290,8 @@ class Exchange:
                 await self._start(200, "text/event-stream", {"cache-control": "no-cache"})
                 outcome = await drive(stream, generation, output, self._send_events, timeouts, single_call=single_call)
                 self._record_outcome(generation, outcome)
+                if session:
+                    server.sessions.remember(session, rendered.ids + outcome.tokens)
                 if outcome.error and not self.disconnected.is_set():
                     await self._send_events([envelope(outcome.error, self.request_id)])
                 await self._finish_body()
@@ -298,6 +305,8 @@ class Exchange:
                 quiet = msgspec.structs.replace(timeouts, ping_interval=timeouts.first_token)
                 outcome = await drive(stream, generation, output, collect, quiet, single_call=single_call)
                 self._record_outcome(generation, outcome)
+                if session:
+                    server.sessions.remember(session, rendered.ids + outcome.tokens)
                 if outcome.error:
                     raise outcome.error
                 if not outcome.cancelled:

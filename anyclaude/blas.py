@@ -54,8 +54,9 @@ def loaded() -> bool:
         return False
 
 
-def preload_and_reexec(argv: list[str]) -> None:
-    """Re-run this command with OpenBLAS in LD_PRELOAD, if installed and not there yet.
+def preload_and_reexec(argv: list[str], module: str | None = "anyclaude") -> None:
+    """Re-run this command (`python -m module *argv`) with OpenBLAS in LD_PRELOAD, if
+    installed and not there yet.
 
     LD_PRELOAD only takes effect when a process starts, and it is the only way to
     put OpenBLAS's cblas_* in front of the bundled ones. ANYCLAUDE_BLAS=bundled opts out.
@@ -67,4 +68,5 @@ def preload_and_reexec(argv: list[str]) -> None:
     if library is None or library in preloaded.split(":"):
         return
     env = dict(os.environ, LD_PRELOAD=":".join(p for p in (library, preloaded) if p))
-    os.execve(sys.executable, [sys.executable, "-m", "anyclaude", *argv], env)
+    prefix = ["-m", module] if module else []
+    os.execve(sys.executable, [sys.executable, *prefix, *argv], env)

@@ -46,6 +46,8 @@ class Record(Struct, omit_defaults=True):
     error: str | None = None
     # Tool calls that could not be made valid and were shown as text instead.
     tool_parse_errors: list[str] | None = None
+    # A session's prompt that did not extend its previous turn: where, and in which part.
+    cache_miss: Any = None
     request: Any = None
     response: Any = None
 

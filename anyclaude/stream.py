@@ -182,6 +182,8 @@ class Outcome(Struct):
     prefill_seconds: float | None = None
     tool_parse_errors: list[str] = []
     cached_tokens: int | None = None
+    # The generated token ids (for the session's miss diagnostics).
+    tokens: list[int] = []
 
     @property
     def cancelled(self) -> bool:
@@ -241,6 +243,7 @@ async def drive(
                 first = first or now
                 last = now
                 stream.output_tokens += 1
+                outcome.tokens.append(event.id)
                 sent = await emit(_events(stream, output.add(event.id)))
                 if output.stop_sequence is not None:
                     return await _finish(stream, output, emit, outcome, "stop_sequence")

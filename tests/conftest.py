@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import anthropic
 import pytest
 
+from anyclaude import blas
 from bench.harness import Daemon
+
+
+
+def pytest_configure(config):
+    # In-process MLX (model, cache and constraint tests) runs several times faster
+    # with OpenBLAS in front of the bundled BLAS, as the daemon does it: re-run
+    # pytest so, with its output capture undone so the new process has our terminal.
+    capture = config.pluginmanager.getplugin("capturemanager")
+    capture.suspend_global_capture(in_=True)
+    blas.preload_and_reexec(["-m", "pytest", *sys.argv[1:]], module=None)
+    capture.resume_global_capture()
 
 
 @pytest.fixture(scope="session")

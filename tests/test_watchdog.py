@@ -115,7 +115,7 @@ def test_a_full_queue_answers_529_with_retry_after_before_any_headers(fake):
 
 
 def test_real_engine_with_a_tiny_first_token_budget(tmp_path, model_cache, tiny_model):
-    profile = profile_file(tmp_path, "impatient", timeouts={"first_token": 0.05, "ping_interval": 0.02})
+    profile = profile_file(tmp_path, "impatient", timeouts={"first_token": 0.05, "ping_interval": 0.02}, engine={"prefill_step": 256})
     d = Daemon(str(profile), model_cache, tmp_path / "daemon.log")
     try:
         d.wait_ready()
@@ -130,5 +130,8 @@ def test_real_engine_with_a_tiny_first_token_budget(tmp_path, model_cache, tiny_
         # The engine notices at its next prefill step (512 tokens at most) and is free again.
         assert d.wait_idle(timeout=15) < 10
         assert record(d, reply.headers["request-id"])["outcome"] == "timeout_first_token"
+        # The prefill done before the timeout was kept: Claude Code's retry resumes from it.
+        retry = check(request(d.port, "POST", "/v1/messages", json.dumps(body).encode()).body)
+        assert retry[0]["message"]["usage"]["cache_read_input_tokens"] >= 256
     finally:
         assert d.stop() == 0

@@ -1,0 +1,200 @@
+"""The prefix KV cache: several entries, reused by longest token prefix, LRU by bytes.
+
+Claude Code repeats its system prompt and tools (and the whole conversation so
+far) on every turn; its side requests and subagents share only the system part.
+So the engine keeps several entries: one per recent conversation (prompt plus
+generated tokens, stored when a request ends, however it ends), and checkpoints
+of the shared system+tools prefix, which are evicted last and, optionally,
+persisted to disk so that the first request after a restart is warm too.
+
+The store is a short list searched linearly (a handful of entries); it is owned
+by the engine thread, and `peek` reads it under a lock from the event loop so
+that `message_start` can report cached tokens before the engine gets to the
+request. KV state is never shared between a request and the store: reuse takes
+a copy (or takes over an entry the request will store again, extended).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from msgspec import Struct
+
+CONVERSATION = "conversation"
+CHECKPOINT = "checkpoint"
+KEEP_ON_DISK = 4
+
+
+class Entry(Struct):
+    tokens: np.ndarray
+    cache: list
+    nbytes: int
+    kind: str
+    used: float
+
+
+class Reuse(Struct):
+    """What a lookup found: the KV cache to extend (or None) and how many prompt tokens it covers."""
+
+    cache: list | None
+    tokens: int
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+def nbytes(cache: list) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+def length(cache: list) -> int | None:
+    """Tokens held by a model's cache (None if its layers disagree or cannot say)."""
+    sizes = {c.size() for c in cache if hasattr(c, "size")}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+class PrefixCache:
+    """Entries for one model."""
+
+    def __init__(self, max_bytes: int, *, persist_dir: Path | None = None):
+        self.max_bytes = max_bytes
+        self.persist_dir = persist_dir
+        self._entries: list[Entry] = []
+        self._lock = threading.Lock()
+        self.peak_bytes = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(e.nbytes for e in self._entries)
+
+    @property
+    def entries(self) -> int:
+        return len(self._entries)
+
+    def peek(self, tokens: list[int]) -> int:
+        """How many leading prompt tokens a fetch would reuse now (any thread)."""
+        prompt = np.asarray(tokens)
+        with self._lock:
+            return max((self._usable(e, prompt) for e in self._entries), default=0)
+
+    def fetch(self, tokens: list[int]) -> Reuse:
+        """The best entry for a prompt, as a cache the request may extend (engine thread)."""
+        prompt = np.asarray(tokens)
+        with self._lock:
+            best = max(self._entries, key=lambda e: self._usable(e, prompt), default=None)
+            reuse = self._usable(best, prompt) if best is not None else 0
+            if reuse == 0:
+                return Reuse(None, 0)
+            best.used = time.monotonic()
+            if best.kind == CONVERSATION and reuse == len(best.tokens):
+                # The prompt extends this conversation: take the entry over; the
+                # request stores it back, longer, when it ends.
+                self._entries = [e for e in self._entries if e is not best]
+                return Reuse(best.cache, reuse)
+        cache = copy.deepcopy(best.cache)
+        surplus = len(best.tokens) - reuse
+        if surplus:
+            for layer in cache:
+                layer.trim(surplus)
+        return Reuse(cache, reuse)
+
+    def store(self, tokens: list[int], cache: list, kind: str = CONVERSATION) -> None:
+        """Keep a cache holding exactly `tokens`, then evict down to the budget (engine thread)."""
+        if length(cache) != len(tokens) or not tokens:
+            return  # a cache we cannot account for is not reused
+        entry = Entry(np.asarray(tokens), cache, nbytes(cache), kind, time.monotonic())
+        with self._lock:
+            # An entry that is a prefix of the new one (same kind) is redundant when caches trim.
+            self._entries = [
+                e
+                for e in self._entries
+                if not (e.kind == kind and _trimmable(e.cache) and common_prefix(e.tokens, entry.tokens) == len(e.tokens))
+            ]
+            self._entries.append(entry)
+            self._evict()
+            self.peak_bytes = max(self.peak_bytes, self.bytes)
+        if kind == CHECKPOINT and self.persist_dir is not None:
+            self._persist(entry)
+
+    def has(self, tokens: list[int], kind: str) -> bool:
+        prompt = np.asarray(tokens)
+        with self._lock:
+            return any(e.kind == kind and len(e.tokens) == len(prompt) and common_prefix(e.tokens, prompt) == len(prompt) for e in self._entries)
+
+    def load_persisted(self) -> int:
+        """Load the checkpoints saved for this model; returns how many (engine thread, at start)."""
+        from mlx_lm.models.cache import load_prompt_cache
+
+        if self.persist_dir is None or not self.persist_dir.is_dir():
+            return 0
+        loaded = 0
+        for path in _saved(self.persist_dir):
+            try:
+                cache, metadata = load_prompt_cache(str(path), return_metadata=True)
+                tokens = json.loads(metadata["tokens"])
+            except Exception:  # a damaged or foreign file only costs a cold start
+                path.unlink(missing_ok=True)
+                continue
+            self._insert_loaded(tokens, cache)
+            loaded += 1
+        return loaded
+
+    # --- internals -----------------------------------------------------------
+
+    def _insert_loaded(self, tokens: list[int], cache: list) -> None:
+        if length(cache) != len(tokens):
+            return
+        with self._lock:
+            self._entries.append(Entry(np.asarray(tokens), cache, nbytes(cache), CHECKPOINT, time.monotonic()))
+            self._evict()
+            self.peak_bytes = max(self.peak_bytes, self.bytes)
+
+    def _usable(self, entry: Entry, prompt: np.ndarray) -> int:
+        # At least one prompt token must be left to compute the first logits.
+        common = min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
+        if common <= 0:
+            return 0
+        if common < len(entry.tokens) and not _trimmable(entry.cache):
+            return 0  # sliding-window and linear-attention caches only extend
+        return common
+
+    def _evict(self) -> None:
+        # Least recently used first, conversations before checkpoints.
+        while self._entries and sum(e.nbytes for e in self._entries) > self.max_bytes:
+            victim = min(self._entries, key=lambda e: (e.kind == CHECKPOINT, e.used))
+            self._entries = [e for e in self._entries if e is not victim]
+
+    def _persist(self, entry: Entry) -> None:
+        from mlx_lm.models.cache import save_prompt_cache
+
+        self.persist_dir.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(entry.tokens.astype(np.int64).tobytes()).hexdigest()[:24]
+        path = self.persist_dir / f"{digest}.safetensors"
+        if not path.exists():
+            partial = path.with_name(f"{digest}.partial.safetensors")
+            save_prompt_cache(str(partial), entry.cache, {"tokens": json.dumps(entry.tokens.tolist())})
+            partial.replace(path)
+        for old in _saved(self.persist_dir)[KEEP_ON_DISK:]:
+            old.unlink(missing_ok=True)
+
+
+def _saved(directory: Path) -> list[Path]:
+    """Saved checkpoints, newest first."""
+    files = [p for p in directory.glob("*.safetensors") if ".partial" not in p.name]
+    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _trimmable(cache: list) -> bool:
+    return all(c.is_trimmable() for c in cache)

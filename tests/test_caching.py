@@ -1,0 +1,53 @@
+"""Prompt caching through the real daemon: usage accounting, session turns, miss diagnostics."""
+
+from __future__ import annotations
+
+import uuid
+
+from bench.harness import request  # noqa: F401
+
+MODEL = "claude-opus-4-8"
+GREEDY = {"extra_body": {"temperature": 0}}
+
+
+def record(daemon, request_id: str) -> dict:
+    (found,) = [r for r in daemon.records() if r["request_id"] == request_id]
+    return found
+
+
+def test_usage_agrees_between_count_tokens_message_start_the_body_and_the_log(client, daemon):
+    body = dict(model=MODEL, system="You answer in one word.", messages=[{"role": "user", "content": "Name a fruit."}])
+    total = client.messages.count_tokens(**body).input_tokens
+    plain = client.messages.create(max_tokens=4, **body, **GREEDY)
+    with client.messages.stream(max_tokens=4, **body, **GREEDY) as stream:
+        request_id = stream.response.headers["request-id"]
+        for event in stream:
+            if event.type == "message_start":
+                start = event.message.usage
+        final = stream.get_final_message()
+    for usage in (plain.usage, start, final.usage):
+        assert usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens == total
+        assert usage.input_tokens >= 1
+    # The second time, all but the last prompt token came from the cache.
+    assert start.cache_read_input_tokens == final.usage.cache_read_input_tokens == total - 1
+    logged = record(daemon, request_id)
+    assert logged["prompt_tokens"] == total and logged["cached_tokens"] == total - 1
+
+
+def test_a_session_turn_reuses_the_last_one_and_a_changed_system_prompt_is_named(client, daemon):
+    session = {"x-claude-code-session-id": str(uuid.uuid4())}
+    system = "You are a helpful assistant for a small software project. Keep answers short."
+    turn = [{"role": "user", "content": "Say hello."}]
+    first = client.messages.create(model=MODEL, max_tokens=8, system=system, messages=turn, extra_headers=session, **GREEDY)
+    turn += [{"role": "assistant", "content": [b.model_dump() for b in first.content]}, {"role": "user", "content": "Now say goodbye."}]
+    second = client.messages.create(model=MODEL, max_tokens=8, system=system, messages=turn, extra_headers=session, **GREEDY)
+    one, two = record(daemon, first._request_id), record(daemon, second._request_id)
+    # Everything of the first turn but what the template re-renders differently is reused.
+    assert two["cached_tokens"] >= one["prompt_tokens"]
+    assert "cache_miss" not in two
+    third = client.messages.create(model=MODEL, max_tokens=4, system=system + " Today is Tuesday.", messages=turn, extra_headers=session, **GREEDY)
+    miss = record(daemon, third._request_id)["cache_miss"]
+    assert miss["part"] == "system" and 0 < miss["position"] < one["prompt_tokens"]
+    turn[1]["content"][0]["text"] += " (edited)"
+    fourth = client.messages.create(model=MODEL, max_tokens=4, system=system + " Today is Tuesday.", messages=turn, extra_headers=session, **GREEDY)
+    assert record(daemon, fourth._request_id)["cache_miss"]["part"] == "message 1"
