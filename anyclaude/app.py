@@ -197,6 +197,12 @@ class Exchange:
                 "state": "failed" if e.load_error else "ready" if e.ready else "loading",
                 "running": server.schedulers[key].running,
                 "waiting": server.schedulers[key].waiting,
+                "context_length": e.loaded.context_length if e.ready else None,
+                "device": e.loaded.device if e.ready else None,
+                "cache_bytes": e.cache.bytes if e.cache else 0,
+                "cache_peak_bytes": e.cache.peak_bytes if e.cache else 0,
+                "cache_entries": e.cache.entries if e.cache else 0,
+                "error": e.load_error,
             }
             for key, e in server.engines.items()
         }

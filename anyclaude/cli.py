@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     stats.set_defaults(run=_logs_stats)
     tail.set_defaults(run=_logs_tail)
 
+    from . import doctor, launchd, launcher
+
+    for module in (launcher, doctor, launchd):
+        module.add_commands(commands)
+
     args = parser.parse_args(argv)
     return args.run(args)
 

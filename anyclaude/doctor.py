@@ -1,0 +1,307 @@
+"""`anyclaude status` (what the running daemon says about itself) and `anyclaude doctor`
+(whether this machine can run a profile), one line per fact with a verdict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from . import launcher, logs, profiles
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
+MISSING = "-"  # a field this daemon's /health does not report
+Check = tuple[str, str, str]  # verdict, subject, detail
+
+
+def add_commands(subparsers) -> None:
+    """Add `status` and `doctor` to the `anyclaude` command's subparsers."""
+    status = subparsers.add_parser(
+        "status", help="the running daemon: profile, models, queue, cache, reload errors (exit code 0 when ready)"
+    )
+    doctor = subparsers.add_parser(
+        "doctor", help="check this machine for a profile: device, memory, model, port, claude, logs (exit code 1 on a FAIL)"
+    )
+    for sub in (status, doctor):
+        sub.add_argument("--profile", default="tiny", help="a profile name or TOML file (default: tiny)")
+        sub.add_argument("--port", type=int, help="the daemon's port (default: the profile's server.port)")
+        sub.add_argument("--host", help="the daemon's address (default: the profile's server.host)")
+    status.add_argument("--json", action="store_true", help="print GET /health as it came")
+    status.set_defaults(run=_run_status)
+    doctor.set_defaults(run=_run_doctor)
+
+
+def _line(verdict: str, subject: str, detail: str) -> str:
+    return f"{verdict:<5} {subject:<8} {detail}"
+
+
+def human_bytes(n: float) -> str:
+    units = ("bytes", "KB", "MB", "GB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} bytes" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+# --- status ------------------------------------------------------------------------
+
+
+def status_lines(url: str, health: dict | None, status: int | None = None) -> list[str]:
+    """The daemon's state as lines `subject  detail`; MISSING for what /health does not report."""
+    if health is None and status is None:
+        return [f"daemon    down: nothing answers at {url}"]
+    if health is None:
+        return [f"daemon    {url} answers HTTP {status}, not as anyclaude"]
+    lines = [
+        f"daemon    up at {url}, {health.get('status', MISSING)}",
+        f"profile   {health.get('profile', MISSING)} ({health.get('profile_path', MISSING)})",
+    ]
+    models = health.get("models") or {}
+    for key, m in models.items():
+        state = m.get("state", MISSING)
+        loaded = {"ready": "loaded", "loading": "not loaded yet", "failed": "not loaded"}.get(state, MISSING)
+        context = f", {m['context_length']} tokens of context" if m.get("context_length") else ""
+        device = f", {m['device']}" if m.get("device") else ""
+        lines.append(f"model     {key}: {state} ({loaded}{context}{device})")
+    for key, m in models.items():
+        lines.append(f"queue     {key}: {_count(m.get('running'))} running, {_count(m.get('waiting'))} waiting")
+    for key, m in models.items():
+        cache = m.get("cache_bytes")
+        lines.append(f"cache     {key}: {human_bytes(cache) if isinstance(cache, int) else MISSING}")
+    reload_error = (health["reload_error"] or "none") if "reload_error" in health else MISSING
+    lines.append(f"reload    last error: {reload_error}")
+    lines.append(f"log       {health.get('log', MISSING)}")
+    return lines
+
+
+def _count(value) -> str:
+    # `running` is a bool while an engine runs one request at a time.
+    return MISSING if value is None else str(int(value))
+
+
+def _target(args: argparse.Namespace) -> tuple[profiles.Loaded | None, str, str | None]:
+    """The profile (None if it does not load), the daemon's URL, and the profile's error."""
+    try:
+        loaded = profiles.load(args.profile)
+    except profiles.ProfileError as exc:
+        return None, launcher.base_url(profiles.Server(), args.host, args.port), str(exc)
+    return loaded, launcher.base_url(loaded.profile.server, args.host, args.port), None
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    loaded, url, error = _target(args)
+    if error:  # the daemon may still run an earlier, valid version of it
+        print(f"anyclaude: {error}", file=sys.stderr)
+    token = launcher.auth_token(loaded.profile) if loaded else None
+    reply = launcher.fetch_json(url, "/health", token)
+    status, health = reply if reply else (None, None)
+    if health is not None and "profile" not in health:
+        health = None
+    if args.json:
+        print(json.dumps(health))
+    else:
+        print("\n".join(status_lines(url, health, status)))
+    return 0 if health and health.get("status") == "ready" else 1
+
+
+# --- doctor ------------------------------------------------------------------------
+
+
+def check_device() -> Check:
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError as exc:
+        return FAIL, "device", f"MLX does not import: {exc}"
+    metal = _metal()
+    if metal is not None:
+        return OK, "device", f"Metal ({metal.get('device_name', 'GPU')})"
+    from . import blas
+
+    found = blas.openblas_path()
+    if found:
+        return WARN, "device", f"CPU only (no Metal): slow; OpenBLAS ({found}) will make it several times faster"
+    faster = " (apt-get install libopenblas0-pthread makes it several times faster)" if sys.platform == "linux" else ""
+    return WARN, "device", f"CPU only (no Metal): slow{faster}"
+
+
+def _metal() -> dict | None:
+    """MLX's Metal device info, or None where MLX has no Metal (or does not import)."""
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return None
+    if not mx.metal.is_available():
+        return None
+    device_info = getattr(mx, "device_info", None) or mx.metal.device_info
+    try:
+        return dict(device_info())
+    except (RuntimeError, TypeError, ValueError):  # informative only
+        return {}
+
+
+def memory_budget() -> tuple[int, str]:
+    """Bytes a model may use, and what that figure is: Metal's recommended working set, or RAM."""
+    size = (_metal() or {}).get("max_recommended_working_set_size")
+    if size:
+        return int(size), "Metal's recommended working set"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+
+
+def model_files(spec: str, relative_to: Path) -> tuple[Path | None, bool]:
+    """Where a profile's model is on disk (None if not there yet), and whether it is a
+    Hugging Face repo. ModelError for a file that should exist and does not."""
+    from .models import locate
+
+    where = locate(spec, relative_to)
+    if Path(where).exists():
+        return Path(where), False
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    repo = Path(HF_HUB_CACHE) / f"models--{where.replace('/', '--')}"
+    has_weights = any(repo.glob("snapshots/*/*.safetensors")) and any(repo.glob("snapshots/*/config.json"))
+    return (repo if has_weights else None), True
+
+
+def disk_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    # A Hugging Face cache stores each file once, in blobs/; snapshots/ holds links to them.
+    files = (path / "blobs").rglob("*") if (path / "blobs").is_dir() else path.rglob("*")
+    return sum(f.stat().st_size for f in files if f.is_file() and not f.is_symlink())
+
+
+def check_models(loaded: profiles.Loaded) -> tuple[list[Check], int | None]:
+    """One line per model, and the bytes of those on disk (None if any is not there yet)."""
+    from .models import ModelError, gguf_directory
+
+    checks, total = [], 0
+    for key, model in loaded.profile.models.items():
+        try:
+            path, from_hub = model_files(model.path, loaded.path.parent)
+        except ModelError as exc:
+            checks.append((FAIL, "model", f"{key}: {exc}"))
+            total = None
+            continue
+        if path is None:
+            detail = (
+                f"{key}: {model.path} is not downloaded yet: the first `anyclaude serve` downloads it "
+                "(the launchd agent runs offline, so start it by hand once)"
+            )
+            checks.append((WARN, "model", detail))
+            total = None
+            continue
+        size = disk_size(path)
+        total = None if total is None else total + size
+        where = "in the Hugging Face cache" if from_hub else "on disk"
+        note = ""
+        if path.suffix == ".gguf":
+            imported = (gguf_directory(path) / "config.json").exists()
+            note = "; imported" if imported else "; imported into MLX's format on first start"
+        checks.append((OK, "model", f"{key}: {where}, {human_bytes(size)} ({path}){note}"))
+    return checks, total
+
+
+def check_memory(model_bytes: int | None, loaded: profiles.Loaded) -> Check:
+    budget, what = memory_budget()
+    if model_bytes is None:
+        return SKIP, "memory", f"{human_bytes(budget)} of {what}; the model's size is known once it is on disk"
+    share = model_bytes / budget
+    detail = f"the model takes {human_bytes(model_bytes)} of {human_bytes(budget)} {what} ({share:.0%}), plus its KV cache"
+    if loaded.profile.engine.cpu_dequantize and _metal() is None and _openblas():
+        detail += "; on the CPU, quantized weights are dequantized on load (several times larger)"
+    if share < 0.6:
+        return OK, "memory", detail
+    return (WARN if share < 0.85 else FAIL), "memory", detail + ": little room left"
+
+
+def _openblas() -> bool:
+    # The daemon dequantizes on the CPU only with OpenBLAS to run the float32 matmuls.
+    from . import blas
+
+    return blas.openblas_path() is not None
+
+
+def check_port(loaded: profiles.Loaded, url: str, host: str, port: int) -> Check:
+    where = f"{host}:{port}"
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            s.bind((host, port))
+            return OK, "port", f"{where} is free"
+        except OSError as exc:
+            bind_error = exc
+    reply = launcher.fetch_json(url, "/health", launcher.auth_token(loaded.profile), timeout=1.0)
+    health = reply[1] if reply else None
+    if not health or "profile" not in health:
+        return FAIL, "port", f"{where} is taken by another program ({bind_error.strerror}); set [server] port or pass --port"
+    if launcher.same_profile(health, loaded):
+        return OK, "port", f"{where}: the daemon for this profile is already running there"
+    return WARN, "port", f"{where}: a daemon for profile {health['profile']!r} runs there; stop it or use another port"
+
+
+def check_claude() -> Check:
+    program = shutil.which("claude")
+    if program is None:
+        return WARN, "claude", "not on PATH: install Claude Code to use `anyclaude claude`"
+    try:
+        result = subprocess.run([program, "--version"], check=False, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return WARN, "claude", f"{program} does not answer `--version`: {exc}"
+    version = (result.stdout or result.stderr).strip().splitlines()
+    if result.returncode != 0 or not version:
+        return WARN, "claude", f"{program} --version exited with {result.returncode}"
+    return OK, "claude", f"{version[0]} ({program})"
+
+
+def log_folder(loaded: profiles.Loaded) -> Path:
+    configured = loaded.profile.log.path
+    return (Path(configured).expanduser() if configured else logs.default_path()).parent
+
+
+def check_log_dir(folder: Path) -> Check:
+    if folder.is_dir():
+        probe = folder / f".anyclaude-doctor-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            return FAIL, "log dir", f"{folder} is not writable: {exc.strerror}"
+        return OK, "log dir", f"{folder} is writable"
+    # Not there yet: the daemon creates it, if its nearest existing ancestor lets it.
+    ancestor = next(p for p in folder.parents if p.exists())
+    if not ancestor.is_dir():
+        return FAIL, "log dir", f"{folder} cannot be created: {ancestor} is not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return FAIL, "log dir", f"{folder} cannot be created: {ancestor} is not writable"
+    return OK, "log dir", f"{folder} will be created on first start"
+
+
+def doctor(loaded: profiles.Loaded, host: str | None = None, port: int | None = None) -> list[Check]:
+    """Every check for a loaded profile, in the order a user would fix them."""
+    server = loaded.profile.server
+    url = launcher.base_url(server, host, port)
+    checks: list[Check] = [(OK, "profile", f"{loaded.name} ({loaded.path})"), check_device()]
+    model_checks, model_bytes = check_models(loaded)
+    checks.append(check_memory(model_bytes, loaded))
+    checks += model_checks
+    checks.append(check_port(loaded, url, host or server.host, port or server.port))
+    checks.append(check_claude())
+    checks.append(check_log_dir(log_folder(loaded)))
+    return checks
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    try:
+        loaded = profiles.load(args.profile)
+    except profiles.ProfileError as exc:
+        print(_line(FAIL, "profile", str(exc)))
+        return 1
+    checks = doctor(loaded, args.host, args.port)
+    for check in checks:
+        print(_line(*check), flush=True)
+    return 1 if any(verdict == FAIL for verdict, _, _ in checks) else 0

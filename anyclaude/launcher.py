@@ -1,0 +1,346 @@
+"""`anyclaude claude` and `anyclaude env`: Claude Code pointed at the daemon, started if need be."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from . import logs, profiles
+
+# Claude Code needs some credential; a daemon without [server] auth_token accepts any.
+PLACEHOLDER_TOKEN = "anyclaude-local"
+# The context window assumed when neither the profile nor the daemon says: small, so
+# that Claude Code compacts too early rather than overflowing the model.
+FALLBACK_CONTEXT = 8192
+FAMILIES = ("opus", "sonnet", "haiku")
+# Options of `anyclaude claude` itself (each takes a value); they come before claude's own.
+_OWN_OPTIONS = ("--profile", "--port", "--host", "--wait")
+
+
+class DaemonError(Exception):
+    """The daemon cannot be reached or started, or serves another profile."""
+
+
+def add_commands(subparsers) -> None:
+    """Add `claude` and `env` to the `anyclaude` command's subparsers."""
+    # No option parsing here: every argument goes to claude (`anyclaude claude -p hi`),
+    # except leading anyclaude options, which _split_args takes off first.
+    claude = subparsers.add_parser(
+        "claude",
+        prefix_chars="\0",
+        add_help=False,
+        help="run Claude Code against the profile's daemon (started in the background if need be); "
+        "`anyclaude claude --help` for its options",
+    )
+    claude.add_argument("args", nargs=argparse.REMAINDER)
+    claude.set_defaults(run=_run_claude)
+
+    env = subparsers.add_parser("env", help="the environment `anyclaude claude` gives Claude Code, to copy")
+    _add_target_options(env)
+    form = env.add_mutually_exclusive_group()
+    form.add_argument("--shell", action="store_true", help="only the shell exports (for eval)")
+    form.add_argument("--settings", action="store_true", help="only the settings.json snippet")
+    env.set_defaults(run=_run_env)
+
+
+def _add_target_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="tiny", help="a profile name or TOML file (default: tiny)")
+    parser.add_argument("--port", type=int, help="the daemon's port (default: the profile's server.port)")
+    parser.add_argument("--host", help="the daemon's address (default: the profile's server.host)")
+
+
+def _claude_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anyclaude claude",
+        usage="%(prog)s [--profile P] [--port N] [--host H] [--wait S] [--] [CLAUDE ARGS...]",
+        description="Make sure the profile's daemon is up, then run `claude` with the environment that "
+        "points it there. Options after the first one not listed here (or after `--`) go to claude.",
+    )
+    _add_target_options(parser)
+    parser.add_argument("--wait", type=float, default=900, help="seconds to wait for the model to load (default 900)")
+    return parser
+
+
+def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """Leading anyclaude options, and the rest (claude's arguments)."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return args[:i], args[i + 1 :]
+        if arg in ("-h", "--help"):
+            i += 1
+        elif arg.split("=", 1)[0] in _OWN_OPTIONS:
+            i += 1 if "=" in arg else 2
+        else:
+            break
+    return args[:i], args[i:]
+
+
+# --- the environment ---------------------------------------------------------
+
+
+def base_url(server: profiles.Server, host: str | None = None, port: int | None = None) -> str:
+    """The URL a client uses for a daemon with these [server] settings (a wildcard bind is
+    reached on loopback); host and port override them."""
+    host = host or server.host
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port or server.port}"
+
+
+def auth_token(profile: profiles.Profile) -> str:
+    return getattr(profile.server, "auth_token", None) or PLACEHOLDER_TOKEN
+
+
+def family_names(profile: profiles.Profile) -> dict[str, str]:
+    """For opus, sonnet and haiku, the listed model name Claude Code should send."""
+    listed = profile.listed_names()
+    if not listed:
+        raise profiles.ProfileError("the profile lists no model names: add a claude-style name under [aliases]")
+    return {family: next((n for n in listed if family in n.lower()), listed[0]) for family in FAMILIES}
+
+
+def context_window(profile: profiles.Profile, health: dict | None = None, served: dict[str, int] | None = None) -> int:
+    """The smallest context among the models behind the three names: from the profile, else
+    as the daemon reports it (GET /health, then GET /v1/models), else FALLBACK_CONTEXT."""
+    reported = (health or {}).get("models") or {}
+    sizes = []
+    for name in family_names(profile).values():
+        key = profile.resolve(name)
+        size = profile.models[key].context_length or (reported.get(key) or {}).get("context_length")
+        sizes.append(size or (served or {}).get(name) or FALLBACK_CONTEXT)
+    return min(sizes)
+
+
+def claude_env(profile: profiles.Profile, url: str, context: int) -> dict[str, str]:
+    """The variables that point Claude Code at the daemon and fit it to the local model."""
+    names = family_names(profile)
+    models = [profile.models[profile.resolve(n)] for n in names.values()]
+    timeouts = profile.timeouts
+    return {
+        "ANTHROPIC_BASE_URL": url,
+        "ANTHROPIC_AUTH_TOKEN": auth_token(profile),
+        **{f"ANTHROPIC_DEFAULT_{family.upper()}_MODEL": name for family, name in names.items()},
+        # The billing header changes per request and would break the prefix cache.
+        "CLAUDE_CODE_ATTRIBUTION_HEADER": "0",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        # Claude Code assumes 200K (or 1M) for claude-* names; compact within the real window.
+        "CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(context),
+        "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(context),
+        "CLAUDE_CODE_DISABLE_1M_CONTEXT": "1",
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(min(m.max_tokens for m in models)),
+        "API_TIMEOUT_MS": str(math.ceil(timeouts.total * 1000)),
+        # Claude Code's stream watchdog (5 min at least) must outlast the daemon's own
+        # prefill budget, so that the daemon, which ends the stream properly, gives up first.
+        "CLAUDE_STREAM_IDLE_TIMEOUT_MS": str(max(300_000, math.ceil((max(timeouts.first_token, timeouts.idle) + 30) * 1000))),
+    }
+
+
+def shell_exports(env: dict[str, str]) -> str:
+    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
+
+
+def settings_snippet(env: dict[str, str]) -> str:
+    return json.dumps({"env": env}, indent=2) + "\n"
+
+
+# --- the daemon ----------------------------------------------------------------
+
+
+def fetch_json(url: str, path: str, token: str | None = None, timeout: float = 3.0) -> tuple[int, dict | None] | None:
+    """GET a JSON document: (status, body or None if not a JSON object); None if nothing answers.
+    http.client, not urllib: a proxy from the environment must not see loopback requests."""
+    where = urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"authorization": f"Bearer {token}"} if token else {})
+        response = conn.getresponse()
+        status, data = response.status, response.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    try:
+        body = json.loads(data)
+    except ValueError:
+        body = None
+    return status, body if isinstance(body, dict) else None
+
+
+def served_contexts(url: str, token: str | None) -> dict[str, int]:
+    """Context sizes the daemon lists in GET /v1/models (max_input_tokens), by model name."""
+    reply = fetch_json(url, "/v1/models", token)
+    if not reply or reply[0] != 200 or not reply[1]:
+        return {}
+    return {m["id"]: m["max_input_tokens"] for m in reply[1].get("data", []) if m.get("max_input_tokens")}
+
+
+def daemon_log(loaded: profiles.Loaded) -> Path:
+    """Where a daemon started in the background writes its output: beside the request log."""
+    return logs.default_path().parent / f"daemon-{loaded.name}.log"
+
+
+def start_daemon(loaded: profiles.Loaded, port: int, host: str | None = None) -> tuple[subprocess.Popen, Path]:
+    """`anyclaude serve` for the profile, detached: it outlives this command and its terminal."""
+    log = daemon_log(loaded)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "anyclaude", "serve", "--profile", str(loaded.path), "--port", str(port)]
+    if host:
+        command += ["--host", host]
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C in the claude session must not reach it
+            cwd=Path.home(),
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+    return process, log
+
+
+def same_profile(health: dict, loaded: profiles.Loaded) -> bool:
+    """Whether a daemon's GET /health is that of this profile (by file when it says which)."""
+    if health.get("profile_path"):
+        return Path(health["profile_path"]).resolve() == loaded.path.resolve()
+    return health.get("profile") == loaded.name
+
+
+def _check(reply: tuple[int, dict | None], loaded: profiles.Loaded, url: str) -> None:
+    status, body = reply
+    if status in (401, 403):
+        raise DaemonError(f"{url} refuses the auth token (HTTP {status}); check [server] auth_token in {loaded.path}")
+    if not body or "profile" not in body:
+        raise DaemonError(f"{url} answers, but not as anyclaude (GET /health gave HTTP {status}); pick another port with --port")
+    if not same_profile(body, loaded):
+        where = body.get("profile_path") or "?"
+        raise DaemonError(
+            f"{url} serves profile {body['profile']!r} ({where}), not {loaded.name!r} ({loaded.path}); "
+            "stop that daemon, or use another port with --port"
+        )
+    failed = {key: m for key, m in (body.get("models") or {}).items() if m.get("state") == "failed"}
+    if failed:
+        raise DaemonError(f"model {', '.join(failed)} failed to load (see the daemon's output)")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def ensure_daemon(loaded: profiles.Loaded, url: str, *, port: int, host: str | None = None, wait: float = 900) -> dict:
+    """GET /health of the profile's daemon once it is ready; starts one in the background when
+    nothing answers at `url`. DaemonError if it cannot, or another profile answers there."""
+    token = auth_token(loaded.profile)
+    reply = fetch_json(url, "/health", token)
+    process = log = None
+    if reply is None:
+        process, log = start_daemon(loaded, port, host)
+        _say(f"started the daemon for profile {loaded.name} on {url} (pid {process.pid}; output in {log})")
+    started = time.monotonic()
+    said = started
+    while True:
+        if reply is not None:
+            try:
+                _check(reply, loaded, url)
+            except DaemonError:
+                if process is not None:  # ours, and of no use: don't leave it holding the port
+                    process.terminate()
+                raise
+            if reply[0] == 200:
+                return reply[1]
+        if process is not None and process.poll() is not None:
+            raise DaemonError(f"the daemon exited with code {process.returncode}; the end of {log}:\n{_tail(log)}")
+        now = time.monotonic()
+        if now - started > wait:
+            raise DaemonError(f"{url} is not ready after {wait:.0f} s (still loading?); run again to keep waiting")
+        if now - said >= 10:
+            said = now
+            _say(f"waiting for the model to load ({now - started:.0f} s)")
+        time.sleep(0.25)
+        reply = fetch_json(url, "/health", token)
+
+
+def _say(message: str) -> None:
+    # stderr: claude's stdout may be a pipe (`anyclaude claude -p ... | jq`).
+    print(f"anyclaude: {message}", file=sys.stderr, flush=True)
+
+
+# --- the commands ----------------------------------------------------------------
+
+
+def _load(name: str) -> profiles.Loaded:
+    loaded = profiles.load(name)
+    try:
+        family_names(loaded.profile)
+    except profiles.ProfileError as exc:
+        raise profiles.ProfileError(f"{loaded.path}: {exc}") from None
+    return loaded
+
+
+def _run_claude(args: argparse.Namespace) -> int:
+    own, claude_args = _split_args(args.args)
+    options = _claude_parser().parse_args(own)
+    try:
+        loaded = _load(options.profile)
+    except profiles.ProfileError as exc:
+        _say(str(exc))
+        return 2
+    program = shutil.which("claude")
+    if program is None:
+        _say("`claude` is not on PATH; install Claude Code (https://docs.claude.com/en/docs/claude-code)")
+        return 127
+    port = options.port or loaded.profile.server.port
+    url = base_url(loaded.profile.server, options.host, port)
+    try:
+        health = ensure_daemon(loaded, url, port=port, host=options.host, wait=options.wait)
+    except DaemonError as exc:
+        _say(str(exc))
+        return 1
+    token = auth_token(loaded.profile)
+    env = claude_env(loaded.profile, url, context_window(loaded.profile, health, served_contexts(url, token)))
+    # A real API key beside the token makes Claude Code warn of an auth conflict.
+    child = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"} | env
+    sys.stdout.flush()
+    # exec, not a child process: claude gets the terminal, the signals and the exit code as is.
+    os.execve(program, ["claude", *claude_args], child)
+    return 0  # not reached
+
+
+def _run_env(args: argparse.Namespace) -> int:
+    try:
+        loaded = _load(args.profile)
+    except profiles.ProfileError as exc:
+        _say(str(exc))
+        return 2
+    url = base_url(loaded.profile.server, args.host, args.port)
+    token = auth_token(loaded.profile)
+    # The daemon, if it is up and serves this profile, knows the context; never started from here.
+    reply = fetch_json(url, "/health", token, timeout=1.0)
+    health = reply[1] if reply and reply[1] and same_profile(reply[1], loaded) else None
+    served = served_contexts(url, token) if health else {}
+    env = claude_env(loaded.profile, url, context_window(loaded.profile, health, served))
+    if args.shell:
+        print(shell_exports(env), end="")
+    elif args.settings:
+        print(settings_snippet(env), end="")
+    else:
+        print(f"# profile {loaded.name}: shell exports\n{shell_exports(env)}")
+        print(f"# or in ~/.claude/settings.json (or a project's .claude/settings.json):\n{settings_snippet(env)}", end="")
+    return 0
