@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import sys
@@ -13,70 +14,27 @@ from typing import Any
 
 import msgspec
 
-from . import logs, misses, profiles, prompt, toolcalls, wire
-from .engine import Engine, Job, Sampling
-from .errors import AnthropicError, ApiError, InvalidRequest, NotFound, NotReady, Overloaded, RequestTooLarge, envelope, prompt_too_long
-from .models import loader
+from . import logs, misses, profiles, prompt, reload, toolcalls, wire
+from .engine import Job, Sampling
+from .server import Server
+from .errors import (
+    AnthropicError,
+    ApiError,
+    InvalidRequest,
+    NotFound,
+    NotReady,
+    Overloaded,
+    RequestTooLarge,
+    Unauthorized,
+    envelope,
+    prompt_too_long,
+)
 from .output import Output
-from .cache import PrefixCache
-from .scheduler import Scheduler
 from .stream import MessageStream, Timeouts, accumulate, drive, new_id, sse
 
-MAX_BODY = 32 * 1024 * 1024
 # Probes and polls that would drown the request log.
 _UNLOGGED = {"/", "/health", "/api/hello"}
 _CREATED = "2026-01-01T00:00:00Z"
-
-
-class Server:
-    """The daemon's state: the active profile, one engine (and its queue) per model, the log."""
-
-    def __init__(self, loaded: profiles.Loaded, make_engine: Callable[[str, profiles.Model], Engine] | None = None):
-        self.loaded = loaded
-        self._make_engine = make_engine or self._real_engine
-        self.engines: dict[str, Engine] = {}
-        self.schedulers: dict[str, Scheduler] = {}
-        self.sessions = misses.Sessions()
-        settings = loaded.profile.log
-        path = Path(settings.path).expanduser() if settings.path else logs.default_path()
-        self.log = logs.RequestLog(path, max_bytes=settings.max_mb * 1024 * 1024)
-
-    @property
-    def profile(self) -> profiles.Profile:
-        return self.loaded.profile
-
-    def _real_engine(self, key: str, model: profiles.Model) -> Engine:
-        settings, cache = self.profile.engine, self.profile.cache
-        prefix_cache = PrefixCache(int(cache.max_gb * 2**30))
-        return Engine(
-            loader(model, settings, self.loaded.path.parent, persist_cache=cache.persist),
-            prefill_step=settings.prefill_step,
-            cache=prefix_cache,
-            name=f"engine-{key}",
-        )
-
-    def start(self) -> None:
-        p = self.profile
-        for key, model in p.models.items():
-            engine = self._make_engine(key, model)
-            self.engines[key] = engine
-            self.schedulers[key] = Scheduler(engine, queue_size=p.engine.queue_size)
-            engine.start()
-
-    def engine_for(self, requested: str) -> tuple[str, Engine]:
-        key = self.profile.resolve(requested)
-        if key is None:
-            raise NotFound(f"model: {requested} is not served by profile {self.loaded.name!r}")
-        engine = self.engines[key]
-        if engine.load_error:
-            raise ApiError(f"model {key!r} failed to load: {engine.load_error}")
-        if not engine.ready:
-            raise NotReady("the model is still loading; try again shortly")
-        return key, engine
-
-    @property
-    def ready(self) -> bool:
-        return all(e.ready for e in self.engines.values())
 
 
 class App:
@@ -84,6 +42,7 @@ class App:
 
     def __init__(self, server: Server):
         self.server = server
+        self._stop = asyncio.Event()
 
     async def __call__(self, scope: dict, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -96,11 +55,13 @@ class App:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.server.start()
-                asyncio.get_running_loop().create_task(self._announce())
+                loop = asyncio.get_running_loop()
+                loop.create_task(self._announce())
+                loop.create_task(reload.watch(self.server, self._stop))
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                for engine in self.server.engines.values():
-                    engine.stop()
+                self._stop.set()
+                self.server.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -127,7 +88,14 @@ class Exchange:
         self.clock = time.monotonic()
         self.logged = False
         # The request log line, filled in as the request goes.
-        self.record = logs.Record(ts=logs.now(), request_id=self.request_id, outcome="complete", profile=server.loaded.name, path=scope["path"])
+        self.record = logs.Record(
+            ts=logs.now(),
+            request_id=self.request_id,
+            outcome="complete",
+            profile=server.loaded.name,
+            revision=server.revision,
+            path=scope["path"],
+        )
 
     async def run(self) -> None:
         try:
@@ -166,6 +134,7 @@ class Exchange:
             return await self._json(200, {"status": "ok"})
         if path == "/health" and method in ("GET", "HEAD"):
             return await self._health()
+        self._authenticate()
         if path == "/v1/messages":
             self._allow(method, "POST")
             return await self._messages()
@@ -183,6 +152,19 @@ class Exchange:
             await self._body()
             return await self._json(200, {})
         raise NotFound(f"{method} {path}: no such endpoint")
+
+    def _authenticate(self) -> None:
+        token = self.server.profile.server.auth_token
+        if token is None:
+            return
+        headers = dict(self.scope["headers"])
+        offered = headers.get(b"x-api-key") or b""
+        bearer = headers.get(b"authorization") or b""
+        if bearer[:7].lower() == b"bearer ":
+            offered = offered or bearer[7:].strip()
+        # Constant time, so the token cannot be guessed a byte at a time.
+        if not hmac.compare_digest(offered, token.encode()):
+            raise Unauthorized("invalid x-api-key")
 
     def _allow(self, method: str, allowed: str) -> None:
         if method != allowed:
@@ -203,15 +185,22 @@ class Exchange:
                 "cache_peak_bytes": e.cache.peak_bytes if e.cache else 0,
                 "cache_entries": e.cache.entries if e.cache else 0,
                 "error": e.load_error,
+                "path": server.profile.models[key].path,
             }
             for key, e in server.engines.items()
         }
         status = "ready" if server.ready else "loading"
+        p = server.profile
         body = {
             "status": status,
             "profile": server.loaded.name,
             "profile_path": str(server.loaded.path),
+            "revision": server.revision,
+            "reload_error": server.reload_error,
+            "reloading": server.reloading,
             "models": models,
+            "sampling": msgspec.to_builtins(p.sampling),
+            "timeouts": msgspec.to_builtins(p.timeouts),
             "log": str(server.log.path),
         }
         await self._json(200 if server.ready else 503, body)
@@ -219,7 +208,7 @@ class Exchange:
     async def _count_tokens(self) -> None:
         request = wire.decode_request(await self._body(), wire.CountTokensRequest)
         self._describe(request)
-        _, engine = self.server.engine_for(request.model)
+        _, engine, _ = self.server.engine_for(request.model)
         rendered = prompt.render(request, engine.loaded.tokenizer)
         self.record.prompt_tokens = len(rendered.ids)
         await self._json(200, wire.TokenCount(input_tokens=len(rendered.ids)))
@@ -228,6 +217,8 @@ class Exchange:
         record = self.record
         record.model = request.model
         record.resolved_model = self.server.profile.resolve(request.model)
+        if record.resolved_model:
+            record.model_path = self.server.profile.models[record.resolved_model].path
         record.messages = len(request.messages)
         record.tools = len(request.tools or [])
         record.system_chars = len(prompt.system_text(request.system))
@@ -253,7 +244,7 @@ class Exchange:
         self.record.stream = request.stream
         if server.profile.log.bodies:
             self.record.request = msgspec.Raw(body)
-        key, engine = server.engine_for(request.model)
+        key, engine, scheduler = server.engine_for(request.model)
         model = server.profile.models[key]
         rendered = prompt.render(request, engine.loaded.tokenizer)
         self.record.prompt_tokens = len(rendered.ids)
@@ -289,7 +280,7 @@ class Exchange:
         output = Output(engine.loaded.tokenizer, parser, request.stop_sequences)
         single_call = choice.disable_parallel_tool_use
         # Admission before any headers: a full queue is a plain 529 the SDKs retry.
-        generation = server.schedulers[key].submit(job, side="haiku" in request.model)
+        generation = scheduler.submit(job, side="haiku" in request.model)
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect())
         try:
             if request.stream:
@@ -369,6 +360,7 @@ class Exchange:
     # --- transport -------------------------------------------------------------
 
     async def _body(self) -> bytes:
+        limit = self.server.profile.server.max_body_mb * 1024 * 1024
         chunks, size = [], 0
         while True:
             message = await self.receive()
@@ -377,16 +369,16 @@ class Exchange:
                 raise ApiError("client disconnected")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size <= MAX_BODY:
+            if size <= limit:
                 chunks.append(chunk)
-            elif size > 4 * MAX_BODY:
-                raise RequestTooLarge(f"request body is larger than {MAX_BODY} bytes")
+            elif size > 4 * limit:
+                raise RequestTooLarge(f"request body is larger than {limit} bytes")
             if not message.get("more_body", False):
                 break
         # An oversized body is read to its end (up to a point) so that the client,
         # still sending, gets to read the 413 instead of a broken connection.
-        if size > MAX_BODY:
-            raise RequestTooLarge(f"request body is larger than {MAX_BODY} bytes")
+        if size > limit:
+            raise RequestTooLarge(f"request body is larger than {limit} bytes")
         return b"".join(chunks)
 
     async def _watch_disconnect(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -25,6 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     gguf.add_argument("file", type=Path)
     gguf.add_argument("--out", type=Path, required=True, help="the MLX model directory to write")
     gguf.set_defaults(run=_import_gguf)
+
+    prof = commands.add_parser("profiles", help="list, show, create and edit profiles").add_subparsers(dest="profiles_command", required=True)
+    prof.add_parser("list", help="every profile and its models").set_defaults(run=_profiles_list)
+    show = prof.add_parser("show", help="a profile with every default spelled out")
+    show.add_argument("name")
+    show.set_defaults(run=_profiles_show)
+    new = prof.add_parser("new", help="a new profile in the user's config dir")
+    new.add_argument("name")
+    new.add_argument("--from", dest="source", default="tiny", help="the profile to copy (default: tiny)")
+    new.add_argument("--model", help="the model path for it (repo id, MLX directory or .gguf)")
+    new.set_defaults(run=_profiles_new)
+    edit = prof.add_parser("set", help="change keys: anyclaude profiles set NAME sampling.temperature=0.2")
+    edit.add_argument("name")
+    edit.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
+    edit.set_defaults(run=_profiles_set)
 
     log = commands.add_parser("logs", help="the request log").add_subparsers(dest="logs_command", required=True)
     stats = log.add_parser("stats", help="outcomes, truncation, time to first token, decode speed, cache hits")
@@ -61,6 +77,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     host = args.host or loaded.profile.server.host
     port = args.port or loaded.profile.server.port
+    if not _loopback(host) and not loaded.profile.server.auth_token:
+        print(
+            f"anyclaude: refusing to listen on {host} without an auth token: anyone who can reach it "
+            f"could use your model. Set server.auth_token in {loaded.path}, or bind 127.0.0.1.",
+            file=sys.stderr,
+        )
+        return 2
     os.environ["ANYCLAUDE_PROFILE"] = str(loaded.path)
     print(f"anyclaude: profile {loaded.name} ({loaded.path})", flush=True)
     print(f"anyclaude: listening on http://{host}:{port} (the model is loading; GET /health says when it is ready)", flush=True)
@@ -75,6 +98,79 @@ def _serve(args: argparse.Namespace) -> int:
         log_access=False,
     ).serve()
     return 0
+
+
+def _profiles_list(args: argparse.Namespace) -> int:
+    for name, path in profiles.names().items():
+        try:
+            models = ", ".join(m.path for m in profiles.load(str(path)).profile.models.values())
+        except profiles.ProfileError as exc:
+            models = f"INVALID: {exc}"
+        print(f"{name:<16}{models}\n{'':<16}{path}")
+    return 0
+
+
+def _profiles_show(args: argparse.Namespace) -> int:
+    try:
+        loaded = profiles.load(args.name)
+    except profiles.ProfileError as exc:
+        print(f"anyclaude: {exc}", file=sys.stderr)
+        return 2
+    print(f"# {loaded.path}\n{profiles.to_toml(loaded.profile)}", end="")
+    return 0
+
+
+def _profiles_new(args: argparse.Namespace) -> int:
+    import tomllib
+
+    target = profiles.config_home() / "profiles" / f"{args.name}.toml"
+    if target.exists():
+        print(f"anyclaude: {target} exists already; edit it, or `profiles set` it", file=sys.stderr)
+        return 2
+    try:
+        data = tomllib.loads(profiles.find(args.source).read_text())
+        if args.model:
+            # One model, named after its path, with every alias pointing at it.
+            key = re.sub(r"[^a-z0-9-]+", "-", Path(args.model).name.lower().removesuffix(".gguf")).strip("-") or "model"
+            old = next(iter(data["models"].values()))
+            data["models"] = {key: {"path": args.model, "max_tokens": old.get("max_tokens", 4096)}}
+            data["aliases"] = {name: key for name in data.get("aliases", {})} or {"claude-*": key}
+        profiles.write(target, data)
+    except profiles.ProfileError as exc:
+        print(f"anyclaude: {exc}", file=sys.stderr)
+        return 2
+    print(f"anyclaude: wrote {target}")
+    return 0
+
+
+def _profiles_set(args: argparse.Namespace) -> int:
+    import tomllib
+
+    try:
+        path = profiles.find(args.name)
+        data = tomllib.loads(path.read_text())
+        for assignment in args.assignments:
+            key, sep, value = assignment.partition("=")
+            if not sep:
+                raise profiles.ProfileError(f"{assignment}: expected KEY=VALUE")
+            profiles.set_key(data, key.strip(), value.strip())
+        profiles.write(path, data)  # validated first: a bad value leaves the file as it was
+    except profiles.ProfileError as exc:
+        print(f"anyclaude: {exc}", file=sys.stderr)
+        return 2
+    print(f"anyclaude: updated {path}")
+    return 0
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _log_path(args: argparse.Namespace) -> Path:

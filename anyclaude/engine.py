@@ -164,7 +164,11 @@ class Engine:
         return self._ready.wait(timeout)
 
     def stop(self) -> None:
+        """Finish the work in hand, then end the thread and let go of the model."""
         self._inbox.put(_STOP)
+
+    def set_prefill_step(self, tokens: int) -> None:
+        self._prefill_step = tokens
 
     def submit(self, job: Job, generation: Generation) -> None:
         """Hand `job` to the engine thread; its events arrive on `generation`."""
@@ -185,6 +189,7 @@ class Engine:
         while True:
             work = self._inbox.get()
             if work is _STOP:
+                self._release()
                 return
             if self.loaded is None:
                 self._send(work, Failed(f"the model failed to load: {self.load_error}"))
@@ -198,6 +203,16 @@ class Engine:
                 self._send(work, Failed(f"{type(exc).__name__}: {exc}"))
             finally:
                 self.busy = False
+
+    def _release(self) -> None:
+        import gc
+
+        import mlx.core as mx
+
+        self.loaded = None
+        self.cache = None
+        gc.collect()
+        mx.clear_cache()  # give the freed weights and KV caches back to the system
 
     def _send(self, work: _Work, event: EngineEvent) -> None:
         work.generation.put(event)

@@ -23,11 +23,14 @@ class Record(Struct, omit_defaults=True):
     request_id: str
     outcome: str
     profile: str = ""
+    # Digest of the profile file in effect (see /health).
+    revision: str = ""
     path: str = ""
     status: int = 0
     session_id: str | None = None
     model: str | None = None
     resolved_model: str | None = None
+    model_path: str | None = None
     stream: bool | None = None
     system_chars: int | None = None
     tools: int | None = None
@@ -50,6 +53,18 @@ class Record(Struct, omit_defaults=True):
     cache_miss: Any = None
     request: Any = None
     response: Any = None
+
+
+class Event(Struct, omit_defaults=True):
+    """Something the daemon did, not a request: profile reloads and their errors."""
+
+    ts: str
+    event: str
+    profile: str = ""
+    file: str = ""
+    error: str | None = None
+    revision: str | None = None
+    models: list[str] | None = None
 
 
 def default_path() -> Path:
@@ -185,6 +200,8 @@ def format_stats(figures: dict) -> str:
 def format_record(r: dict) -> str:
     """One record as a line a person reads."""
     clock = r["ts"][11:19]
+    if "event" in r:
+        return "  ".join(str(p) for p in (clock, r["event"], r.get("error") or r.get("revision") or r.get("models") or "") if p)
     parts = [clock, r["request_id"], r.get("path", "")]
     if r.get("model"):
         parts.append(f"{r['model']}->{r.get('resolved_model')}")

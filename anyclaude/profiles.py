@@ -25,6 +25,10 @@ class _Section(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
 class Server(_Section):
     host: str = "127.0.0.1"
     port: int = 8421
+    # Required to bind anything but loopback; clients send it as x-api-key or a Bearer token.
+    auth_token: str | None = None
+    # Larger request bodies are refused with 413.
+    max_body_mb: int = 32
 
 
 class Model(_Section):
@@ -148,12 +152,13 @@ def parse(data: bytes, path: Path) -> Profile:
     try:
         profile = msgspec.convert(raw, Profile)
     except msgspec.ValidationError as exc:
-        raise ProfileError(f"{path}: {_explain_models(raw) or _explain(str(exc))}") from None
+        raise _located(path, data, _explain_models(raw) or _explain(str(exc))) from None
     for pattern, target in profile.aliases.items():
         if target not in profile.models:
-            raise ProfileError(
-                f"{path}: aliases.{_key(pattern)}: expected one of the models "
-                f"({', '.join(profile.models)}), got {target!r}"
+            raise _located(
+                path,
+                data,
+                f"aliases.{_key(pattern)}: expected one of the models ({', '.join(profile.models)}), got {target!r}",
             )
     if not profile.models:
         raise ProfileError(f"{path}: models: expected at least one [models.NAME] table")
@@ -161,6 +166,85 @@ def parse(data: bytes, path: Path) -> Profile:
 
 
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def _located(path: Path, data: bytes, message: str) -> ProfileError:
+    """The error with the line of the key it names, when the key is in the file."""
+    key = message.split(": ", 1)[0]
+    line = _line_of(data.decode(errors="replace"), key)
+    return ProfileError(f"{path}: line {line}: {message}" if line else f"{path}: {message}")
+
+
+def _line_of(text: str, dotted: str) -> int | None:
+    *table, key = _split_key(dotted)
+    current: list[str] = []
+    header_line = None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if header := re.fullmatch(r"\[([^\[\]]+)\]", stripped):
+            current = _split_key(header[1].strip())
+            if current == table + [key] or (current == table and header_line is None):
+                header_line = number if current == table else header_line
+            if current == table + [key]:
+                return number
+            continue
+        if current == table and re.match(rf'\s*"?{re.escape(key)}"?\s*=', line):
+            return number
+    return header_line
+
+
+def names() -> dict[str, Path]:
+    """Every profile name that `find` resolves, and its file (user's first, as in `find`)."""
+    found: dict[str, Path] = {}
+    for folder in (config_home() / "profiles", REPO_PROFILES):
+        for path in sorted(folder.glob("*.toml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def to_toml(profile: Profile) -> str:
+    """A profile with every default spelled out."""
+    import tomli_w
+
+    def present(value):  # TOML has no null: an unset optional key is left out
+        if isinstance(value, dict):
+            return {k: present(v) for k, v in value.items() if v is not None}
+        return value
+
+    return tomli_w.dumps(present(msgspec.to_builtins(profile)))
+
+
+def set_key(data: dict, dotted: str, value: str) -> None:
+    """Set `a.b.c = value` in a profile's raw TOML data; the value is TOML, or else a string."""
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    *tables, key = _split_key(dotted)
+    node = data
+    for table in tables:
+        node = node.setdefault(table, {})
+        if not isinstance(node, dict):
+            raise ProfileError(f"{dotted}: {table} is not a table")
+    node[key] = parsed
+
+
+def _split_key(dotted: str) -> list[str]:
+    # Dotted keys, with quoted parts for names that hold dots or globs: aliases."claude-*".
+    return [part.strip('"') for part in re.findall(r'"[^"]*"|[^.]+', dotted)]
+
+
+def write(path: Path, data: dict) -> Profile:
+    """Validate `data` as a profile, then write it atomically (a running daemon reloads it)."""
+    import tomli_w
+
+    text = tomli_w.dumps(data)
+    profile = parse(text.encode(), path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+    return profile
 
 
 def _explain_models(raw: dict) -> str | None:

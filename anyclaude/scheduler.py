@@ -42,6 +42,7 @@ class Scheduler:
         self._waiting: list[_Waiting] = []
         self._running: Generation | None = None
         self._order = itertools.count()
+        self._idle: asyncio.Future | None = None
 
     @property
     def waiting(self) -> int:
@@ -79,7 +80,15 @@ class Scheduler:
         overdue = w.side and time.monotonic() - w.since > SIDE_MAX_WAIT
         return (0 if overdue else 2 if w.side else 1, w.order)
 
+    async def idle(self) -> None:
+        """Wait until nothing runs or waits here."""
+        while self._running is not None or self.waiting:
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
+
     def _ended(self, generation: Generation) -> None:
         if generation is self._running:
             self._running = None
             self._dispatch()
+        if self._running is None and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)

@@ -11,7 +11,8 @@ import re
 import threading
 
 from anyclaude import profiles
-from anyclaude.app import App, Server
+from anyclaude.app import App
+from anyclaude.server import Server
 from anyclaude.engine import Done, Failed, Generation, Job, Loaded, Prefilled, Token
 
 
@@ -28,6 +29,9 @@ class ScriptedEngine:
         pass
 
     def stop(self) -> None:
+        pass
+
+    def set_prefill_step(self, tokens: int) -> None:
         pass
 
     def wait_ready(self, timeout=None) -> bool:
@@ -63,4 +67,4 @@ def create_app() -> App:
 
     tokenizer = load_tokenizer(os.environ["FAKE_TOKENIZER_DIR"])
     loaded = profiles.load(os.environ["ANYCLAUDE_PROFILE"])
-    return App(Server(loaded, make_engine=lambda key, model: ScriptedEngine(tokenizer)))
+    return App(Server(loaded, make_engine=lambda key, model, profile: ScriptedEngine(tokenizer)))

@@ -1,0 +1,163 @@
+"""The daemon's state: the profile in effect, an engine and its queue per model, the log;
+and swapping all of it when the profile changes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from . import logs, misses, profiles
+from .cache import PrefixCache
+from .engine import Engine
+from .errors import ApiError, NotFound, NotReady
+from .models import loader
+from .scheduler import Scheduler
+
+
+class Server:
+    """The profile in effect and what serves it. Requests take the engine and scheduler
+    they start with, so a swap never touches a request in flight."""
+
+    def __init__(
+        self,
+        loaded: profiles.Loaded,
+        make_engine: Callable[[str, profiles.Model, profiles.Profile], Engine] | None = None,
+    ):
+        self.loaded = loaded
+        self.revision = _revision(loaded.path)
+        self._make_engine = make_engine or self._real_engine
+        self.engines: dict[str, Engine] = {}
+        self.schedulers: dict[str, Scheduler] = {}
+        self.sessions = misses.Sessions()
+        self.log = _request_log(loaded.profile)
+        self.reload_error: str | None = None
+        self.reloading: str | None = None
+        self._reloads = 0
+
+    @property
+    def profile(self) -> profiles.Profile:
+        return self.loaded.profile
+
+    def _real_engine(self, key: str, model: profiles.Model, profile: profiles.Profile) -> Engine:
+        settings, cache = profile.engine, profile.cache
+        return Engine(
+            loader(model, settings, self.loaded.path.parent, persist_cache=cache.persist),
+            prefill_step=settings.prefill_step,
+            cache=PrefixCache(int(cache.max_gb * 2**30)),
+            name=f"engine-{key}",
+        )
+
+    def start(self) -> None:
+        for key, model in self.profile.models.items():
+            engine = self._make_engine(key, model, self.profile)
+            self.engines[key] = engine
+            self.schedulers[key] = Scheduler(engine, queue_size=self.profile.engine.queue_size)
+            engine.start()
+
+    def stop(self) -> None:
+        for engine in self.engines.values():
+            engine.stop()
+
+    def engine_for(self, requested: str) -> tuple[str, Engine, Scheduler]:
+        key = self.profile.resolve(requested)
+        if key is None:
+            raise NotFound(f"model: {requested} is not served by profile {self.loaded.name!r}")
+        engine = self.engines[key]
+        if engine.load_error:
+            raise ApiError(f"model {key!r} failed to load: {engine.load_error}")
+        if not engine.ready:
+            raise NotReady("the model is still loading; try again shortly")
+        return key, engine, self.schedulers[key]
+
+    @property
+    def ready(self) -> bool:
+        return all(e.ready for e in self.engines.values())
+
+    # --- reloading ------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """Read the profile file again. Invalid: keep serving the old one, and say why.
+        Valid: settings apply from the next request; changed models load in the
+        background and take over once ready, while requests in flight finish on the old."""
+        self._reloads += 1
+        attempt = self._reloads
+        path = self.loaded.path
+        try:
+            loaded = profiles.Loaded(name=self.loaded.name, path=path, profile=profiles.parse(path.read_bytes(), path))
+        except (OSError, profiles.ProfileError) as exc:
+            self._event("profile.reload.error", error=str(exc))
+            self.reload_error = str(exc)
+            return
+        old = self.profile
+        # A model loads again when its table changed, or the way models are loaded did.
+        reload_all = old.engine.cpu_dequantize != loaded.profile.engine.cpu_dequantize or old.cache != loaded.profile.cache
+        changed = [k for k, m in loaded.profile.models.items() if reload_all or old.models.get(k) != m]
+        engines = {k: e for k, e in self.engines.items() if k in loaded.profile.models and k not in changed}
+        if changed:
+            self.reloading = f"loading {', '.join(changed)}"
+            self._event("profile.reload.loading", models=changed)
+            fresh = {k: self._make_engine(k, loaded.profile.models[k], loaded.profile) for k in changed}
+            for engine in fresh.values():
+                engine.start()
+            await asyncio.gather(*(asyncio.to_thread(e.wait_ready) for e in fresh.values()))
+            failed = {k: e.load_error for k, e in fresh.items() if e.load_error}
+            if attempt != self._reloads or failed:  # superseded by a newer edit, or broken
+                for engine in fresh.values():
+                    engine.stop()
+                if failed and attempt == self._reloads:
+                    self.reloading = None
+                    self.reload_error = "; ".join(f"model {k!r} failed to load: {e}" for k, e in failed.items())
+                    self._event("profile.reload.error", error=self.reload_error)
+                return
+            engines.update(fresh)
+        self._swap(loaded, engines)
+
+    def _swap(self, loaded: profiles.Loaded, engines: dict[str, Engine]) -> None:
+        retired = [(e, self.schedulers[k]) for k, e in self.engines.items() if engines.get(k) is not e]
+        queue_size = loaded.profile.engine.queue_size
+        schedulers = {}
+        for key, engine in engines.items():
+            kept = self.schedulers.get(key)
+            schedulers[key] = kept if kept is not None and kept.engine is engine else Scheduler(engine, queue_size=queue_size)
+            schedulers[key].queue_size = queue_size
+            engine.set_prefill_step(loaded.profile.engine.prefill_step)
+        if loaded.profile.log != self.profile.log:
+            self.log = _request_log(loaded.profile)
+        # One assignment each, on the event loop: a request sees the old set or the new.
+        self.engines, self.schedulers, self.loaded = engines, schedulers, loaded
+        self.revision = _revision(loaded.path)
+        self.reload_error = self.reloading = None
+        self._event("profile.reload", revision=self.revision)
+        for engine, scheduler in retired:
+            asyncio.get_running_loop().create_task(_retire(engine, scheduler))
+
+    def _event(self, name: str, **fields) -> None:
+        record = logs.Event(ts=logs.now(), event=name, profile=self.loaded.name, file=str(self.loaded.path), **fields)
+        print(f"anyclaude: {name}: {fields.get('error') or fields}", file=sys.stderr, flush=True)
+        try:
+            self.log.write(record)
+        except OSError:
+            pass
+
+
+async def _retire(engine: Engine, scheduler: Scheduler) -> None:
+    """Stop an engine once the requests it started with are done; its memory goes with it."""
+    await scheduler.idle()
+    engine.stop()
+
+
+def _request_log(profile: profiles.Profile) -> logs.RequestLog:
+    settings = profile.log
+    path = Path(settings.path).expanduser() if settings.path else logs.default_path()
+    return logs.RequestLog(path, max_bytes=settings.max_mb * 1024 * 1024)
+
+
+def _revision(path: Path) -> str:
+    """A short digest of the profile file in effect (what /health and the log show)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    except OSError:
+        return "unreadable"

@@ -1,0 +1,125 @@
+"""Hot reload against the real daemon: edits apply, mistakes are shown and harm nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import tomllib
+
+import anthropic
+
+from anyclaude import profiles
+from bench.harness import Daemon, profile_file, request
+from sse_grammar import check
+
+
+def health(daemon) -> dict:
+    return request(daemon.port, "GET", "/health").json()
+
+
+def until(daemon, condition, timeout: float = 60) -> dict:
+    """Poll /health (the daemon's own report of what is in effect) until `condition` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = health(daemon)
+        if condition(state):
+            return state
+    raise TimeoutError(f"/health never satisfied the condition: {state}")
+
+
+class Traffic(threading.Thread):
+    """A client streaming small requests back to back, counting any that fail."""
+
+    def __init__(self, daemon):
+        super().__init__()
+        self.daemon, self.stop, self.done, self.failures = daemon, threading.Event(), 0, []
+
+    def run(self):
+        body = json.dumps({"model": "claude-opus-4-8", "max_tokens": 2, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}).encode()
+        while not self.stop.is_set():
+            reply = request(self.daemon.port, "POST", "/v1/messages", body)
+            try:
+                assert reply.status == 200, reply.body
+                assert check(reply.body)[-1]["type"] == "message_stop"
+                self.done += 1
+            except AssertionError as exc:
+                self.failures.append(str(exc))
+
+
+def test_edits_apply_and_broken_edits_are_reported_while_a_client_streams(tmp_path, model_cache, tiny_model):
+    path = profile_file(tmp_path, "live")
+    daemon = Daemon(str(path), model_cache, tmp_path / "daemon.log")
+    traffic = Traffic(daemon)
+    try:
+        daemon.wait_ready()
+        first = health(daemon)["revision"]
+        traffic.start()
+
+        data = tomllib.loads(path.read_text())
+        data["sampling"]["temperature"] = 0.5
+        data["timeouts"]["idle"] = 25
+        profiles.write(path, data)  # temporary file, then rename: as editors save
+        state = until(daemon, lambda h: h["revision"] != first)
+        assert state["sampling"]["temperature"] == 0.5 and state["timeouts"]["idle"] == 25
+        assert state["reload_error"] is None
+        edited = state["revision"]
+
+        path.write_text(path.read_text().replace("[sampling]\n", '[sampling]\ncolour = "red"\n'))
+        state = until(daemon, lambda h: h["reload_error"] is not None)
+        assert str(path) in state["reload_error"] and "sampling.colour: unknown key" in state["reload_error"]
+        assert "line " in state["reload_error"] and state["revision"] == edited
+
+        path.write_text("[models.smollm2\npath = ")
+        state = until(daemon, lambda h: "invalid TOML" in (h["reload_error"] or ""))
+        assert state["revision"] == edited and state["sampling"]["temperature"] == 0.5
+
+        data["sampling"]["temperature"] = 0.6
+        profiles.write(path, data)
+        state = until(daemon, lambda h: h["reload_error"] is None and h["sampling"]["temperature"] == 0.6)
+        fixed = state["revision"]
+        served = json.loads(request(daemon.port, "POST", "/v1/messages", json.dumps({"model": "claude-opus-4-8", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}).encode()).body)
+        assert served["type"] == "message"
+    finally:
+        traffic.stop.set()
+        traffic.join()
+        assert daemon.stop() == 0
+    assert traffic.failures == [] and traffic.done > 0
+    records = daemon.records()
+    errors = [r for r in records if r.get("event") == "profile.reload.error"]
+    assert len(errors) >= 2 and all(r["file"] == str(path) for r in errors)
+    assert {r["revision"] for r in records if r.get("path") == "/v1/messages"} >= {first, fixed}
+
+
+def test_a_model_swap_lets_the_stream_in_flight_finish_on_the_old_model(tmp_path, model_cache, tiny_model):
+    old, new = tmp_path / "old-model", tmp_path / "new-model"
+    shutil.copytree(tiny_model, old)
+    shutil.copytree(tiny_model, new)
+    config = json.loads((new / "config.json").read_text())
+    config["max_position_embeddings"] = 4096  # the same weights, told apart by their context
+    (new / "config.json").write_text(json.dumps(config))
+    path = profile_file(tmp_path, "swap", models={"smollm2": {"path": str(old), "max_tokens": 400}})
+    daemon = Daemon(str(path), model_cache, tmp_path / "daemon.log")
+    try:
+        daemon.wait_ready()
+        client = anthropic.Anthropic(base_url=daemon.url, api_key="x", max_retries=0)
+        with client.messages.stream(model="claude-opus-4-8", max_tokens=150, messages=[{"role": "user", "content": "Write a long story about a ship."}], extra_body={"temperature": 0.8}) as stream:
+            in_flight = stream.response.headers["request-id"]
+            events = iter(stream)
+            next(e for e in events if e.type == "content_block_delta")
+            data = tomllib.loads(path.read_text())
+            data["models"]["smollm2"]["path"] = str(new)
+            profiles.write(path, data)
+            state = until(daemon, lambda h: h["models"]["smollm2"]["path"] == str(new))
+            assert state["models"]["smollm2"]["context_length"] == 4096
+            for _ in events:  # the rest of the stream, after the swap
+                pass
+            message = stream.get_final_message()
+        assert message.stop_reason in ("end_turn", "max_tokens") and message.usage.output_tokens > 1
+        after = client.messages.create(model="claude-opus-4-8", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+        records = {r["request_id"]: r for r in daemon.records() if "request_id" in r}
+        assert records[in_flight]["model_path"] == str(old) and records[in_flight]["outcome"] in ("complete", "max_tokens")
+        assert records[after._request_id]["model_path"] == str(new)
+    finally:
+        assert daemon.stop() == 0
