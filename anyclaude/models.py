@@ -6,6 +6,8 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 from . import blas
@@ -59,7 +61,8 @@ def gguf_directory(gguf: Path) -> Path:
 
 
 def prepare(model: Model, relative_to: Path | None = None) -> str:
-    """Resolve the path and import a GGUF if needed; returns what mlx_lm.load takes."""
+    """The local MLX model directory for a profile's model: a GGUF imported, a
+    Hugging Face repo downloaded, once."""
     where = locate(model.path, relative_to)
     if where.endswith(".gguf"):
         from .gguf import import_gguf
@@ -68,7 +71,32 @@ def prepare(model: Model, relative_to: Path | None = None) -> str:
         if not (out / "config.json").exists():
             import_gguf(Path(where), out)
         return str(out)
+    if not Path(where).exists():
+        return str(download(where))
     return where
+
+
+def download(repo: str) -> Path:
+    """A Hugging Face repo's MLX files, from the local cache or downloaded with progress."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+    try:
+        return Path(snapshot_download(repo, local_files_only=True, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    except Exception:
+        pass  # not (completely) on disk yet
+    if not sys.stderr.isatty():
+        disable_progress_bars()  # under launchd: a start and an end line, not bars
+    print(f"anyclaude: downloading {repo} from Hugging Face (progress below in a terminal)", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    try:
+        path = Path(snapshot_download(repo, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    except Exception as exc:
+        raise ModelError(f"{repo} is not on disk and could not be downloaded: {exc}") from None
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"anyclaude: downloaded {repo}: {size / 2**30:.1f} GB in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    return path
 
 
 def loader(model: Model, settings: EngineSettings, relative_to: Path | None = None, *, persist_cache: bool = False):
@@ -107,10 +135,6 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
 
 def _context_length(where: str) -> int | None:
     path = Path(where)
-    if not path.is_dir():
-        from huggingface_hub import snapshot_download
-
-        path = Path(snapshot_download(where, allow_patterns=["config.json"]))
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):

@@ -47,3 +47,48 @@ def test_names_resolve_in_the_user_config_dir_first(tmp_path, monkeypatch):
     assert profiles.load("quick").path == profiles.REPO_PROFILES / "quick.toml"
     with pytest.raises(profiles.ProfileError, match="not found"):
         profiles.load("nonexistent")
+
+
+def anyclaude(*args, env):
+    import subprocess
+    import sys
+
+    from bench.harness import REPO
+
+    return subprocess.run([sys.executable, "-m", "anyclaude", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+
+
+def test_profile_commands_create_edit_validate_and_list(tmp_path):
+    import os
+    import tomllib
+
+    env = dict(os.environ, ANYCLAUDE_HOME=str(tmp_path))
+    made = anyclaude("profiles", "new", "mine", "--from", "quick", "--model", "mlx-community/Some-Coder-7B-4bit", env=env)
+    assert made.returncode == 0, made.stderr
+    path = tmp_path / "profiles" / "mine.toml"
+    data = tomllib.loads(path.read_text())
+    assert data["models"] == {"some-coder-7b-4bit": {"path": "mlx-community/Some-Coder-7B-4bit", "max_tokens": 8192}}
+    assert set(data["aliases"].values()) == {"some-coder-7b-4bit"}
+
+    assert anyclaude("profiles", "set", "mine", "sampling.temperature=0.3", "timeouts.idle=45", env=env).returncode == 0
+    data = tomllib.loads(path.read_text())
+    assert data["sampling"]["temperature"] == 0.3 and data["timeouts"]["idle"] == 45
+
+    before = path.read_text()
+    bad = anyclaude("profiles", "set", "mine", "sampling.temprature=0.3", env=env)
+    assert bad.returncode == 2 and "sampling.temprature: unknown key" in bad.stderr
+    assert path.read_text() == before  # validated before writing: nothing changed
+    assert not list(path.parent.glob(".*partial"))
+
+    listed = anyclaude("profiles", "list", env=env).stdout
+    assert "mine" in listed and "mlx-community/Some-Coder-7B-4bit" in listed and "tiny" in listed
+    shown = anyclaude("profiles", "show", "mine", env=env).stdout
+    assert "queue_size = 8" in shown and "temperature = 0.3" in shown  # defaults spelled out
+
+
+def test_a_repo_that_is_not_on_disk_offline_is_a_clear_error(monkeypatch):
+    from anyclaude import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(models.ModelError, match="mlx-community/not-a-real-model-4bit is not on disk and could not be downloaded"):
+        models.prepare(profiles.Model(path="mlx-community/not-a-real-model-4bit"))
