@@ -266,6 +266,7 @@ class Exchange:
                 temperature=defaults.temperature if request.temperature is None else request.temperature,
                 top_p=defaults.top_p if request.top_p is None else request.top_p,
                 top_k=defaults.top_k if request.top_k is None else request.top_k,
+                repetition_penalty=defaults.repetition_penalty,
             ),
         )
         t = server.profile.timeouts

@@ -23,6 +23,7 @@ class Sampling(Struct, frozen=True):
     temperature: float
     top_p: float
     top_k: int
+    repetition_penalty: float = 1.0
 
 
 class Job(Struct, frozen=True):
@@ -255,7 +256,7 @@ class Engine:
                 prompt_cache=kv,
                 prefill_step_size=self._prefill_step,
                 prompt_progress_callback=progress,
-                logits_processors=job.processors(loaded.tokenizer) if job.processors else None,
+                logits_processors=self._processors(job),
             )
             try:
                 for token, _ in steps:
@@ -276,6 +277,16 @@ class Engine:
             # cancel or a timeout) is kept, so the next turn, or a retry, resumes from it.
             if self.cache:
                 self.cache.store((job.prompt + generated)[: length(kv) or 0], kv)
+
+    def _processors(self, job: Job) -> list | None:
+        from mlx_lm.sample_utils import make_logits_processors
+
+        processors = []
+        if job.sampling.repetition_penalty != 1.0:
+            processors += make_logits_processors(repetition_penalty=job.sampling.repetition_penalty, repetition_context_size=64)
+        if job.processors:
+            processors += job.processors(self.loaded.tokenizer)
+        return processors or None
 
     def _prefill(self, kv: list, tokens: list[int], work: _Work) -> None:
         import mlx.core as mx

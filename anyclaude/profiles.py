@@ -46,6 +46,8 @@ class Sampling(_Section):
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
+    # Above 1.0, discourages repeating recent tokens (small models loop without it).
+    repetition_penalty: float = 1.0
 
 
 class Timeouts(_Section):

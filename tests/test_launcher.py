@@ -78,7 +78,7 @@ def test_env_points_claude_code_at_the_profile_and_fits_the_model():
         "CLAUDE_CODE_AUTO_COMPACT_WINDOW": "8192",
         "CLAUDE_CODE_MAX_CONTEXT_TOKENS": "8192",
         "CLAUDE_CODE_DISABLE_1M_CONTEXT": "1",
-        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "1024",  # the profile's max_tokens
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(profiles.load("tiny").profile.models["smollm2"].max_tokens),
         "API_TIMEOUT_MS": "600000",  # timeouts.total = 600 s
         "CLAUDE_STREAM_IDLE_TIMEOUT_MS": "300000",  # first_token 120 s: Claude Code's 5 min minimum
     }
