@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from . import logs, misses, profiles, prompt, reload, toolcalls, wire
+from . import constrain, logs, misses, profiles, prompt, reload, toolcalls, wire
 from .engine import Job, Sampling
 from .server import Server
 from .errors import (
@@ -268,6 +268,7 @@ class Exchange:
                 top_k=defaults.top_k if request.top_k is None else request.top_k,
                 repetition_penalty=defaults.repetition_penalty,
             ),
+            processors=_forced_call(request.tool_choice, rendered),
         )
         t = server.profile.timeouts
         timeouts = Timeouts(t.first_token, t.idle, t.total, t.ping_interval, profile=server.loaded.name)
@@ -433,6 +434,23 @@ class Exchange:
             await self._finish_body()
             return
         await self._json(exc.status, envelope(exc, self.request_id), exc.headers)
+
+
+def _forced_call(choice: wire.ToolChoice | None, rendered: prompt.Rendered):
+    """For tool_choice any/tool: a grammar that lets the model write only a valid call
+    (built on the engine thread, where MLX lives), or None."""
+    if choice is None or choice.type not in ("any", "tool"):
+        return None
+    names = {t["function"]["name"] for t in rendered.tools}
+    if not names:
+        raise InvalidRequest(f"tool_choice: {choice.type} needs tools")
+    if choice.type == "tool" and choice.name not in names:
+        raise InvalidRequest(f"tool_choice.name: no tool named {choice.name!r} among the tools")
+    if rendered.format.name not in ("generic", "hermes"):
+        # Only the Hermes call syntax has a grammar yet; other families are asked, not forced.
+        return None
+    name = choice.name if choice.type == "tool" else None
+    return lambda tokenizer: [constrain.forced_call(tokenizer, rendered.tools, name)]
 
 
 def create_app() -> App:

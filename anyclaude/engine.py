@@ -282,7 +282,9 @@ class Engine:
         from mlx_lm.sample_utils import make_logits_processors
 
         processors = []
-        if job.sampling.repetition_penalty != 1.0:
+        # A grammar decides the structure of a forced call; penalising its repeated
+        # quotes and braces would only fight it.
+        if job.sampling.repetition_penalty != 1.0 and not job.processors:
             processors += make_logits_processors(repetition_penalty=job.sampling.repetition_penalty, repetition_context_size=64)
         if job.processors:
             processors += job.processors(self.loaded.tokenizer)

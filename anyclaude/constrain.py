@@ -1,0 +1,348 @@
+"""Forced tool calls: a grammar that lets the sampler write only a valid call.
+
+Anthropic's `tool_choice` `{"type": "any"}` and `{"type": "tool", "name": X}` promise a
+tool call. `forced_call` turns the request's tools into a grammar (llguidance: Lark with
+each tool's JSON Schema inlined) and returns an MLX logits processor that masks every
+token that would leave it. The grammar covers the whole output: the call markers, the
+tool name and arguments that match the tool's schema, laid out exactly as `json.dumps`
+writes them, so the text re-rendered from the parsed call next turn is token-identical
+(DESIGN principle 4). When the call is complete only the end-of-sequence tokens remain
+allowed, so the engine ends the generation through its usual EOS path.
+
+A model's call syntax is a `CallFormat`; Hermes (`<tool_call>` + JSON) is the one here.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import llguidance
+import mlx.core as mx
+import numpy as np
+
+# JSON exactly as `json.dumps(..., ensure_ascii=False)` writes it (what prompt.py renders):
+# ", " and ": " separators, no other whitespace, and only the escapes json.dumps itself
+# produces. `\uXXXX` and `\/` are left out: they parse to characters json.dumps would
+# write differently, and the re-rendered text would no longer match the generated one.
+_JSON_LAYOUT = {
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "whitespace_flexible": False,
+    "json_allowed_escapes": 'nrbtf\\"',
+}
+# Keywords that constrain nothing: `$schema` makes some engines choke, and descriptions
+# only make the grammar text (and so its compile and cache key) bigger.
+_DROPPED_KEYWORDS = ("$schema", "$comment", "description", "title", "examples")
+# Subschema-valued keywords (value is a schema, a list of schemas, or a map of schemas).
+_SCHEMA_KEYWORDS = ("additionalProperties", "items", "not", "propertyNames", "contains", "if", "then", "else")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+_CACHE_SIZE = 32
+
+
+class ConstraintError(Exception):
+    """Tools that cannot be forced (unknown name, a schema no grammar can express), or a
+    generation that left the grammar."""
+
+
+# --- call formats ------------------------------------------------------------------
+
+
+class CallFormat:
+    """How a model writes one tool call: as a Lark grammar, and as text."""
+
+    name = ""
+
+    def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
+        """A Lark grammar (llguidance dialect) for exactly one call to one of `tools`.
+
+        `tools` are (name, prepared JSON Schema) pairs; `marker(text)` gives the grammar
+        item for a fixed marker such as `<tool_call>` (a token reference when the model
+        has it as a special token, else a string literal)."""
+        raise NotImplementedError
+
+    def render(self, name: str, arguments: dict) -> str:
+        """The canonical text of a call: what the grammar produces for these arguments."""
+        raise NotImplementedError
+
+    def parse(self, text: str) -> tuple[str, dict]:
+        """The (name, arguments) of one call written in this format."""
+        raise NotImplementedError
+
+
+class Hermes(CallFormat):
+    """`<tool_call>\\n{"name": "NAME", "arguments": {...}}\\n</tool_call>` (Hermes, Qwen 2.5/3)."""
+
+    name = "hermes"
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
+        opening, closing = marker(self.OPEN), marker(self.CLOSE)
+        body_open, body_close = _lark_string("\n{"), _lark_string("}\n")
+        lines = [
+            f"start: {opening} {body_open} call {body_close} {closing}",
+            "call: " + " | ".join(f"tool{i}" for i in range(len(tools))),
+        ]
+        for i, (name, schema) in enumerate(tools):
+            lines.append(f"tool{i}: {_lark_string(_name_prefix(name))} %json {json.dumps(schema, ensure_ascii=False)}")
+        return "\n".join(lines)
+
+    def render(self, name: str, arguments: dict) -> str:
+        call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+        return f"{self.OPEN}\n{call}\n{self.CLOSE}"
+
+    def parse(self, text: str) -> tuple[str, dict]:
+        body = text.strip()
+        if not (body.startswith(self.OPEN) and body.endswith(self.CLOSE)):
+            raise ValueError("not a Hermes tool call")
+        call = json.loads(body[len(self.OPEN) : -len(self.CLOSE)])
+        return call["name"], call["arguments"]
+
+
+def _name_prefix(name: str) -> str:
+    # The JSON between `{` and the arguments object: `"name": "X", "arguments": `.
+    return f'"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
+
+
+def _lark_string(text: str) -> str:
+    # A JSON string literal is a valid llguidance Lark string literal.
+    return json.dumps(text, ensure_ascii=False)
+
+
+FORMATS: dict[str, CallFormat] = {"hermes": Hermes()}
+
+
+# --- the public entry point --------------------------------------------------------
+
+
+def forced_call(
+    tokenizer: Any, tools: list[dict], name: str | None, *, call_format: str = "hermes"
+) -> Callable[[mx.array, mx.array], mx.array]:
+    """A logits processor that forces one call to tool `name` (or any of `tools` if None).
+
+    `tokenizer` is the model's mlx-lm TokenizerWrapper; `tools` are OpenAI-style
+    function definitions (`{"type": "function", "function": {"name", "description",
+    "parameters"}}`). The processor is for ONE generation, passed to mlx-lm's
+    `generate_step(..., logits_processors=[processor])` on the engine thread: its first
+    call sees the prompt (whatever its length), later calls one new token each. Once the
+    call is complete it allows only EOS. Grammars are compiled once per tokenizer, tool
+    set, name and format, and kept in an LRU cache. Raises ConstraintError if `name` is
+    not among the tools or a schema cannot be compiled.
+    """
+    fmt = FORMATS.get(call_format)
+    if fmt is None:
+        raise ConstraintError(f"unknown call format {call_format!r}")
+    chosen = _choose(tools, name)
+    compiled = _compiled(tokenizer, fmt, chosen)
+    return ForcedCall(compiled.matcher.deep_copy(), compiled.vocab_size, compiled.eos)
+
+
+def prepare(tokenizer: Any) -> None:
+    """Adapt `tokenizer` for grammars now rather than on the first forced call.
+
+    This takes up to a second per tokenizer (the vocabulary is indexed once); call it
+    on the engine thread after loading a model so no request waits for it.
+    """
+    _state(tokenizer)
+
+
+def _choose(tools: list[dict], name: str | None) -> list[tuple[str, dict]]:
+    seen: dict[str, dict] = {}
+    for tool in tools:
+        fn = tool.get("function", tool)
+        if fn.get("name") and fn["name"] not in seen:
+            seen[fn["name"]] = fn.get("parameters") or fn.get("input_schema") or {}
+    if name is not None:
+        if name not in seen:
+            raise ConstraintError(f"tool_choice names {name!r}, which is not among the tools")
+        seen = {name: seen[name]}
+    if not seen:
+        raise ConstraintError("a tool call is required but no tools were given")
+    return list(seen.items())
+
+
+# --- the processor -----------------------------------------------------------------
+
+
+class ForcedCall:
+    """The stateful logits processor for one generation (see `forced_call`)."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos: list[int]):
+        self._matcher = matcher
+        self._eos = eos
+        self._seen: int | None = None  # how much of `tokens` is already accounted for
+        self._bitmask = np.zeros(((vocab_size + 31) // 32,), dtype=np.int32)
+
+    @property
+    def done(self) -> bool:
+        """Whether the call is complete (only EOS may follow)."""
+        return self._matcher.is_stopped() and not self._matcher.is_error()
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        # generate_step passes prompt + generated tokens; the first call's tokens are
+        # the prompt (or the part of it not in a reused cache), never grammar input.
+        # numpy reads the evaluated buffer; an MLX slice would be one more op to schedule.
+        seen = np.asarray(tokens)
+        if self._seen is None:
+            self._seen = seen.size
+        elif seen.size > self._seen:
+            new = seen[self._seen :].tolist()
+            self._seen = seen.size
+            for token in new:
+                self._consume(token)
+        allowed = self._allowed(logits.shape[-1])
+        return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+    def _consume(self, token: int) -> None:
+        if token in self._eos and self._matcher.is_stopped():
+            return  # the caller went on past the end: stay at the end
+        if not self._matcher.consume_token(token):
+            raise ConstraintError(f"the generation left the tool-call grammar: {self._matcher.get_error()}")
+
+    def _allowed(self, width: int) -> mx.array:
+        self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
+        if self._matcher.is_error():
+            raise ConstraintError(f"the tool-call grammar failed: {self._matcher.get_error()}")
+        bits = np.unpackbits(self._bitmask.view(np.uint8), count=min(width, self._bitmask.size * 32), bitorder="little")
+        # The model's output layer may be wider than the tokenizer (padding rows):
+        # those ids are never allowed.
+        if bits.size < width:
+            bits = np.concatenate([bits, np.zeros(width - bits.size, dtype=np.uint8)])
+        return mx.array(bits.view(np.bool_))
+
+
+# --- compiling and caching ---------------------------------------------------------
+
+
+class _Compiled:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos: list[int]):
+        self.matcher = matcher  # never advanced: each generation gets a deep copy
+        self.vocab_size = vocab_size
+        self.eos = eos
+
+
+class _TokenizerState:
+    def __init__(self, lltokenizer: llguidance.LLTokenizer, eos: list[int]):
+        self.lltokenizer = lltokenizer
+        self.eos = eos
+        self.grammars: OrderedDict[str, _Compiled] = OrderedDict()
+
+
+_states: weakref.WeakKeyDictionary[Any, _TokenizerState] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def _compiled(tokenizer: Any, fmt: CallFormat, tools: list[tuple[str, dict]]) -> _Compiled:
+    state = _state(tokenizer)
+    tools = [(name, _prepare_schema(schema)) for name, schema in tools]
+    key = _key(fmt, tools)
+    with _lock:
+        if (hit := state.grammars.get(key)) is not None:
+            state.grammars.move_to_end(key)
+            return hit
+    compiled = _Compiled(_compile(state, fmt, tools), state.lltokenizer.vocab_size, state.eos)
+    with _lock:
+        state.grammars[key] = compiled
+        while len(state.grammars) > _CACHE_SIZE:
+            state.grammars.popitem(last=False)
+    return compiled
+
+
+def _key(fmt: CallFormat, tools: list[tuple[str, dict]]) -> str:
+    # Tool names and prepared schemas: descriptions change nothing in the grammar.
+    text = json.dumps([fmt.name, tools], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _state(tokenizer: Any) -> _TokenizerState:
+    with _lock:
+        if (state := _states.get(tokenizer)) is not None:
+            return state
+    eos = sorted(int(t) for t in getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+    state = _TokenizerState(llguidance.LLTokenizer(_tokenizer_json(tokenizer), eos_token=eos), eos)
+    with _lock:
+        return _states.setdefault(tokenizer, state)
+
+
+def _tokenizer_json(tokenizer: Any) -> str:
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise ConstraintError("forced tool calls need a tokenizer backed by the `tokenizers` library")
+    backend = copy.copy(backend)  # to_str() would record padding/truncation settings
+    backend.no_padding()
+    backend.no_truncation()
+    return backend.to_str()
+
+
+def _compile(state: _TokenizerState, fmt: CallFormat, tools: list[tuple[str, dict]]) -> llguidance.LLMatcher:
+    schemas = [(name, _schema_for(state, name, schema)) for name, schema in tools]
+    grammar = fmt.grammar(schemas, lambda text: _marker(state.lltokenizer, text))
+    matcher = llguidance.LLMatcher(state.lltokenizer, llguidance.LLMatcher.grammar_from_lark(grammar), log_level=0)
+    if matcher.is_error():
+        raise ConstraintError(f"the tool-call grammar does not compile: {matcher.get_error()}")
+    return matcher
+
+
+def _schema_for(state: _TokenizerState, name: str, prepared: dict) -> dict:
+    # Strict first; if llguidance lacks a keyword, ignore just that keyword (lenient)
+    # rather than refuse the call: the rest of the schema is still enforced.
+    for options in (_JSON_LAYOUT, _JSON_LAYOUT | {"lenient": True}):
+        candidate = prepared | {"x-guidance": options}
+        error = llguidance.LLMatcher.validate_grammar(
+            llguidance.LLMatcher.grammar_from_json_schema(candidate), state.lltokenizer
+        )
+        if not error:
+            return candidate
+    raise ConstraintError(f"the input_schema of tool {name!r} cannot be compiled: {error}")
+
+
+def _prepare_schema(schema: Any) -> dict:
+    # Only keyword positions are touched (a property may well be named "description").
+    # A `propertyNames` every JSON key satisfies (`{"type": "string"}`, `{}`, `true`)
+    # goes, since llguidance does not implement the keyword; arguments are an object.
+    prepared = _walk(schema) if isinstance(schema, dict) else {}
+    if "type" not in prepared and not any(k in prepared for k in ("anyOf", "oneOf", "allOf", "$ref", "const", "enum")):
+        prepared["type"] = "object"
+    return prepared
+
+
+def _walk(schema: Any) -> Any:
+    if not isinstance(schema, dict):
+        return schema  # true/false schemas
+    out: dict = {}
+    for key, value in schema.items():
+        if key in _DROPPED_KEYWORDS or (key == "propertyNames" and _trivial_name_schema(value)):
+            continue
+        if key in _SCHEMA_KEYWORDS:
+            out[key] = [_walk(v) for v in value] if isinstance(value, list) else _walk(value)
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            out[key] = [_walk(v) for v in value]
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {k: _walk(v) for k, v in value.items()}
+        else:
+            out[key] = value
+    return out
+
+
+def _trivial_name_schema(value: Any) -> bool:
+    if value is True or value == {}:
+        return True
+    return isinstance(value, dict) and set(value) <= {"type", "description", "title"} and value.get("type") == "string"
+
+
+def _marker(lltokenizer: llguidance.LLTokenizer, text: str) -> str:
+    # A marker the model has as one special token must be that token: spelled out as
+    # text it would be out of distribution, and would tokenize differently next turn.
+    ids = lltokenizer.tokenize_str(text, parse_special=True)
+    if len(ids) == 1 and lltokenizer.is_special_token(ids[0]):
+        return f"<[{ids[0]}]>"
+    return _lark_string(text)

@@ -1,0 +1,251 @@
+"""Forced tool calls (anyclaude.constrain): the grammar, its JSON layout, and real generation
+with the tiny model, which on its own would never call a tool for this prompt."""
+
+from __future__ import annotations
+
+import copy
+
+import jsonschema
+import mlx.core as mx
+import numpy as np
+import pytest
+from claude_code import READ_SCHEMA
+from claude_code import tools as claude_code_tools
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from anyclaude import constrain, models, profiles
+
+HERMES = constrain.FORMATS["hermes"]
+
+
+def function(name: str, parameters: dict, description: str = "") -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
+
+
+BASH = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": {"command": {"type": "string"}, "timeout": {"type": "number"}},
+    "required": ["command"],
+    "additionalProperties": False,
+}
+WEB_FETCH = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": {"url": {"type": "string", "format": "uri"}, "prompt": {"type": "string", "minLength": 1}},
+    "required": ["url", "prompt"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    function("Read", READ_SCHEMA, "Reads a file from the local filesystem."),
+    function("Bash", BASH, "Runs a shell command."),
+    function("WebFetch", WEB_FETCH, "Fetches a web page."),
+]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    (model_spec,) = profiles.load("tiny").profile.models.values()
+    model, tokenizer = load(models.prepare(model_spec))
+    return model, tokenizer
+
+
+# --- the grammar, driven token by token without the model ----------------------------
+
+
+def fed(processor, tokenizer, text: str) -> bool:
+    """Feed `text`'s tokens through `processor` as generate_step would (a prompt first,
+    then one token per call); True if every token was allowed and only EOS may follow."""
+    width = len(tokenizer.vocab)
+    logits = mx.zeros((1, width))
+    seen = [1, 2, 3]  # a short prompt: the processor must not read it as output
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        if processor(mx.array(seen), logits)[0, token].item() == float("-inf"):
+            return False
+        seen.append(token)
+    final = np.array(processor(mx.array(seen), logits)[0])
+    return set(np.flatnonzero(final != -np.inf).tolist()) == set(tokenizer.eos_token_ids)
+
+
+def call(name: str, arguments: dict) -> str:
+    return HERMES.render(name, arguments)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        call("Read", {"file_path": "/tmp/a.txt"}),
+        call("Read", {"file_path": "/tmp/é ü.txt", "offset": 3, "limit": 9007199254740991}),
+        call("Read", {"file_path": 'a "quoted"\\ name\twith\nbreaks'}),
+    ],
+)
+def test_canonical_calls_are_accepted_and_round_trip(tiny, text):
+    _, tokenizer = tiny
+    assert fed(constrain.forced_call(tokenizer, TOOLS, "Read"), tokenizer, text)
+    assert HERMES.render(*HERMES.parse(text)) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '<tool_call>\n{"name": "Read", "arguments": {"file_path":"/a"}}\n</tool_call>',  # compact JSON
+        '<tool_call>\n{"name": "Read", "arguments": {"file_path": "/a" }}\n</tool_call>',  # extra space
+        '<tool_call>\n{"name": "Read",\n"arguments": {"file_path": "/a"}}\n</tool_call>',  # newline
+        '<tool_call>\n{"name": "Read", "arguments": {"file_path": "\\u0041"}}\n</tool_call>',  # \\u escape
+        '<tool_call>\n{"name": "Read", "arguments": {"file_path": "a\\/b"}}\n</tool_call>',  # \\/ escape
+        'Sure! <tool_call>\n{"name": "Read", "arguments": {"file_path": "/a"}}\n</tool_call>',  # text first
+        call("Bash", {"command": "ls"}),  # another tool
+        call("Read", {"file_path": "/a", "offset": 0}),  # exclusiveMinimum
+        call("Read", {"file_path": "/a", "mode": "r"}),  # additionalProperties: false
+        call("Read", {"offset": 1}),  # required
+        call("Read", {"file_path": "/a"}) + "\n",  # anything after the call
+    ],
+)
+def test_other_texts_are_refused(tiny, text):
+    _, tokenizer = tiny
+    assert not fed(constrain.forced_call(tokenizer, TOOLS, "Read"), tokenizer, text)
+
+
+def test_any_allows_each_tool_and_only_those(tiny):
+    _, tokenizer = tiny
+    for text in (
+        call("Read", {"file_path": "/a"}),
+        call("Bash", {"command": "ls -la", "timeout": 1.5}),
+        call("WebFetch", {"url": "https://example.com/", "prompt": "summarise"}),
+    ):
+        assert fed(constrain.forced_call(tokenizer, TOOLS, None), tokenizer, text)
+    assert not fed(constrain.forced_call(tokenizer, TOOLS, None), tokenizer, call("Write", {"file_path": "/a"}))
+    assert not fed(constrain.forced_call(tokenizer, TOOLS, None), tokenizer, call("WebFetch", {"url": "x y", "prompt": "p"}))
+
+
+# Each schema feature Claude Code's tools use: (schema, instances it allows, instances it refuses).
+FEATURES = {
+    "$schema": ({"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"a": {"type": "string"}}}, [{"a": "x"}], [{"a": 1}]),
+    "additionalProperties false": ({"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": False}, [{"a": "x"}], [{"a": "x", "b": 1}]),
+    "additionalProperties {}": ({"type": "object", "properties": {"m": {"type": "object", "additionalProperties": {}}}, "required": ["m"]}, [{"m": {"k": [1, {"x": None}], "s": "t"}}], [{"m": 3}]),
+    "propertyNames": ({"type": "object", "properties": {"m": {"type": "object", "propertyNames": {"type": "string"}, "additionalProperties": {}}}, "required": ["m"]}, [{"m": {"k": 1}}], [{"m": []}]),
+    "exclusiveMinimum": ({"type": "object", "properties": {"n": {"type": "integer", "exclusiveMinimum": 0}}, "required": ["n"]}, [{"n": 1}], [{"n": 0}, {"n": -4}]),
+    "maximum 2^53-1": ({"type": "object", "properties": {"n": {"type": "integer", "maximum": 9007199254740991}}, "required": ["n"]}, [{"n": 9007199254740991}], [{"n": 9007199254740992}]),
+    "anyOf + const": ({"type": "object", "properties": {"s": {"anyOf": [{"const": "pending"}, {"const": "done"}]}}, "required": ["s"]}, [{"s": "done"}], [{"s": "other"}]),
+    "format uri": ({"type": "object", "properties": {"u": {"type": "string", "format": "uri"}}, "required": ["u"]}, [{"u": "https://example.com/a?b=1"}], [{"u": "not a uri"}]),
+    "pattern": ({"type": "object", "properties": {"p": {"type": "string", "pattern": "^[a-z-]+$"}}, "required": ["p"]}, [{"p": "ab-c"}], [{"p": "AB"}]),
+    "minLength": ({"type": "object", "properties": {"p": {"type": "string", "minLength": 1}}, "required": ["p"]}, [{"p": "a"}], [{"p": ""}]),
+    "maxLength 524288": ({"type": "object", "properties": {"c": {"type": "string", "maxLength": 524288}}, "required": ["c"]}, [{"c": "hello world"}], [{"c": 1}]),
+    "maxItems": ({"type": "object", "properties": {"l": {"type": "array", "items": {"type": "string"}, "maxItems": 2}}, "required": ["l"]}, [{"l": ["a", "b"]}, {"l": []}], [{"l": ["a", "b", "c"]}]),
+    "default": ({"type": "object", "properties": {"b": {"type": "boolean", "default": True}}}, [{"b": False}, {}], [{"b": "yes"}]),
+    "enum": ({"type": "object", "properties": {"e": {"type": "string", "enum": ["x", "y"]}}, "required": ["e"]}, [{"e": "y"}], [{"e": "z"}]),
+    "no type": ({"type": "object", "properties": {"a": {"description": "Anything"}}, "required": ["a"]}, [{"a": [1, "x", {"k": None}]}, {"a": "s"}], [{}]),
+    "properties {} no required": ({"type": "object", "properties": {}}, [{}, {"x": 1}], []),
+    "properties {} closed": ({"type": "object", "properties": {}, "additionalProperties": False}, [{}], [{"x": 1}]),
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_schema_features_compile_and_hold(tiny, feature):
+    _, tokenizer = tiny
+    schema, good, bad = FEATURES[feature]
+    tools = [function("T", schema)]
+    for arguments in good:
+        jsonschema.Draft202012Validator(schema).validate(arguments)  # the table itself is right
+        assert fed(constrain.forced_call(tokenizer, tools, "T"), tokenizer, call("T", arguments)), arguments
+    for arguments in bad:
+        assert not fed(constrain.forced_call(tokenizer, tools, "T"), tokenizer, call("T", arguments)), arguments
+
+
+def test_claude_code_tools_compile_once(tiny):
+    _, tokenizer = tiny
+    tools = [function(t["name"], t["input_schema"], t["description"]) for t in claude_code_tools()]
+    constrain.forced_call(tokenizer, tools, None)
+    for t in tools:
+        constrain.forced_call(tokenizer, tools, t["function"]["name"])
+    grammars = constrain._states[tokenizer].grammars
+    before = len(grammars)
+    # Same names and schemas, other descriptions: the cached grammars serve.
+    reworded = [function(t["name"], t["input_schema"], "reworded") for t in claude_code_tools()]
+    constrain.forced_call(tokenizer, reworded, None)
+    constrain.forced_call(tokenizer, reworded, "Read")
+    assert len(grammars) == before
+
+
+def test_unsupported_keyword_is_ignored_not_fatal(tiny):
+    _, tokenizer = tiny
+    schema = {"type": "object", "properties": {"m": {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"}}}}
+    assert fed(constrain.forced_call(tokenizer, [function("T", schema)], "T"), tokenizer, call("T", {"m": {"ab": 1}}))
+
+
+def test_unknown_tool_is_an_error(tiny):
+    _, tokenizer = tiny
+    with pytest.raises(constrain.ConstraintError):
+        constrain.forced_call(tokenizer, TOOLS, "Write")
+    with pytest.raises(constrain.ConstraintError):
+        constrain.forced_call(tokenizer, [], None)
+
+
+# --- real generation with the tiny model ---------------------------------------------
+
+PROMPT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Write a haiku about autumn leaves."},
+]
+# The grammar guarantees what is written, not that the model stops writing: a 135M model
+# can loop inside a free string (it does, greedily, on a task-id string). These tools and
+# this prompt finish in about 40 tokens on this model.
+MAX_TOKENS = 80
+
+
+@pytest.fixture(scope="module")
+def prefilled(tiny):
+    """The prompt's KV cache, computed once; each generation continues a copy of it, so
+    the processor's first call sees only the last prompt token (as with a cache hit)."""
+    model, tokenizer = tiny
+    prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
+    cache = make_prompt_cache(model)
+    model(mx.array(prompt[:-1])[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache, prompt[-1]
+
+
+def generate(tiny, prefilled, processor, temperature: float) -> tuple[str, bool]:
+    model, tokenizer = tiny
+    cache, last = prefilled
+    mx.random.seed(7)
+    steps = generate_step(
+        mx.array([last]),
+        model,
+        max_tokens=MAX_TOKENS,
+        sampler=make_sampler(temp=temperature),
+        logits_processors=[processor],
+        prompt_cache=copy.deepcopy(cache),
+    )
+    out = []
+    for token, _ in steps:
+        if token in tokenizer.eos_token_ids:
+            return tokenizer.decode(out), True
+        out.append(token)
+    return tokenizer.decode(out), False
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_forced_read_from_an_unrelated_prompt(tiny, prefilled, temperature):
+    _, tokenizer = tiny
+    processor = constrain.forced_call(tokenizer, TOOLS, "Read")
+    text, ended = generate(tiny, prefilled, processor, temperature)
+    assert ended and processor.done, text
+    name, arguments = HERMES.parse(text)
+    assert name == "Read"
+    jsonschema.Draft202012Validator(READ_SCHEMA).validate(arguments)
+    assert HERMES.render(name, arguments) == text  # the prefix cache sees the same text
+
+
+def test_forced_any_calls_one_of_the_tools(tiny, prefilled):
+    _, tokenizer = tiny
+    text, ended = generate(tiny, prefilled, constrain.forced_call(tokenizer, TOOLS, None), 0.0)
+    assert ended, text
+    name, arguments = HERMES.parse(text)
+    assert name in SCHEMAS
+    jsonschema.Draft202012Validator(SCHEMAS[name]).validate(arguments)
+    assert HERMES.render(name, arguments) == text
