@@ -8,8 +8,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -22,7 +20,6 @@ from .errors import (
     ApiError,
     InvalidRequest,
     NotFound,
-    NotReady,
     Overloaded,
     RequestTooLarge,
     Unauthorized,

@@ -22,7 +22,6 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from msgspec import Struct

@@ -151,7 +151,6 @@ class Engine:
         self._ready = threading.Event()
         self.loaded: Loaded | None = None
         self.load_error: str | None = None
-        self.busy = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -195,15 +194,12 @@ class Engine:
             if self.loaded is None:
                 self._send(work, Failed(f"the model failed to load: {self.load_error}"))
                 continue
-            self.busy = True
             try:
                 self._generate(work)
             except Cancelled:
                 self._send(work, Done("cancelled"))
             except Exception as exc:
                 self._send(work, Failed(f"{type(exc).__name__}: {exc}"))
-            finally:
-                self.busy = False
 
     def _release(self) -> None:
         import gc

@@ -18,7 +18,7 @@ from msgspec import Struct
 
 from . import wire
 from .engine import Done, Failed, Generation, Prefilled, Token
-from .errors import AnthropicError, ApiError, ErrorEnvelope, Overloaded, envelope
+from .errors import AnthropicError, ApiError, ErrorEnvelope, Overloaded
 from .output import Output
 from .toolcalls import BadCall, Text, Thinking, ToolCall
 
@@ -321,7 +321,3 @@ async def _end(emit, events: list, outcome: Outcome) -> Outcome:
     if not await emit(events):
         outcome.outcome = "cancelled"
     return outcome
-
-
-def error_event(error: AnthropicError, request_id: str) -> ErrorEnvelope:
-    return envelope(error, request_id)

@@ -16,7 +16,6 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ import anthropic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import Daemon, profile_file, request  # noqa: E402
+from bench.harness import Daemon, profile_file  # noqa: E402
 
 PROMPTS = ["Say hi.", "Name a colour.", "Count to five.", "What is 2+2?", "Write a haiku about rain.", "Describe the sea."]
 

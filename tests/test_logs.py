@@ -9,7 +9,7 @@ import sys
 import threading
 
 from anyclaude import logs
-from bench.harness import REPO, request
+from bench.harness import REPO
 
 
 def test_concurrent_writers_leave_whole_lines_and_rotation_keeps_three(tmp_path):
