@@ -206,7 +206,7 @@ class Exchange:
         request = wire.decode_request(await self._body(), wire.CountTokensRequest)
         self._describe(request)
         _, engine, _ = self.server.engine_for(request.model)
-        rendered = prompt.render(request, engine.loaded.tokenizer)
+        rendered = prompt.render(request, engine.loaded.tokenizer, keep_billing_header=self.server.profile.prompt.keep_billing_header)
         self.record.prompt_tokens = len(rendered.ids)
         await self._json(200, wire.TokenCount(input_tokens=len(rendered.ids)))
 
@@ -243,7 +243,7 @@ class Exchange:
             self.record.request = msgspec.Raw(body)
         key, engine, scheduler = server.engine_for(request.model)
         model = server.profile.models[key]
-        rendered = prompt.render(request, engine.loaded.tokenizer)
+        rendered = prompt.render(request, engine.loaded.tokenizer, keep_billing_header=server.profile.prompt.keep_billing_header)
         self.record.prompt_tokens = len(rendered.ids)
         context = engine.loaded.context_length
         if len(rendered.ids) >= context:
@@ -272,7 +272,12 @@ class Exchange:
         # What the prefix cache holds now; if it changes before the engine gets here
         # (eviction while queued), message_delta carries the true figures.
         cached = engine.cache.peek(rendered.ids) if engine.cache else 0
-        stream = MessageStream(model=request.model, input_tokens=len(rendered.ids) - cached, cache_read=cached)
+        stream = MessageStream(
+            model=request.model,
+            input_tokens=len(rendered.ids) - cached,
+            cache_read=cached,
+            show_thinking=not (request.thinking and request.thinking.display == "omitted"),
+        )
         choice = request.tool_choice or wire.ToolChoice()
         # tool_choice none: the tools stay in the prompt, but no call is made.
         parser = toolcalls.Parser(rendered.format, [] if choice.type == "none" else rendered.tools, thinking=rendered.thinking_open)

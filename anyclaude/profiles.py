@@ -68,6 +68,12 @@ class Engine(_Section):
     queue_size: int = 8
 
 
+class Prompt(_Section):
+    # Claude Code's per-version `x-anthropic-billing-header:` system block is removed
+    # before rendering, as it would defeat the prefix cache; true keeps it.
+    keep_billing_header: bool = False
+
+
 class Cache(_Section):
     # Prefix KV cache: memory for all entries together (conversations and checkpoints).
     max_gb: float = 2.0
@@ -92,6 +98,7 @@ class Profile(_Section):
     sampling: Sampling = Sampling()
     timeouts: Timeouts = Timeouts()
     engine: Engine = Engine()
+    prompt: Prompt = Prompt()
     cache: Cache = Cache()
     log: Log = Log()
 

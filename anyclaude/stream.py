@@ -36,7 +36,7 @@ def new_id(prefix: str) -> str:
 class MessageStream:
     """Anthropic events for one message, in an order that is always valid."""
 
-    def __init__(self, *, model: str, input_tokens: int, cache_read: int = 0, cache_creation: int = 0):
+    def __init__(self, *, model: str, input_tokens: int, cache_read: int = 0, cache_creation: int = 0, show_thinking: bool = True):
         self.id = new_id("msg_")
         self.model = model
         self.usage = wire.Usage(
@@ -46,6 +46,7 @@ class MessageStream:
             cache_creation_input_tokens=cache_creation,
         )
         self.output_tokens = 0
+        self.show_thinking = show_thinking
         self.tool_uses = 0
         self._usage_changed = False
         self._index = -1
@@ -69,7 +70,8 @@ class MessageStream:
         if not text or self.finished:
             return []
         events = self._switch("thinking", wire.ThinkingContent())
-        events.append(wire.ContentBlockDelta(index=self._index, delta=wire.ThinkingDelta(thinking=text)))
+        if self.show_thinking:  # display "omitted": the block and its signature, not the text
+            events.append(wire.ContentBlockDelta(index=self._index, delta=wire.ThinkingDelta(thinking=text)))
         return events
 
     def tool_use(self, name: str, arguments: dict) -> list[wire.Event]:

@@ -53,6 +53,10 @@ class ScriptedEngine:
         elif script == "stall-mid-tool-call":
             generation.put(Prefilled(len(job.prompt), 0.0))
             emit('Let me read it.\n<tool_call>\n{"name": "Read", "arguments": {"file_')
+        elif script == "think":
+            emit("<think>The user wants a number.</think>Forty-two.")
+            generation.put(Done("stop"))
+            return
         elif script == "crash-mid-text":
             emit("Hello")
             generation.put(Failed("RuntimeError: the engine crashed"))

@@ -30,8 +30,8 @@ def fake(tmp_path_factory, model_cache, tiny_model):
 READ = {"name": "Read", "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}}, "required": ["file_path"]}}
 
 
-def ask(daemon, script: str, stream: bool = True):
-    body = {"model": "claude-opus-4-8", "max_tokens": 100, "stream": stream, "tools": [READ], "messages": [{"role": "user", "content": f"SCRIPT:{script}"}]}
+def ask(daemon, script: str, stream: bool = True, **extra):
+    body = {"model": "claude-opus-4-8", "max_tokens": 100, "stream": stream, "tools": [READ], "messages": [{"role": "user", "content": f"SCRIPT:{script}"}], **extra}
     started = time.monotonic()
     reply = request(daemon.port, "POST", "/v1/messages", json.dumps(body).encode())
     return reply, time.monotonic() - started
@@ -135,3 +135,18 @@ def test_real_engine_with_a_tiny_first_token_budget(tmp_path, model_cache, tiny_
         assert retry[0]["message"]["usage"]["cache_read_input_tokens"] >= 256
     finally:
         assert d.stop() == 0
+
+
+def test_reasoning_streams_as_a_signed_thinking_block_before_the_text(fake):
+    events = check(ask(fake, "think", thinking={"type": "adaptive"})[0].body)
+    blocks = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
+    deltas = [(e["index"], e["delta"]["type"]) for e in events if e["type"] == "content_block_delta"]
+    assert blocks == ["thinking", "text"]
+    thinking = "".join(e["delta"].get("thinking", "") for e in events if e["type"] == "content_block_delta")
+    assert thinking == "The user wants a number."
+    assert [d for d in deltas if d[0] == 0][-1] == (0, "signature_delta")  # one signature, just before the stop
+    assert sum(d == (0, "signature_delta") for d in deltas) == 1
+    message = ask(fake, "think", stream=False)[0].json()
+    assert [b["type"] for b in message["content"]] == ["thinking", "text"] and message["content"][0]["signature"]
+    omitted = check(ask(fake, "think", thinking={"type": "adaptive", "display": "omitted"})[0].body)
+    assert [e["delta"]["type"] for e in omitted if e["type"] == "content_block_delta" and e["index"] == 0] == ["signature_delta"]
