@@ -223,6 +223,9 @@ def follow(path: Path, *, start: int = 0, stop: threading.Event | None = None):
     """Yield records appended to `path` after byte `start`, across rotations (watchfiles wakes us)."""
     import watchfiles
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One watcher for the whole follow: it blocks until the folder changes (or a second passes).
+    changes = watchfiles.watch(path.parent, stop_event=stop, yield_on_timeout=True, rust_timeout=1000)
     position = start
     inode = path.stat().st_ino if path.exists() else None
     buffer = b""
@@ -231,19 +234,19 @@ def follow(path: Path, *, start: int = 0, stop: threading.Event | None = None):
             stat = path.stat()
             if stat.st_ino != inode or stat.st_size < position:  # rotated or truncated
                 inode, position, buffer = stat.st_ino, 0, b""
-            with open(path, "rb") as f:
-                f.seek(position)
-                chunk = f.read()
+            if stat.st_size > position:
+                with open(path, "rb") as f:
+                    f.seek(position)
+                    chunk = f.read()
                 position += len(chunk)
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                try:
-                    yield msgspec.json.decode(line)
-                except msgspec.DecodeError:
-                    continue
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    try:
+                        yield msgspec.json.decode(line)
+                    except msgspec.DecodeError:
+                        continue
         if stop is not None and stop.is_set():
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in watchfiles.watch(path.parent, stop_event=stop, yield_on_timeout=True, rust_timeout=1000):
-            break
+        if next(changes, None) is None:
+            return
