@@ -448,11 +448,12 @@ def _forced_call(choice: wire.ToolChoice | None, rendered: prompt.Rendered):
         raise InvalidRequest(f"tool_choice: {choice.type} needs tools")
     if choice.type == "tool" and choice.name not in names:
         raise InvalidRequest(f"tool_choice.name: no tool named {choice.name!r} among the tools")
-    if rendered.format.name not in ("generic", "hermes"):
-        # Only the Hermes call syntax has a grammar yet; other families are asked, not forced.
+    call_format = rendered.format.name
+    if not constrain.supports(call_format):
+        # Families without a call grammar are asked, not forced.
         return None
     name = choice.name if choice.type == "tool" else None
-    return lambda tokenizer: [constrain.forced_call(tokenizer, rendered.tools, name)]
+    return lambda tokenizer: [constrain.forced_call(tokenizer, rendered.tools, name, call_format=call_format)]
 
 
 def create_app() -> App:

@@ -9,7 +9,9 @@ writes them, so the text re-rendered from the parsed call next turn is token-ide
 (DESIGN principle 4). When the call is complete only the end-of-sequence tokens remain
 allowed, so the engine ends the generation through its usual EOS path.
 
-A model's call syntax is a `CallFormat`; Hermes (`<tool_call>` + JSON) is the one here.
+A model's call syntax is a `CallFormat`: Hermes (`<tool_call>` + JSON) and Qwen3-Coder
+(`<tool_call>` + `<function=...>`/`<parameter=...>` XML) are the ones here; `supports`
+tells whether a `toolcalls.Format` name has one.
 """
 
 from __future__ import annotations
@@ -107,6 +109,139 @@ class Hermes(CallFormat):
         return call["name"], call["arguments"]
 
 
+class Qwen3Coder(CallFormat):
+    """Qwen3-Coder's XML call, as its chat template renders one back::
+
+        <tool_call>
+        <function=NAME>
+        <parameter=KEY>
+        VALUE
+        </parameter>
+        </function>
+        </tool_call>
+
+    Parameters come in the schema's `properties` order, required ones always, optional
+    ones possibly. VALUE is the raw text for string-typed properties and `json.dumps`
+    JSON (per the property's schema) otherwise, which is what mlx-lm's qwen3_coder
+    parser converts back by the property's declared type.
+    """
+
+    name = "qwen3_coder"
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    _END = "\n</parameter>\n"
+
+    def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
+        opening, closing, newline = marker(self.OPEN), marker(self.CLOSE), _lark_string("\n")
+        lines = [
+            f"start: {opening} {newline} call {closing}",
+            "call: " + " | ".join(f"tool{i}" for i in range(len(tools))),
+        ]
+        for i, (name, schema) in enumerate(tools):
+            _check_xml_name(name, "tool")
+            items = []
+            for j, (key, sub, required) in enumerate(_parameters(name, schema)):
+                _check_xml_name(key, f"parameter of tool {name!r}:")
+                rule = f"t{i}p{j}"
+                items.append(rule if required else f"{rule}?")
+                opener = _lark_string(f"<parameter={key}>\n")
+                lines.append(f"{rule}: {opener} {self._value(sub, rule.upper())}")
+                if (terminal := self._terminal(sub, rule.upper())) is not None:
+                    lines.append(terminal)
+            head, tail = _lark_string(f"<function={name}>\n"), _lark_string("</function>\n")
+            lines.append(f"tool{i}: {head} {' '.join(items)} {tail}")
+        return "\n".join(lines)
+
+    def _value(self, schema: dict, terminal: str) -> str:
+        literals = _string_literals(schema)
+        if literals is not None:
+            allowed = [s for s in literals if _raw_ok(s)]
+            if not allowed:
+                return "%json {\"not\": {}}"  # nothing can be written
+            return "(" + " | ".join(_lark_string(s + self._END) for s in allowed) + ")"
+        if _is_string(schema):
+            return terminal
+        return f"%json {json.dumps(schema, ensure_ascii=False)} {_lark_string(self._END)}"
+
+    def _terminal(self, schema: dict, terminal: str) -> str | None:
+        if _string_literals(schema) is not None or not _is_string(schema):
+            return None
+        # Raw text the parser gives back unchanged: no `</parameter>` (its end), no
+        # `</tool_call>` (the call's end), and not "null" in any case (read as None).
+        body = r"/(?s:.*)/ & ~/(?s:.*<\/parameter>.*)/ & ~/(?s:.*<\/tool_call>.*)/ & ~/(?i:null)/"
+        least = schema.get("minLength")
+        if isinstance(least, int) and 0 < least <= 64:
+            body += f" & /(?s:.{{{least},}})/"
+        return f"{terminal}: ({body}) {_lark_string(self._END)}"
+
+    def render(self, name: str, arguments: dict) -> str:
+        params = "".join(
+            f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}\n</parameter>\n"
+            for k, v in arguments.items()
+        )
+        return f"{self.OPEN}\n<function={name}>\n{params}</function>\n{self.CLOSE}"
+
+    def parse(self, text: str, tools: list[dict] | None = None) -> tuple[str, dict]:
+        """The call as mlx-lm's qwen3_coder parser reads it; `tools` (OpenAI-style) give
+        the property types it converts values by (without them every value is text)."""
+        from mlx_lm.tool_parsers import qwen3_coder
+
+        body = text.strip()
+        if not (body.startswith(self.OPEN) and body.endswith(self.CLOSE)):
+            raise ValueError("not a Qwen3-Coder tool call")
+        call = qwen3_coder.parse_tool_call(body[len(self.OPEN) : -len(self.CLOSE)].strip(), tools)
+        return call["name"], call["arguments"]
+
+
+def _check_xml_name(name: str, what: str) -> None:
+    # The parser reads a name as the run of characters up to whitespace, `<` or `>`.
+    if not name or any(c.isspace() or c in "<>" for c in name):
+        raise ConstraintError(f"{what} name {name!r} cannot be written in a Qwen3-Coder call")
+
+
+def _parameters(name: str, schema: dict) -> list[tuple[str, dict, bool]]:
+    """(key, schema, required) for each parameter of an object schema, in order.
+
+    Each sub-schema carries the tool's `$defs`/`definitions` (so `$ref`s resolve) and
+    its `x-guidance` layout. Keys only in `required` come after, with any value."""
+    if schema.get("type") not in ("object", None) or any(k in schema for k in ("anyOf", "oneOf", "allOf", "$ref")):
+        raise ConstraintError(f"the input_schema of tool {name!r} is not a plain object schema")
+    shared = {k: schema[k] for k in ("$defs", "definitions", "x-guidance") if k in schema}
+    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    required = [k for k in schema.get("required") or [] if isinstance(k, str)]
+    out = []
+    for key in [*properties, *(k for k in required if k not in properties)]:
+        sub = properties.get(key, {})
+        sub = {"not": {}} if sub is False else {} if sub is True else sub
+        out.append((key, shared | sub, key in required))
+    return out
+
+
+def _is_string(schema: dict) -> bool:
+    return schema.get("type") == "string"
+
+
+def _string_literals(schema: Any) -> list[str] | None:
+    """The strings a schema allows if it is a finite set of strings (const, enum, or
+    anyOf/oneOf of those), else None."""
+    if not isinstance(schema, dict) or schema.get("type", "string") != "string":
+        return None
+    if "const" in schema:
+        return [schema["const"]] if isinstance(schema["const"], str) else None
+    if isinstance(schema.get("enum"), list):
+        return schema["enum"] if all(isinstance(v, str) for v in schema["enum"]) else None
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            parts = [_string_literals(branch) for branch in schema[key]]
+            if any(p is None for p in parts):
+                return None
+            return list(dict.fromkeys(s for p in parts for s in p))
+    return None
+
+
+def _raw_ok(text: str) -> bool:
+    return "</parameter>" not in text and "</tool_call>" not in text and text.lower() != "null"
+
+
 def _name_prefix(name: str) -> str:
     # The JSON between `{` and the arguments object: `"name": "X", "arguments": `.
     return f'"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
@@ -117,7 +252,14 @@ def _lark_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-FORMATS: dict[str, CallFormat] = {"hermes": Hermes()}
+FORMATS: dict[str, CallFormat] = {"hermes": Hermes(), "qwen3_coder": Qwen3Coder()}
+# `toolcalls.Format` names whose calls are written as one of FORMATS.
+_ALIASES = {"generic": "hermes"}
+
+
+def supports(format_name: str) -> bool:
+    """Whether calls in the `toolcalls.Format` named `format_name` can be forced."""
+    return _ALIASES.get(format_name, format_name) in FORMATS
 
 
 # --- the public entry point --------------------------------------------------------
@@ -137,7 +279,7 @@ def forced_call(
     set, name and format, and kept in an LRU cache. Raises ConstraintError if `name` is
     not among the tools or a schema cannot be compiled.
     """
-    fmt = FORMATS.get(call_format)
+    fmt = FORMATS.get(_ALIASES.get(call_format, call_format))
     if fmt is None:
         raise ConstraintError(f"unknown call format {call_format!r}")
     chosen = _choose(tools, name)

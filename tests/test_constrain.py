@@ -16,7 +16,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from anyclaude import constrain, models, profiles
+from anyclaude import constrain, models, profiles, toolcalls
 
 HERMES = constrain.FORMATS["hermes"]
 
@@ -249,3 +249,142 @@ def test_forced_any_calls_one_of_the_tools(tiny, prefilled):
     assert name in SCHEMAS
     jsonschema.Draft202012Validator(SCHEMAS[name]).validate(arguments)
     assert HERMES.render(name, arguments) == text
+
+
+# --- Qwen3-Coder's XML calls -----------------------------------------------------------
+
+XML = constrain.FORMATS["qwen3_coder"]
+OPEN_READ = "<tool_call>\n<function=Read>\n"
+CLOSE_CALL = "</function>\n</tool_call>"
+
+
+def xml(name: str, arguments: dict) -> str:
+    return XML.render(name, arguments)
+
+
+@pytest.fixture(scope="module")
+def qwen3_coder(tiny, tiny_model):
+    """The tiny model's tokenizer with the Qwen3-Coder template, as test_roundtrip makes it."""
+    from mlx_lm import tokenizer_utils
+    from mlx_lm.utils import load_tokenizer
+    from test_roundtrip import QWEN3_CODER
+
+    base = tiny[1]._tokenizer
+    twin = copy.copy(base)
+    twin.chat_template = QWEN3_CODER
+    twin.init_kwargs = {k: v for k, v in base.init_kwargs.items() if k != "tool_parser_type"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenizer_utils.AutoTokenizer, "from_pretrained", lambda *a, **k: twin)
+        tokenizer = load_tokenizer(tiny_model)
+    assert toolcalls.format_for(tokenizer).name == "qwen3_coder"
+    return tokenizer
+
+
+def parsed(tokenizer, text: str) -> list:
+    """`text` through the daemon's own parser for the tokenizer's format."""
+    parser = toolcalls.Parser(toolcalls.format_for(tokenizer), TOOLS)
+    return parser.feed(text) + parser.finish()
+
+
+def test_call_formats_are_known_by_family_name():
+    assert all(constrain.supports(name) for name in ("generic", "hermes", "qwen3_coder"))
+    assert not constrain.supports("mistral")
+
+
+@pytest.mark.parametrize(
+    "name,arguments",
+    [
+        ("Read", {"file_path": "/tmp/a.txt"}),
+        ("Read", {"file_path": "/tmp/é ü.txt", "offset": 3, "limit": 9007199254740991}),
+        ("Read", {"file_path": "/tmp/a.txt", "limit": 20}),  # an optional one skipped
+        ("Read", {"file_path": 'a "quoted"\\ name\twith\nbreaks</parameter'}),  # raw, not JSON
+        ("Read", {"file_path": "\n\nnull\n"}),
+        ("Read", {"file_path": ""}),
+        ("Bash", {"command": "ls -la", "timeout": 1.5}),
+        ("WebFetch", {"url": "https://example.com/", "prompt": "summarise"}),
+    ],
+)
+def test_xml_canonical_calls_are_accepted_and_round_trip(qwen3_coder, name, arguments):
+    text = xml(name, arguments)
+    assert fed(constrain.forced_call(qwen3_coder, TOOLS, None, call_format="qwen3_coder"), qwen3_coder, text)
+    assert parsed(qwen3_coder, text) == [toolcalls.ToolCall(name, arguments)]
+    assert XML.parse(text, TOOLS) == (name, arguments)
+    assert XML.render(name, arguments) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        call("Read", {"file_path": "/a"}),  # Hermes JSON
+        OPEN_READ + "<parameter=file_path>\n/a\n</parameter>\n</function>\n</tool_call>\n",  # text after
+        OPEN_READ + "<parameter=file_path>/a</parameter>\n" + CLOSE_CALL,  # no newlines
+        OPEN_READ + "<parameter=file_path>\n/a\n</parameter>" + CLOSE_CALL,  # none after either
+        OPEN_READ + "<parameter=file_path>\na</parameter>b\n</parameter>\n" + CLOSE_CALL,  # its end inside
+        OPEN_READ + "<parameter=file_path>\nNULL\n</parameter>\n" + CLOSE_CALL,  # read as None
+        OPEN_READ + "<parameter=file_path>\n/a\n</parameter>\n<parameter=offset>\n 3\n</parameter>\n" + CLOSE_CALL,
+        OPEN_READ + "<parameter=file_path>\n/a\n</parameter>\n<parameter=offset>\n0\n</parameter>\n" + CLOSE_CALL,
+        OPEN_READ + "<parameter=file_path>\n/a\n</parameter>\n<parameter=offset>\n\"3\"\n</parameter>\n" + CLOSE_CALL,
+        OPEN_READ + "<parameter=limit>\n3\n</parameter>\n<parameter=file_path>\n/a\n</parameter>\n" + CLOSE_CALL,  # order
+        OPEN_READ + "<parameter=file_path>\n/a\n</parameter>\n<parameter=mode>\nr\n</parameter>\n" + CLOSE_CALL,
+        OPEN_READ + "<parameter=offset>\n3\n</parameter>\n" + CLOSE_CALL,  # required
+        OPEN_READ + "<parameter=file_path>\n/a\n</parameter>\n<parameter=file_path>\n/b\n</parameter>\n" + CLOSE_CALL,
+        xml("Bash", {"command": "ls"}),  # another tool
+        "Sure! " + xml("Read", {"file_path": "/a"}),
+    ],
+)
+def test_xml_other_texts_are_refused(qwen3_coder, text):
+    assert not fed(constrain.forced_call(qwen3_coder, TOOLS, "Read", call_format="qwen3_coder"), qwen3_coder, text)
+
+
+def test_xml_literal_strings_and_json_values(qwen3_coder):
+    schema = {
+        "type": "object",
+        "properties": {
+            "s": {"anyOf": [{"const": "pending"}, {"const": "done"}]},
+            "e": {"type": "string", "enum": ["x", "y"]},
+            "l": {"type": "array", "items": {"type": "string"}, "maxItems": 2},
+            "b": {"type": "boolean"},
+            "p": {"type": "string", "minLength": 1},
+        },
+        "required": ["s", "e", "l", "b", "p"],
+    }
+    tools = [function("T", schema)]
+    good = {"s": "done", "e": "y", "l": ["a", "b"], "b": False, "p": "x"}
+    forced = lambda: constrain.forced_call(qwen3_coder, tools, "T", call_format="qwen3_coder")  # noqa: E731
+    assert fed(forced(), qwen3_coder, xml("T", good))
+    parser = toolcalls.Parser(toolcalls.format_for(qwen3_coder), tools)
+    assert parser.feed(xml("T", good)) + parser.finish() == [toolcalls.ToolCall("T", good)]
+    for bad in ({"s": "other"}, {"e": "z"}, {"l": ["a", "b", "c"]}, {"l": "a"}, {"b": "yes"}, {"p": ""}):
+        assert not fed(forced(), qwen3_coder, xml("T", good | bad)), bad
+
+
+# A raw string value ends only at "\n</parameter>", which a 135M model does not write on
+# its own after a free-text prompt: one earlier call in the history shows it the layout.
+XML_PROMPT = [
+    {"role": "user", "content": "Show me /etc/hosts."},
+    {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "Read", "arguments": {"file_path": "/etc/hosts"}}}]},
+    {"role": "tool", "content": "localhost"},
+    {"role": "user", "content": "Now show me /tmp/notes.txt."},
+]
+
+
+@pytest.fixture(scope="module")
+def xml_prefilled(tiny, qwen3_coder):
+    """XML_PROMPT's KV cache under the Qwen3-Coder template (see `prefilled`)."""
+    model, _ = tiny
+    prompt = qwen3_coder.apply_chat_template(XML_PROMPT, add_generation_prompt=True)
+    cache = make_prompt_cache(model)
+    model(mx.array(prompt[:-1])[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache, prompt[-1]
+
+
+def test_xml_forced_read_from_a_prompt(tiny, qwen3_coder, xml_prefilled):
+    model, _ = tiny
+    processor = constrain.forced_call(qwen3_coder, TOOLS, "Read", call_format="qwen3_coder")
+    text, ended = generate((model, qwen3_coder), xml_prefilled, processor, 0.0)
+    assert ended and processor.done, text
+    assert parsed(qwen3_coder, text) == [toolcalls.ToolCall("Read", {"file_path": "/tmp/notes.txt"})]
+    (call,) = parsed(qwen3_coder, text)
+    jsonschema.Draft202012Validator(READ_SCHEMA).validate(call.arguments)
+    assert XML.render(call.name, call.arguments) == text  # the prefix cache sees the same text
