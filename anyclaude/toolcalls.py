@@ -20,7 +20,8 @@ Thinking sits between `<think>` and `</think>`, or the tokenizer's own markers.
 Segment rules. Text and reasoning are emitted as soon as they cannot be the
 start of a marker. Each run of text or reasoning (between the start, markers and
 calls) is stripped at both ends, so no segment is empty or whitespace-only and
-whitespace between calls or at the end is dropped; whitespace inside a run is
+whitespace between calls is dropped (the reply's trailing whitespace is kept,
+as generated, for the next turn's prompt); whitespace inside a run is
 held only until its next visible character. A stray end-of-thinking marker in
 text, a repeated start marker in reasoning, and mlx-lm's structural markers are
 dropped. A call start marker inside reasoning ends the reasoning, as in mlx-lm.
@@ -219,6 +220,11 @@ class Parser:
         out: list[Segment] = []
         while self._step(out, final=True):
             pass
+        if self._state == _TEXT and self._started and self._ws:
+            # The reply's own trailing whitespace stays: it is part of what the model
+            # generated, and the next turn's prompt must render it back (prefix cache).
+            out.append(Text(self._ws))
+            self._ws = ""
         if self._state == _CALL:
             raw = self._marker + self._body
             if not self.fmt.call_end and self.fmt.syntax.startswith("mlx:"):

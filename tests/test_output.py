@@ -25,12 +25,12 @@ def test_text_passes_through_unchanged(tokenizer):
 
 def test_stop_sequence_is_cut_and_reported(tokenizer):
     _, text, stop = run(tokenizer, "The answer is 42. END more text", ["END", "never"])
-    assert text == "The answer is 42." and stop == "END"
+    assert text == "The answer is 42. " and stop == "END"
 
 
 def test_earliest_stop_sequence_wins(tokenizer):
     _, text, stop = run(tokenizer, "one two three", ["three", "two"])
-    assert text == "one" and stop == "two"
+    assert text == "one " and stop == "two"
 
 
 def test_a_partial_stop_sequence_is_held_then_released(tokenizer):
