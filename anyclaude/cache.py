@@ -22,6 +22,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from msgspec import Struct
@@ -102,12 +103,7 @@ class PrefixCache:
                 # request stores it back, longer, when it ends.
                 self._entries = [e for e in self._entries if e is not best]
                 return Reuse(best.cache, reuse)
-        cache = copy.deepcopy(best.cache)
-        surplus = len(best.tokens) - reuse
-        if surplus:
-            for layer in cache:
-                layer.trim(surplus)
-        return Reuse(cache, reuse)
+        return Reuse([_prefix_copy(layer, reuse) for layer in best.cache], reuse)
 
     def store(self, tokens: list[int], cache: list, kind: str = CONVERSATION) -> None:
         """Keep a cache holding exactly `tokens`, then evict down to the budget (engine thread)."""
@@ -193,6 +189,30 @@ def _saved(directory: Path) -> list[Path]:
     """Saved checkpoints, newest first."""
     files = [p for p in directory.glob("*.safetensors") if ".partial" not in p.name]
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _prefix_copy(layer: Any, tokens: int) -> Any:
+    """A copy of one layer's cache holding only its first `tokens` tokens.
+
+    A plain KV cache is sliced, so a side request that shares 1,500 tokens with a
+    long conversation does not carry (and keep) a copy of the whole conversation's
+    buffer; other cache types are copied whole and trimmed.
+    """
+    from mlx_lm.models.cache import KVCache
+
+    if type(layer) is KVCache and layer.keys is not None:
+        import mlx.core as mx
+
+        copy_ = KVCache()
+        copy_.keys = mx.array(layer.keys[..., :tokens, :])
+        copy_.values = mx.array(layer.values[..., :tokens, :])
+        copy_.offset = tokens
+        mx.eval(copy_.keys, copy_.values)  # a buffer of its own, not a view of the entry's
+        return copy_
+    copy_ = copy.deepcopy(layer)
+    if copy_.size() > tokens:
+        copy_.trim(copy_.size() - tokens)
+    return copy_
 
 
 def _trimmable(cache: list) -> bool:

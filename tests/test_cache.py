@@ -64,6 +64,7 @@ def test_a_longer_entry_is_trimmed_to_the_common_prefix_and_kept(model):
     reuse = cache.fetch(other)
     assert reuse.tokens == common >= len(shared) - 1
     assert length(reuse.cache) == common
+    assert nbytes(reuse.cache) < nbytes(kv)  # only the shared part was copied
     assert cache.entries == 1 and cache.peek(long) == len(long) - 1  # the original is intact
     _, extended = prefill(model, other[common:], reuse.cache)
     _, full = prefill(model, other)
