@@ -60,15 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         module.add_commands(commands)
 
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except profiles.ProfileError as exc:  # a profile that cannot be found or does not validate
+        print(f"anyclaude: {exc}", file=sys.stderr)
+        return 2
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
-        loaded = profiles.load(args.profile)
-    except profiles.ProfileError as exc:
-        print(f"anyclaude: {exc}", file=sys.stderr)
-        return 2
+    loaded = profiles.load(args.profile)
     from . import blas
 
     blas.preload_and_reexec(sys.argv[1:])
@@ -111,11 +111,7 @@ def _profiles_list(args: argparse.Namespace) -> int:
 
 
 def _profiles_show(args: argparse.Namespace) -> int:
-    try:
-        loaded = profiles.load(args.name)
-    except profiles.ProfileError as exc:
-        print(f"anyclaude: {exc}", file=sys.stderr)
-        return 2
+    loaded = profiles.load(args.name)
     print(f"# {loaded.path}\n{profiles.to_toml(loaded.profile)}", end="")
     return 0
 
@@ -127,18 +123,14 @@ def _profiles_new(args: argparse.Namespace) -> int:
     if target.exists():
         print(f"anyclaude: {target} exists already; edit it, or `profiles set` it", file=sys.stderr)
         return 2
-    try:
-        data = tomllib.loads(profiles.find(args.source).read_text())
-        if args.model:
-            # One model, named after its path, with every alias pointing at it.
-            key = re.sub(r"[^a-z0-9-]+", "-", Path(args.model).name.lower().removesuffix(".gguf")).strip("-") or "model"
-            old = next(iter(data["models"].values()))
-            data["models"] = {key: {"path": args.model, "max_tokens": old.get("max_tokens", 4096)}}
-            data["aliases"] = {name: key for name in data.get("aliases", {})} or {"claude-*": key}
-        profiles.write(target, data)
-    except profiles.ProfileError as exc:
-        print(f"anyclaude: {exc}", file=sys.stderr)
-        return 2
+    data = tomllib.loads(profiles.find(args.source).read_text())
+    if args.model:
+        # One model, named after its path, with every alias pointing at it.
+        key = re.sub(r"[^a-z0-9-]+", "-", Path(args.model).name.lower().removesuffix(".gguf")).strip("-") or "model"
+        old = next(iter(data["models"].values()))
+        data["models"] = {key: {"path": args.model, "max_tokens": old.get("max_tokens", 4096)}}
+        data["aliases"] = {name: key for name in data.get("aliases", {})} or {"claude-*": key}
+    profiles.write(target, data)
     print(f"anyclaude: wrote {target}")
     return 0
 
@@ -146,18 +138,14 @@ def _profiles_new(args: argparse.Namespace) -> int:
 def _profiles_set(args: argparse.Namespace) -> int:
     import tomllib
 
-    try:
-        path = profiles.find(args.name)
-        data = tomllib.loads(path.read_text())
-        for assignment in args.assignments:
-            key, sep, value = assignment.partition("=")
-            if not sep:
-                raise profiles.ProfileError(f"{assignment}: expected KEY=VALUE")
-            profiles.set_key(data, key.strip(), value.strip())
-        profiles.write(path, data)  # validated first: a bad value leaves the file as it was
-    except profiles.ProfileError as exc:
-        print(f"anyclaude: {exc}", file=sys.stderr)
-        return 2
+    path = profiles.find(args.name)
+    data = tomllib.loads(path.read_text())
+    for assignment in args.assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise profiles.ProfileError(f"{assignment}: expected KEY=VALUE")
+        profiles.set_key(data, key.strip(), value.strip())
+    profiles.write(path, data)  # validated first: a bad value leaves the file as it was
     print(f"anyclaude: updated {path}")
     return 0
 

@@ -197,16 +197,20 @@ PROMPT = [
 MAX_TOKENS = 80
 
 
+def _prefill(model, tokenizer, messages):
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    cache = make_prompt_cache(model)
+    model(mx.array(prompt[:-1])[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache, prompt[-1]
+
+
 @pytest.fixture(scope="module")
 def prefilled(tiny):
     """The prompt's KV cache, computed once; each generation continues a copy of it, so
     the processor's first call sees only the last prompt token (as with a cache hit)."""
     model, tokenizer = tiny
-    prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
-    cache = make_prompt_cache(model)
-    model(mx.array(prompt[:-1])[None], cache=cache)
-    mx.eval([c.state for c in cache])
-    return cache, prompt[-1]
+    return _prefill(model, tokenizer, PROMPT)
 
 
 def generate(tiny, prefilled, processor, temperature: float) -> tuple[str, bool]:
@@ -371,12 +375,7 @@ XML_PROMPT = [
 @pytest.fixture(scope="module")
 def xml_prefilled(tiny, qwen3_coder):
     """XML_PROMPT's KV cache under the Qwen3-Coder template (see `prefilled`)."""
-    model, _ = tiny
-    prompt = qwen3_coder.apply_chat_template(XML_PROMPT, add_generation_prompt=True)
-    cache = make_prompt_cache(model)
-    model(mx.array(prompt[:-1])[None], cache=cache)
-    mx.eval([c.state for c in cache])
-    return cache, prompt[-1]
+    return _prefill(tiny[0], qwen3_coder, XML_PROMPT)
 
 
 def test_xml_forced_read_from_a_prompt(tiny, qwen3_coder, xml_prefilled):
