@@ -9,9 +9,11 @@ writes them, so the text re-rendered from the parsed call next turn is token-ide
 (DESIGN principle 4). When the call is complete only the end-of-sequence tokens remain
 allowed, so the engine ends the generation through its usual EOS path.
 
-A model's call syntax is a `CallFormat`: Hermes (`<tool_call>` + JSON) and Qwen3-Coder
-(`<tool_call>` + `<function=...>`/`<parameter=...>` XML) are the ones here; `supports`
-tells whether a `toolcalls.Format` name has one.
+A model's call syntax is a `CallFormat`, one per family `toolcalls` parses: Hermes
+(`<tool_call>` + JSON), Qwen3-Coder (`<tool_call>` + `<function=...>`/`<parameter=...>`
+XML), Llama 3.x (bare JSON with `parameters`) and Mistral (`[TOOL_CALLS]NAME[ARGS]{...}`,
+or a JSON list for v3 templates). `supports` tells whether a `toolcalls.Format` name has
+one; `format_for` picks the variant the model's template renders back.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -28,6 +31,8 @@ from typing import Any
 import llguidance
 import mlx.core as mx
 import numpy as np
+
+from . import toolcalls
 
 # JSON exactly as `json.dumps(..., ensure_ascii=False)` writes it (what prompt.py renders):
 # ", " and ": " separators, no other whitespace, and only the escapes json.dumps itself
@@ -80,33 +85,73 @@ class CallFormat:
         raise NotImplementedError
 
 
-class Hermes(CallFormat):
-    """`<tool_call>\\n{"name": "NAME", "arguments": {...}}\\n</tool_call>` (Hermes, Qwen 2.5/3)."""
+class JsonCall(CallFormat):
+    """A call as one JSON object, `{"name": NAME, KEY: {...}}`, between fixed texts.
 
-    name = "hermes"
-    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    `opening` and `closing` may hold markers (`markers`), which the grammar writes as
+    the model's special token where it has one."""
+
+    def __init__(self, name: str, opening: str, closing: str, *, key: str = "arguments", markers: tuple[str, ...] = ()):
+        self.name, self.opening, self.closing, self.key, self.markers = name, opening, closing, key, markers
 
     def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
-        opening, closing = marker(self.OPEN), marker(self.CLOSE)
-        body_open, body_close = _lark_string("\n{"), _lark_string("}\n")
+        opening = _pieces(self.opening + "{", self.markers, marker)
+        closing = _pieces("}" + self.closing, self.markers, marker)
         lines = [
-            f"start: {opening} {body_open} call {body_close} {closing}",
+            f"start: {opening} call {closing}",
             "call: " + " | ".join(f"tool{i}" for i in range(len(tools))),
         ]
         for i, (name, schema) in enumerate(tools):
-            lines.append(f"tool{i}: {_lark_string(_name_prefix(name))} %json {json.dumps(schema, ensure_ascii=False)}")
+            head = f'"name": {json.dumps(name, ensure_ascii=False)}, "{self.key}": '
+            lines.append(f"tool{i}: {_lark_string(head)} %json {json.dumps(schema, ensure_ascii=False)}")
         return "\n".join(lines)
 
     def render(self, name: str, arguments: dict) -> str:
-        call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
-        return f"{self.OPEN}\n{call}\n{self.CLOSE}"
+        call = json.dumps({"name": name, self.key: arguments}, ensure_ascii=False)
+        return f"{self.opening}{call}{self.closing}"
 
     def parse(self, text: str) -> tuple[str, dict]:
-        body = text.strip()
-        if not (body.startswith(self.OPEN) and body.endswith(self.CLOSE)):
-            raise ValueError("not a Hermes tool call")
-        call = json.loads(body[len(self.OPEN) : -len(self.CLOSE)])
-        return call["name"], call["arguments"]
+        if not (text.startswith(self.opening) and text.endswith(self.closing)):
+            raise ValueError(f"not a {self.name} tool call")
+        call = json.loads(text[len(self.opening) : len(text) - len(self.closing)])
+        return call["name"], call[self.key]
+
+
+class MistralHeader(CallFormat):
+    """`[TOOL_CALLS]NAME[ARGS]{...}`, the call syntax of Mistral's newer templates
+    (Mistral Small 3.2, Devstral, Magistral)."""
+
+    name = "mistral"
+    OPEN, ARGS = "[TOOL_CALLS]", "[ARGS]"
+
+    def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
+        lines = [
+            f"start: {marker(self.OPEN)} call",
+            "call: " + " | ".join(f"tool{i}" for i in range(len(tools))),
+        ]
+        for i, (name, schema) in enumerate(tools):
+            # mlx-lm's parser reads the name as a run of word characters and dashes.
+            if not re.fullmatch(r"[\w-]+", name):
+                raise ConstraintError(f"tool name {name!r} cannot be written in a Mistral call")
+            lines.append(f"tool{i}: {_lark_string(name)} {marker(self.ARGS)} %json {json.dumps(schema, ensure_ascii=False)}")
+        return "\n".join(lines)
+
+    def render(self, name: str, arguments: dict) -> str:
+        return f"{self.OPEN}{name}{self.ARGS}{json.dumps(arguments, ensure_ascii=False)}"
+
+    def parse(self, text: str) -> tuple[str, dict]:
+        head, sep, arguments = text.removeprefix(self.OPEN).partition(self.ARGS)
+        if not (text.startswith(self.OPEN) and sep):
+            raise ValueError("not a Mistral tool call")
+        return head, json.loads(arguments)
+
+
+def _pieces(text: str, markers: tuple[str, ...], marker: Callable[[str], str]) -> str:
+    """`text` as grammar items: each marker through `marker`, the rest as literals."""
+    if not markers:
+        return _lark_string(text)
+    parts = re.split("(" + "|".join(re.escape(m) for m in markers) + ")", text)
+    return " ".join(marker(p) if p in markers else _lark_string(p) for p in parts if p)
 
 
 class Qwen3Coder(CallFormat):
@@ -242,17 +287,21 @@ def _raw_ok(text: str) -> bool:
     return "</parameter>" not in text and "</tool_call>" not in text and text.lower() != "null"
 
 
-def _name_prefix(name: str) -> str:
-    # The JSON between `{` and the arguments object: `"name": "X", "arguments": `.
-    return f'"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
-
-
 def _lark_string(text: str) -> str:
     # A JSON string literal is a valid llguidance Lark string literal.
     return json.dumps(text, ensure_ascii=False)
 
 
-FORMATS: dict[str, CallFormat] = {"hermes": Hermes(), "qwen3_coder": Qwen3Coder()}
+FORMATS: dict[str, CallFormat] = {
+    "hermes": JsonCall("hermes", "<tool_call>\n", "\n</tool_call>", markers=("<tool_call>", "</tool_call>")),
+    "qwen3_coder": Qwen3Coder(),
+    # Llama 3.1-3.3 write a custom tool's call as bare JSON, and their templates render
+    # one back the same way (with no `<|python_tag|>`, which is for built-in tools).
+    "llama3": JsonCall("llama3", "", "", key="parameters"),
+    "mistral": MistralHeader(),
+    # Mistral's v3 templates (Mistral 7B v0.3, Nemo, Small 2409) write a JSON list.
+    "mistral_list": JsonCall("mistral_list", "[TOOL_CALLS] [", "]", markers=("[TOOL_CALLS]",)),
+}
 # `toolcalls.Format` names whose calls are written as one of FORMATS.
 _ALIASES = {"generic": "hermes"}
 
@@ -260,6 +309,17 @@ _ALIASES = {"generic": "hermes"}
 def supports(format_name: str) -> bool:
     """Whether calls in the `toolcalls.Format` named `format_name` can be forced."""
     return _ALIASES.get(format_name, format_name) in FORMATS
+
+
+def format_for(tokenizer: Any, format_name: str) -> CallFormat:
+    """The CallFormat for a `toolcalls.Format` name: the one the model's chat template
+    renders calls back in, so that a forced call is next turn's prompt, token for token."""
+    name = _ALIASES.get(format_name, format_name)
+    if name == "mistral" and "[ARGS]" not in toolcalls.template_text(tokenizer):
+        name = "mistral_list"
+    if name not in FORMATS:
+        raise ConstraintError(f"unknown call format {format_name!r}")
+    return FORMATS[name]
 
 
 # --- the public entry point --------------------------------------------------------
@@ -279,9 +339,7 @@ def forced_call(
     set, name and format, and kept in an LRU cache. Raises ConstraintError if `name` is
     not among the tools or a schema cannot be compiled.
     """
-    fmt = FORMATS.get(_ALIASES.get(call_format, call_format))
-    if fmt is None:
-        raise ConstraintError(f"unknown call format {call_format!r}")
+    fmt = format_for(tokenizer, call_format)
     chosen = _choose(tools, name)
     compiled = _compiled(tokenizer, fmt, chosen)
     return ForcedCall(compiled.matcher.deep_copy(), compiled.vocab_size, compiled.eos)

@@ -6,7 +6,9 @@ count_tokens and generation share this path, so they agree to the token.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import string
 from typing import Any
 
 from msgspec import Struct
@@ -264,13 +266,32 @@ def _apply(tokenizer: Any, messages: list[dict], tools: list[dict] | None, think
     except Exception as first:
         # Many templates refuse a system turn after the first message; give them
         # the same text as a reminder inside the user turn instead of dropping it.
-        folded = _fold_system(messages)
-        if folded == messages:
+        # Mistral's v3 templates refuse tool-call ids that are not 9 alphanumerics.
+        adapted = _short_ids(_fold_system(messages))
+        if adapted == messages:
             raise InvalidRequest(f"the model's chat template cannot render this conversation: {first}") from None
         try:
-            return tokenizer.apply_chat_template(folded, **kwargs)
+            return tokenizer.apply_chat_template(adapted, **kwargs)
         except Exception as exc:
             raise InvalidRequest(f"the model's chat template cannot render this conversation: {exc}") from None
+
+
+def _short_ids(messages: list[dict]) -> list[dict]:
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            m = m | {"tool_calls": [c | {"id": _short_id(c["id"])} for c in m["tool_calls"]]}
+        if m.get("tool_call_id"):
+            m = m | {"tool_call_id": _short_id(m["tool_call_id"])}
+        out.append(m)
+    return out
+
+
+def _short_id(tool_use_id: str) -> str:
+    # The same id always gives the same 9 characters: the history must not change.
+    n = int.from_bytes(hashlib.sha256(tool_use_id.encode()).digest()[:8], "big")
+    digits = string.ascii_letters + string.digits
+    return "".join(digits[(n // 62**i) % 62] for i in range(9))
 
 
 def _fold_system(messages: list[dict]) -> list[dict]:

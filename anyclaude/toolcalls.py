@@ -137,10 +137,7 @@ def format_for(tokenizer: Any) -> Format:
     parser = getattr(tokenizer, "tool_parser", None)
     module = getattr(parser, "__module__", "") or ""
     module = module.rsplit(".", 1)[-1] if module.startswith("mlx_lm.tool_parsers.") else None
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates, e.g. "default" and "tool_use"
-        template = "\n".join(t for t in template.values() if isinstance(t, str))
-    template = template if isinstance(template, str) else ""
+    template = template_text(tokenizer)
     if module == "json_tools":
         base = _HERMES
     elif module == "mistral":
@@ -161,6 +158,14 @@ def format_for(tokenizer: Any) -> Format:
         start, end = base.think_start, base.think_end
     drop = tuple(getattr(tokenizer, "structural_markers", None) or ())
     return msgspec.structs.replace(base, think_start=start, think_end=end, drop=drop)
+
+
+def template_text(tokenizer: Any) -> str:
+    """The tokenizer's chat template source ("" if none; named templates joined)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates, e.g. "default" and "tool_use"
+        template = "\n".join(t for t in template.values() if isinstance(t, str))
+    return template if isinstance(template, str) else ""
 
 
 def _is_llama3(template: str) -> bool:

@@ -15,8 +15,9 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
+from test_roundtrip import LLAMA3, MISTRAL, MISTRAL_V3, QWEN3_CODER, family_tokenizer
 
-from anyclaude import constrain, models, profiles, toolcalls
+from anyclaude import constrain, cpu, models, profiles, toolcalls
 
 HERMES = constrain.FORMATS["hermes"]
 
@@ -51,6 +52,7 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 def tiny():
     (model_spec,) = profiles.load("tiny").profile.models.values()
     model, tokenizer = load(models.prepare(model_spec))
+    cpu.dequantize(model)  # as the engine does on a CPU: several times faster there
     return model, tokenizer
 
 
@@ -267,19 +269,9 @@ def xml(name: str, arguments: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def qwen3_coder(tiny, tiny_model):
+def qwen3_coder(tiny_model):
     """The tiny model's tokenizer with the Qwen3-Coder template, as test_roundtrip makes it."""
-    from mlx_lm import tokenizer_utils
-    from mlx_lm.utils import load_tokenizer
-    from test_roundtrip import QWEN3_CODER
-
-    base = tiny[1]._tokenizer
-    twin = copy.copy(base)
-    twin.chat_template = QWEN3_CODER
-    twin.init_kwargs = {k: v for k, v in base.init_kwargs.items() if k != "tool_parser_type"}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tokenizer_utils.AutoTokenizer, "from_pretrained", lambda *a, **k: twin)
-        tokenizer = load_tokenizer(tiny_model)
+    tokenizer = family_tokenizer(tiny_model, "qwen3_coder", QWEN3_CODER)
     assert toolcalls.format_for(tokenizer).name == "qwen3_coder"
     return tokenizer
 
@@ -291,8 +283,8 @@ def parsed(tokenizer, text: str) -> list:
 
 
 def test_call_formats_are_known_by_family_name():
-    assert all(constrain.supports(name) for name in ("generic", "hermes", "qwen3_coder"))
-    assert not constrain.supports("mistral")
+    assert all(constrain.supports(name) for name in ("generic", "hermes", "qwen3_coder", "llama3", "mistral"))
+    assert not constrain.supports("glm47")
 
 
 @pytest.mark.parametrize(
@@ -387,3 +379,127 @@ def test_xml_forced_read_from_a_prompt(tiny, qwen3_coder, xml_prefilled):
     (call,) = parsed(qwen3_coder, text)
     jsonschema.Draft202012Validator(READ_SCHEMA).validate(call.arguments)
     assert XML.render(call.name, call.arguments) == text  # the prefix cache sees the same text
+
+
+# --- Llama 3 and Mistral: JSON after the family's own markers ---------------------------
+
+TEMPLATES = {"llama3": LLAMA3, "mistral": MISTRAL, "mistral_list": MISTRAL_V3}
+
+
+@pytest.fixture(scope="module")
+def families(tiny_model):
+    """family -> the tiny model's tokenizer with that family's template and markers."""
+    return {family: family_tokenizer(tiny_model, family, template) for family, template in TEMPLATES.items()}
+
+
+def forced(tokenizer, name: str | None, tools: list[dict] = TOOLS):
+    return constrain.forced_call(tokenizer, tools, name, call_format=toolcalls.format_for(tokenizer).name)
+
+
+def rendered(tokenizer, name: str, arguments: dict) -> str:
+    return constrain.format_for(tokenizer, toolcalls.format_for(tokenizer).name).render(name, arguments)
+
+
+def test_the_variant_is_the_one_the_template_renders_back(families):
+    assert {f: toolcalls.format_for(t).name for f, t in families.items()} == {"llama3": "llama3", "mistral": "mistral", "mistral_list": "mistral"}
+    assert {f: constrain.format_for(t, toolcalls.format_for(t).name).name for f, t in families.items()} == {
+        "llama3": "llama3",
+        "mistral": "mistral",
+        "mistral_list": "mistral_list",
+    }
+    assert rendered(families["llama3"], "Read", {"file_path": "/a"}) == '{"name": "Read", "parameters": {"file_path": "/a"}}'
+    assert rendered(families["mistral"], "Read", {"file_path": "/a"}) == '[TOOL_CALLS]Read[ARGS]{"file_path": "/a"}'
+    assert rendered(families["mistral_list"], "Read", {"file_path": "/a"}) == '[TOOL_CALLS] [{"name": "Read", "arguments": {"file_path": "/a"}}]'
+
+
+@pytest.mark.parametrize("family", list(TEMPLATES))
+@pytest.mark.parametrize(
+    "name,arguments",
+    [
+        ("Read", {"file_path": "/tmp/é ü.txt", "offset": 3, "limit": 20}),
+        ("Read", {"file_path": 'a "quoted"\\ name\twith\nbreaks'}),
+        ("Bash", {"command": "ls -la", "timeout": 1.5}),
+        ("WebFetch", {"url": "https://example.com/", "prompt": "summarise"}),
+    ],
+)
+def test_json_family_calls_are_accepted_and_parsed_back(families, family, name, arguments):
+    tokenizer = families[family]
+    text = rendered(tokenizer, name, arguments)
+    assert fed(forced(tokenizer, None), tokenizer, text)
+    assert parsed(tokenizer, text) == [toolcalls.ToolCall(name, arguments)]
+    assert constrain.format_for(tokenizer, toolcalls.format_for(tokenizer).name).parse(text) == (name, arguments)
+
+
+@pytest.mark.parametrize("family", ["mistral", "mistral_list"])
+def test_mistral_markers_are_the_special_tokens(families, family):
+    tokenizer = families[family]
+    processor = forced(tokenizer, "Read")
+    width = len(tokenizer.vocab)
+    first = np.array(processor(mx.array([1, 2, 3]), mx.zeros((1, width)))[0])
+    assert np.flatnonzero(first != -np.inf).tolist() == [tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")]
+    if family == "mistral":
+        text = rendered(tokenizer, "Read", {"file_path": "/a"})
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.convert_tokens_to_ids("[ARGS]") in ids
+
+
+REFUSED = {
+    "llama3": [
+        '{"name": "Read", "arguments": {"file_path": "/a"}}',  # the Hermes key
+        '<|python_tag|>{"name": "Read", "parameters": {"file_path": "/a"}}',  # built-in tools only
+        '{"name": "Read", "parameters": {"file_path":"/a"}}',  # compact JSON
+        'Sure! {"name": "Read", "parameters": {"file_path": "/a"}}',  # text first
+        '{"name": "Read", "parameters": {"file_path": "/a"}}\n',  # anything after
+        '{"name": "Read", "parameters": {"offset": 3}}',  # required
+        '{"name": "Bash", "parameters": {"command": "ls"}}',  # another tool
+    ],
+    "mistral": [
+        '[TOOL_CALLS] [{"name": "Read", "arguments": {"file_path": "/a"}}]',  # the v3 list
+        '[TOOL_CALLS] Read[ARGS]{"file_path": "/a"}',  # a space
+        '[TOOL_CALLS]Read[ARGS]{"file_path":"/a"}',  # compact JSON
+        '[TOOL_CALLS]Read[ARGS]{"file_path": "/a", "mode": "r"}',  # additionalProperties: false
+        '[TOOL_CALLS]Bash[ARGS]{"command": "ls"}',  # another tool
+        'Sure! [TOOL_CALLS]Read[ARGS]{"file_path": "/a"}',  # text first
+    ],
+    "mistral_list": [
+        '[TOOL_CALLS]Read[ARGS]{"file_path": "/a"}',  # the newer header
+        '[TOOL_CALLS][{"name": "Read", "arguments": {"file_path": "/a"}}]',  # no space
+        '[TOOL_CALLS] [{"name": "Read", "arguments": {"file_path": "/a"}, "id": "abcdefghi"}]',  # an id
+        '[TOOL_CALLS] [{"name": "Read", "arguments": {"file_path": "/a"}}, {"name": "Read", "arguments": {"file_path": "/b"}}]',
+        '[TOOL_CALLS] [{"name": "Read", "arguments": {"offset": 0}}]',  # required, exclusiveMinimum
+    ],
+}
+
+
+@pytest.mark.parametrize(("family", "text"), [(f, t) for f, texts in REFUSED.items() for t in texts])
+def test_json_family_other_texts_are_refused(families, family, text):
+    assert not fed(forced(families[family], "Read"), families[family], text)
+
+
+# As XML_PROMPT, with the 9-character ids Mistral's v3 template insists on.
+CALL_PROMPT = [
+    XML_PROMPT[0],
+    XML_PROMPT[1] | {"tool_calls": [XML_PROMPT[1]["tool_calls"][0] | {"id": "a1b2c3d4e"}]},
+    XML_PROMPT[2] | {"tool_call_id": "a1b2c3d4e"},
+    XML_PROMPT[3],
+]
+
+
+@pytest.fixture(scope="module")
+def spelled_out(tiny_model):
+    """Like `families` but with the markers as plain text: the tiny model has no
+    embedding rows for added special tokens, so it can only generate them spelled out."""
+    return {family: family_tokenizer(tiny_model, f"{family}, spelled out", template) for family, template in TEMPLATES.items()}
+
+
+@pytest.mark.parametrize("family", list(TEMPLATES))
+def test_json_family_forced_read_from_a_prompt(tiny, spelled_out, family):
+    model, _ = tiny
+    tokenizer = spelled_out[family]
+    processor = forced(tokenizer, "Read")
+    text, ended = generate((model, tokenizer), _prefill(model, tokenizer, CALL_PROMPT), processor, 0.0)
+    assert ended and processor.done, text
+    (call,) = parsed(tokenizer, text)
+    assert call.name == "Read"
+    jsonschema.Draft202012Validator(READ_SCHEMA).validate(call.arguments)
+    assert rendered(tokenizer, call.name, call.arguments) == text  # the prefix cache sees the same text
