@@ -3,14 +3,80 @@
 On the CPU, MLX's quantized matmul is slower than a plain float32 matmul, and the
 `mlx-cpu` wheel bundles the reference BLAS. Dequantizing on load and preloading an
 optimised BLAS (OpenBLAS) into the process address both.
+
+Attention over a prompt is the other cost: MLX's CPU `exp` is scalar, so the softmax
+of a prefill chunk's scores takes most of the layer's time once the context is a few
+thousand tokens. `use_fast_attention` computes that softmax with NumPy's vectorised
+`exp`, in place in the scores' own buffer.
 """
 
 from __future__ import annotations
 
-
 import mlx.core as mx
+import numpy as np
 from mlx import nn
 from mlx.utils import tree_map_with_path
+
+# Scores computed at once, in elements (64 MiB of float32): longer prompts go in row blocks.
+_BLOCK = 1 << 24
+_mlx_attention = mx.fast.scaled_dot_product_attention
+
+
+def use_fast_attention() -> None:
+    """Route MLX's scaled_dot_product_attention through `attention` in this process.
+
+    For MLX's CPU backend only (on Metal the fused kernel is the fast one); mlx-lm's
+    models all call it through `mx.fast`, so every architecture gets it.
+    """
+    mx.fast.scaled_dot_product_attention = attention
+
+
+def attention(queries, keys, values, *, scale, mask=None, **kwargs) -> mx.array:
+    """`mx.fast.scaled_dot_product_attention` with the softmax in NumPy, for prefill.
+
+    Handles float32 prompts of more than one token with no mask or the causal one
+    (what mlx-lm passes for prefill); anything else goes to MLX's own.
+    """
+    batch, heads, length, depth = queries.shape
+    kv_heads, width = keys.shape[1], keys.shape[2]
+    if (
+        length == 1
+        or kwargs.get("sinks") is not None
+        or not (mask is None or (isinstance(mask, str) and mask == "causal"))
+        or queries.dtype != mx.float32
+        or keys.dtype != mx.float32
+        or heads % kv_heads
+    ):
+        return _mlx_attention(queries, keys, values, scale=scale, mask=mask, **kwargs)
+    group = heads // kv_heads
+    # Query heads grouped by the key/value head they share: no copies of keys or values.
+    q = (queries * scale).reshape(batch, kv_heads, group, length, depth)
+    k = keys[:, :, None].swapaxes(-1, -2)
+    v = values[:, :, None]
+    rows = max(1, _BLOCK // (batch * heads * width))
+    out = []
+    for start in range(0, length, rows):
+        stop = min(length, start + rows)
+        scores = q[..., start:stop, :] @ k
+        mx.eval(scores)
+        _softmax(np.asarray(scores), start, length if mask == "causal" else None)
+        out.append(scores @ v)  # the buffer now holds the probabilities
+    attended = out[0] if len(out) == 1 else mx.concatenate(out, axis=3)
+    return attended.reshape(batch, heads, length, depth)
+
+
+def _softmax(scores: np.ndarray, start: int, causal_length: int | None) -> None:
+    # In place, over the last axis. Row r is the prompt's token start + r; with the
+    # causal mask it sees every key up to its own position, which is
+    # width - causal_length + start + r (the keys end with the prompt).
+    if causal_length is not None:
+        rows, width = scores.shape[-2], scores.shape[-1]
+        first = width - causal_length + start
+        hidden = np.triu(np.ones((rows, width - first), dtype=bool), 1)
+        scores[..., first:][..., hidden] = -np.inf
+    np.subtract(scores, scores.max(axis=-1, keepdims=True), out=scores)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
 
 def dequantize(model: nn.Module, dtype: mx.Dtype = mx.float32) -> None:
     """Replace every QuantizedLinear/QuantizedEmbedding of `model` by a float one, in place.

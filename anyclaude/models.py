@@ -110,13 +110,15 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
         mlx_model, tokenizer = mlx_load(where)
         if mx.metal.is_available():
             device = "Metal"
-        elif settings.cpu_dequantize and blas.loaded():
-            from .cpu import dequantize
-
-            dequantize(mlx_model)
-            device = "CPU, dequantized, OpenBLAS"
         else:
-            device = "CPU (install OpenBLAS for a faster CPU path: see the README)"
+            from . import cpu
+
+            cpu.use_fast_attention()
+            if settings.cpu_dequantize and blas.loaded():
+                cpu.dequantize(mlx_model)
+                device = "CPU, dequantized, OpenBLAS"
+            else:
+                device = "CPU (install OpenBLAS for a faster CPU path: see the README)"
         own = _context_length(where)
         context = model.context_length or own or 8192
         # Saved KV caches are only valid for the same weights computed the same way.

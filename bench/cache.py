@@ -15,7 +15,8 @@ tables, PASS/FAIL per target and one JSON line; exits 0 whatever the verdicts.
 
 On Linux with OpenBLAS installed, the command re-runs itself with OpenBLAS preloaded
 (as `anyclaude serve` does), so that the in-process reference and mlx_lm.server run
-dequantized float32 weights on the same BLAS as the daemon.
+dequantized float32 weights on the same BLAS as the daemon. Attention is not levelled:
+anyclaude's CPU attention (anyclaude.cpu) is its own, and the other two run MLX's.
 """
 
 from __future__ import annotations
@@ -557,6 +558,7 @@ def figures(phases: dict[str, Phase], tokenizer, model_dir: str, turns: int, max
     out = {
         "model": model_dir,
         "dequantized_openblas": dequantized,
+        "metal": _metal(),
         "turns": turns,
         "max_tokens": max_tokens,
         "prefill_step": prefill_step,
@@ -566,6 +568,8 @@ def figures(phases: dict[str, Phase], tokenizer, model_dir: str, turns: int, max
         "warm_over_cold_loop_mean": round(sum(t.ttft for t in loop[1:]) / (len(loop) - 1) / cold, 4),
         "warm_over_cold_interleaved_main_max": round(max(t.ttft for t in warm_main) / mixed_cold, 4),
         "warm_over_cold_interleaved_all_max": round(max(t.ttft for t in mixed[1:]) / mixed_cold, 4),
+        # The share of the cold turn's work a warm turn cannot skip: its uncached tokens.
+        "warm_uncached_share_loop_max": round(max(_uncached(t) for t in loop[1:]) / _uncached(loop[0]), 4),
         # The same ratios for the other two: what this CPU allows, and what mlx_lm.server does.
         "warm_over_cold_loop_max_raw": _warm_over_cold(phases["raw_loop"].turns),
         "warm_over_cold_loop_max_mlx": _warm_over_cold(phases["mlx_loop"].turns),
@@ -600,6 +604,16 @@ def figures(phases: dict[str, Phase], tokenizer, model_dir: str, turns: int, max
         "kv_budget": None if kv_peak is None else kv_peak <= budget,
     }
     return out
+
+
+def _metal() -> bool:
+    import mlx.core as mx
+
+    return mx.metal.is_available()
+
+
+def _uncached(turn: Turn) -> int:
+    return turn.prompt_tokens - (turn.cached or 0)
 
 
 def _warm_over_cold(turns: list[Turn]) -> float:
@@ -654,7 +668,8 @@ def print_report(f: dict) -> None:
           f"system+tools prefix {f['prefix_tokens']} tokens; max_tokens {f['max_tokens']}; temperature 0")
     print("mlx_lm.server: default options (prompt cache of 10 sequences, no byte limit, prefill step 2048, batched decoding)"
           + (", model dequantized after load as anyclaude does" if f["dequantized_openblas"] else ""))
-    print(f"anyclaude: profile tiny with [cache] persist = true, max_gb = {f['kv_budget_bytes'] / 2**30:g}, repetition_penalty = 1.0; prefill step {f['prefill_step']}")
+    print(f"anyclaude: profile tiny with [cache] persist = true, max_gb = {f['kv_budget_bytes'] / 2**30:g}, repetition_penalty = 1.0; prefill step {f['prefill_step']}"
+          + ("; its CPU attention (softmax in NumPy; the other two use MLX's)" if not f["metal"] else ""))
     print(f"raw: mlx-lm stream_generate in-process, prefill step {f['prefill_step']}, the best earlier KV cache reused "
           "(copied across sessions), prompt tokenized before the clock starts\n")
     _table("Agent loop", r["any_loop"], r["mlx_loop"], r["raw_loop"], f["cold_ttft_s"])
@@ -700,6 +715,8 @@ def _targets(f: dict) -> None:
         verdict = "n/a" if ok is None else "PASS" if ok else "FAIL"
         print(f"  {name:<60}{value:>24}  {target:<12}{verdict}")
     print(f"  (info) mean warm/cold TTFT, agent loop: {f['warm_over_cold_loop_mean']:.3f}")
+    print(f"  (info) uncached prompt tokens, warm turn / cold turn, agent loop (worst): {f['warm_uncached_share_loop_max']:.3f}"
+          " (a warm turn computes at least this share of the cold turn's tokens)")
     print(f"  (info) worst interleaved request of any kind / cold: {f['warm_over_cold_interleaved_all_max']:.3f}")
     print(f"  (info) same warm/cold ratios for raw: loop {f['warm_over_cold_loop_max_raw']:.3f}, interleaved {f['warm_over_cold_interleaved_main_max_raw']:.3f}; "
           f"mlx_lm.server: loop {f['warm_over_cold_loop_max_mlx']:.3f}, interleaved {f['warm_over_cold_interleaved_main_max_mlx']:.3f}")

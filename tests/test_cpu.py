@@ -1,0 +1,77 @@
+"""The CPU path's attention (anyclaude.cpu.attention) against MLX's own, on random
+inputs and through the tiny model."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+from mlx_lm.models.cache import make_prompt_cache
+
+from anyclaude import cpu, models, profiles
+
+MLX = mx.fast.scaled_dot_product_attention
+
+
+def inputs(batch: int, heads: int, kv_heads: int, length: int, width: int, seed: int = 0):
+    mx.random.seed(seed)
+    q = mx.random.normal((batch, heads, length, 64))
+    k = mx.random.normal((batch, kv_heads, width, 64))
+    v = mx.random.normal((batch, kv_heads, width, 64))
+    return q, k, v
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 9, 3, 169, 2569),  # a warm turn's chunk on top of a cached prefix (grouped heads)
+        (1, 8, 8, 64, 64),  # a first chunk, one key head per query head
+        (2, 4, 2, 7, 30),  # a batch
+    ],
+)
+@pytest.mark.parametrize("mask", [None, "causal"])
+def test_matches_mlx(shape, mask):
+    q, k, v = inputs(*shape)
+    expected = MLX(q, k, v, scale=0.125, mask=mask)
+    got = cpu.attention(q, k, v, scale=0.125, mask=mask)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert mx.allclose(got, expected, atol=1e-5, rtol=1e-5).item()
+
+
+def test_long_prompts_go_in_row_blocks(monkeypatch):
+    q, k, v = inputs(1, 6, 3, 50, 80)
+    monkeypatch.setattr(cpu, "_BLOCK", 6 * 80 * 7)  # 7 rows per block: 8 blocks, the last short
+    got = cpu.attention(q, k, v, scale=0.125, mask="causal")
+    assert mx.allclose(got, MLX(q, k, v, scale=0.125, mask="causal"), atol=1e-5, rtol=1e-5).item()
+
+
+def test_what_it_does_not_handle_goes_to_mlx(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu, "_mlx_attention", lambda *a, **k: calls.append(k) or MLX(*a, **k))
+    q, k, v = inputs(1, 4, 2, 1, 30)
+    cpu.attention(q, k, v, scale=0.125, mask=None)  # decoding one token
+    q, k, v = inputs(1, 4, 2, 5, 30)
+    window = mx.arange(30)[None] > mx.arange(25, 30)[:, None] - 8  # an array mask (sliding window)
+    assert mx.allclose(cpu.attention(q, k, v, scale=0.125, mask=window), MLX(q, k, v, scale=0.125, mask=window)).item()
+    cpu.attention(q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16), scale=0.125, mask="causal")
+    assert len(calls) == 3
+    cpu.attention(q, k, v, scale=0.125, mask="causal")
+    assert len(calls) == 3
+
+
+def test_the_tiny_model_predicts_the_same_tokens(monkeypatch):
+    (spec,) = profiles.load("tiny").profile.models.values()
+    model, tokenizer = load(models.prepare(spec))
+    cpu.dequantize(model)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "List three uses of a paperclip, briefly. " * 12}], add_generation_prompt=True)
+
+    def logits():
+        cache = make_prompt_cache(model)
+        model(mx.array(prompt[:-40])[None], cache=cache)  # a cached prefix
+        return model(mx.array(prompt[-40:])[None], cache=cache)[0]  # a warm chunk after it
+
+    expected = logits()
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", cpu.attention)
+    got = logits()
+    assert (got.argmax(axis=-1) == expected.argmax(axis=-1)).all().item()
+    assert mx.abs(got - expected).max().item() < 1e-2
