@@ -215,10 +215,10 @@ class Engine:
         work.generation.put(event)
 
     def _generate(self, work: _Work) -> None:
-        import mlx.core as mx
-        from mlx_lm.generate import generate_step
         from mlx_lm.models.cache import make_prompt_cache
         from mlx_lm.sample_utils import make_sampler
+
+        from . import decode
 
         job, loaded = work.job, self.loaded
         if work.generation.cancelled:
@@ -240,22 +240,22 @@ class Engine:
                 if not self.cache.has(job.prompt[:done], CHECKPOINT):
                     self.cache.store(job.prompt[:done], copy.deepcopy(kv), CHECKPOINT)
 
-            def progress(_done: int, _total: int) -> None:
+            def check() -> None:
                 if work.generation.cancelled:
                     raise Cancelled
 
-            steps = generate_step(
-                mx.array(job.prompt[done:]),
+            steps = decode.tokens(
                 loaded.model,
+                job.prompt[done:],
+                kv,
                 max_tokens=job.max_tokens,
                 sampler=sampler,
-                prompt_cache=kv,
-                prefill_step_size=self._prefill_step,
-                prompt_progress_callback=progress,
-                logits_processors=self._processors(job),
+                processors=self._processors(job),
+                prefill_step=self._prefill_step,
+                check=check,
             )
             try:
-                for token, _ in steps:
+                for token in steps:
                     if not generated:
                         self._send(work, Prefilled(len(job.prompt), time.perf_counter() - started, cached))
                     generated.append(token)

@@ -1,0 +1,70 @@
+"""The token loop: prefill a prompt on a KV cache, then sample token by token (engine thread).
+
+It does what mlx-lm's `generate_step` does, with one difference: the prompt's last
+chunk and the first token are one forward pass. `generate_step` always keeps the last
+prompt token for a pass of its own, and a pass costs at least one read of every
+weight: on a CPU with float32 weights that is as long as decoding a token, paid on
+every request before its first token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import mlx.core as mx
+
+Processor = Callable[[mx.array, mx.array], mx.array]
+
+
+def tokens(
+    model,
+    prompt: list[int],
+    cache: list,
+    *,
+    max_tokens: int,
+    sampler: Callable[[mx.array], mx.array],
+    processors: list[Processor] | None = None,
+    prefill_step: int = 512,
+    check: Callable[[], None] = lambda: None,
+) -> Iterator[int]:
+    """The tokens generated after `prompt` (at least one token), extending `cache`.
+
+    `processors` are mlx-lm logits processors; they see the prompt and the tokens
+    generated so far, as with `generate_step`. `check` runs before each prefill chunk
+    and may raise to stop. As in `generate_step`, the next token's pass is queued
+    before a token is yielded, so decoding overlaps with the caller's work.
+    """
+    seen: mx.array | None = None
+
+    def step(inputs: mx.array) -> mx.array:
+        nonlocal seen
+        logits = model(inputs[None], cache=cache)[:, -1, :]
+        if processors:
+            seen = inputs if seen is None else mx.concatenate([seen, inputs])
+            for processor in processors:
+                logits = processor(seen, logits)
+        return sampler(logits - mx.logsumexp(logits, keepdims=True))
+
+    rest = prompt
+    while len(rest) > prefill_step:
+        check()
+        model(mx.array(rest[:prefill_step])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        if processors:
+            chunk = mx.array(rest[:prefill_step])
+            seen = chunk if seen is None else mx.concatenate([seen, chunk])
+        rest = rest[prefill_step:]
+        mx.clear_cache()
+    check()
+    y = step(mx.array(rest))
+    mx.async_eval(y)
+    for n in range(max_tokens):
+        following = step(y) if n + 1 < max_tokens else None
+        if following is not None:
+            mx.async_eval(following)
+        yield y.item()
+        if following is None:
+            return
+        y = following
+        if n % 256 == 255:
+            mx.clear_cache()

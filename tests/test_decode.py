@@ -1,0 +1,83 @@
+"""The token loop (anyclaude.decode) against mlx-lm's generate_step, on the tiny model."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from anyclaude import cpu, decode, models, profiles
+from anyclaude.cache import length
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    (spec,) = profiles.load("tiny").profile.models.values()
+    model, tokenizer = load(models.prepare(spec))
+    cpu.dequantize(model)  # as the engine does on a CPU: faster here
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def prompt(tiny):
+    _, tokenizer = tiny
+    return tokenizer.apply_chat_template([{"role": "user", "content": "Name the planets of the solar system in order."}], add_generation_prompt=True)
+
+
+class Counted:
+    """The model, counting its forward passes."""
+
+    def __init__(self, model):
+        self.model, self.passes = model, 0
+
+    def __call__(self, *args, **kwargs):
+        self.passes += 1
+        return self.model(*args, **kwargs)
+
+
+def reference(model, prompt, max_tokens, processors=None) -> list[int]:
+    steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=make_sampler(temp=0.0), logits_processors=processors, prompt_cache=make_prompt_cache(model), prefill_step_size=16)
+    return [t for t, _ in steps]
+
+
+def test_same_tokens_as_generate_step_with_one_pass_less(tiny, prompt):
+    model, _ = tiny
+    counted, cache = Counted(model), make_prompt_cache(model)
+    got = list(decode.tokens(counted, prompt, cache, max_tokens=12, sampler=make_sampler(temp=0.0), prefill_step=16))
+    assert got == reference(model, prompt, 12)
+    chunks = -(-len(prompt) // 16)
+    # One pass per prompt chunk, the first token included, then one per further token
+    # (the last token is only sampled: its pass would be for the token after it).
+    assert counted.passes == chunks + 11
+    assert length(cache) == len(prompt) + 11
+
+
+def test_processors_see_the_prompt_then_each_token(tiny, prompt):
+    model, _ = tiny
+    seen = []
+
+    def record(tokens, logits):
+        seen.append(tokens.tolist())
+        return logits
+
+    penalty = make_logits_processors(repetition_penalty=1.3, repetition_context_size=64)
+    got = list(decode.tokens(model, prompt, make_prompt_cache(model), max_tokens=8, sampler=make_sampler(temp=0.0), processors=[record, *penalty], prefill_step=16))
+    assert got == reference(model, prompt, 8, penalty)
+    assert seen == [prompt + got[:i] for i in range(8)]
+
+
+def test_check_can_stop_between_chunks(tiny, prompt):
+    model, _ = tiny
+    counted, calls = Counted(model), []
+
+    def check():
+        calls.append(counted.passes)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        next(decode.tokens(counted, prompt, make_prompt_cache(model), max_tokens=4, sampler=make_sampler(temp=0.0), prefill_step=16, check=check))
+    assert calls == [0, 1] and counted.passes == 1
