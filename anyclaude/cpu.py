@@ -4,31 +4,51 @@ On the CPU, MLX's quantized matmul is slower than a plain float32 matmul, and th
 `mlx-cpu` wheel bundles the reference BLAS. Dequantizing on load and preloading an
 optimised BLAS (OpenBLAS) into the process address both.
 
-Attention over a prompt is the other cost: MLX's CPU `exp` is scalar, so the softmax
-of a prefill chunk's scores takes most of the layer's time once the context is a few
-thousand tokens. `use_fast_attention` computes that softmax with NumPy's vectorised
-`exp`, in place in the scores' own buffer.
+MLX's CPU `exp` is the other cost: it is scalar, about 25 times slower than NumPy's.
+Over a prompt, the softmax of attention takes most of a layer's time once the context
+is a few thousand tokens, and SwiGLU's sigmoid a quarter of the MLP's. `use_numpy_exp`
+computes both with NumPy (the softmax in place, in the scores' own buffer).
 """
 
 from __future__ import annotations
+
+import sys
 
 import mlx.core as mx
 import numpy as np
 from mlx import nn
 from mlx.utils import tree_map_with_path
+from mlx_lm.models import activations
 
 # Scores computed at once, in elements (64 MiB of float32): longer prompts go in row blocks.
 _BLOCK = 1 << 24
+# Below this many gate values (a token or two) MLX's own SwiGLU is quicker.
+_SWIGLU_MIN = 1 << 14
 _mlx_attention = mx.fast.scaled_dot_product_attention
+_mlx_swiglu = activations.swiglu
 
 
-def use_fast_attention() -> None:
-    """Route MLX's scaled_dot_product_attention through `attention` in this process.
+def use_numpy_exp() -> None:
+    """Route attention and SwiGLU through `attention` and `swiglu` in this process.
 
-    For MLX's CPU backend only (on Metal the fused kernel is the fast one); mlx-lm's
-    models all call it through `mx.fast`, so every architecture gets it.
+    For MLX's CPU backend only (on Metal the fused kernels are the fast ones). mlx-lm's
+    models call attention through `mx.fast`, so every architecture gets it; SwiGLU is
+    replaced in the model modules imported so far (call this after loading).
     """
     mx.fast.scaled_dot_product_attention = attention
+    for name, module in list(sys.modules.items()):
+        if name.startswith("mlx_lm.models.") and getattr(module, "swiglu", None) is _mlx_swiglu:
+            module.swiglu = swiglu
+
+
+def swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """mlx-lm's `swiglu` (silu(gate) * x) with the sigmoid in NumPy, for prompts."""
+    if gate.dtype != mx.float32 or gate.size < _SWIGLU_MIN:
+        return _mlx_swiglu(gate, x)
+    mx.eval(gate)
+    g = np.asarray(gate)
+    with np.errstate(over="ignore"):  # exp(-g) = inf for g < -88: g / inf is the right 0
+        return mx.array(g / (1.0 + np.exp(-g))) * x
 
 
 def attention(queries, keys, values, *, scale, mask=None, **kwargs) -> mx.array:

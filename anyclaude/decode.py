@@ -1,10 +1,10 @@
 """The token loop: prefill a prompt on a KV cache, then sample token by token (engine thread).
 
-It does what mlx-lm's `generate_step` does, with one difference: the prompt's last
-chunk and the first token are one forward pass. `generate_step` always keeps the last
-prompt token for a pass of its own, and a pass costs at least one read of every
-weight: on a CPU with float32 weights that is as long as decoding a token, paid on
-every request before its first token.
+It does what mlx-lm's `generate_step` does, with one difference: a short last chunk
+of the prompt and the first token are one forward pass. `generate_step` always keeps
+the last prompt token for a pass of its own, and a pass costs at least one read of
+every weight: on a CPU with float32 weights that is as long as decoding a token, paid
+on every request before its first token.
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ from collections.abc import Callable, Iterator
 import mlx.core as mx
 
 Processor = Callable[[mx.array, mx.array], mx.array]
+
+# The merged pass computes the output layer for each of its tokens, not just the last:
+# beyond this many tokens that costs more than the pass it saves.
+MERGED = 256
 
 
 def tokens(
@@ -46,14 +50,15 @@ def tokens(
         return sampler(logits - mx.logsumexp(logits, keepdims=True))
 
     rest = prompt
-    while len(rest) > prefill_step:
+    while len(rest) > prefill_step or len(rest) > MERGED:
         check()
-        model(mx.array(rest[:prefill_step])[None], cache=cache)
+        n = min(prefill_step, len(rest) - 1)
+        model(mx.array(rest[:n])[None], cache=cache)
         mx.eval([c.state for c in cache])
         if processors:
-            chunk = mx.array(rest[:prefill_step])
+            chunk = mx.array(rest[:n])
             seen = chunk if seen is None else mx.concatenate([seen, chunk])
-        rest = rest[prefill_step:]
+        rest = rest[n:]
         mx.clear_cache()
     check()
     y = step(mx.array(rest))

@@ -113,7 +113,7 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
         else:
             from . import cpu
 
-            cpu.use_fast_attention()
+            cpu.use_numpy_exp()
             if settings.cpu_dequantize and blas.loaded():
                 cpu.dequantize(mlx_model)
                 device = "CPU, dequantized, OpenBLAS"

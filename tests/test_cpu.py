@@ -1,4 +1,4 @@
-"""The CPU path's attention (anyclaude.cpu.attention) against MLX's own, on random
+"""The CPU path's attention and SwiGLU (anyclaude.cpu) against MLX's own, on random
 inputs and through the tiny model."""
 
 from __future__ import annotations
@@ -6,11 +6,14 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 from mlx_lm import load
+from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
 from anyclaude import cpu, models, profiles
 
-MLX = mx.fast.scaled_dot_product_attention
+# MLX's own, as anyclaude.cpu kept them (an engine loaded in this process replaces them).
+MLX = cpu._mlx_attention
+MLX_SWIGLU = cpu._mlx_swiglu
 
 
 def inputs(batch: int, heads: int, kv_heads: int, length: int, width: int, seed: int = 0):
@@ -59,6 +62,18 @@ def test_what_it_does_not_handle_goes_to_mlx(monkeypatch):
     assert len(calls) == 3
 
 
+def test_swiglu_matches_mlx(monkeypatch):
+    mx.random.seed(1)
+    gate = mx.random.normal((1, 169, 1536)) * 40  # into the range where exp(-g) overflows
+    x = mx.random.normal((1, 169, 1536))
+    assert mx.allclose(cpu.swiglu(gate, x), MLX_SWIGLU(gate, x), atol=1e-5, rtol=1e-5).item()
+    calls = []
+    monkeypatch.setattr(cpu, "_mlx_swiglu", lambda g, y: calls.append(g.shape) or MLX_SWIGLU(g, y))
+    cpu.swiglu(gate[:, :1], x[:, :1])  # decoding one token
+    cpu.swiglu(gate.astype(mx.float16), x.astype(mx.float16))
+    assert calls == [(1, 1, 1536), (1, 169, 1536)]
+
+
 def test_the_tiny_model_predicts_the_same_tokens(monkeypatch):
     (spec,) = profiles.load("tiny").profile.models.values()
     model, tokenizer = load(models.prepare(spec))
@@ -70,8 +85,11 @@ def test_the_tiny_model_predicts_the_same_tokens(monkeypatch):
         model(mx.array(prompt[:-40])[None], cache=cache)  # a cached prefix
         return model(mx.array(prompt[-40:])[None], cache=cache)[0]  # a warm chunk after it
 
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", MLX)
+    monkeypatch.setattr(llama, "swiglu", MLX_SWIGLU)
     expected = logits()
-    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", cpu.attention)
+    cpu.use_numpy_exp()
+    assert mx.fast.scaled_dot_product_attention is cpu.attention and llama.swiglu is cpu.swiglu
     got = logits()
     assert (got.argmax(axis=-1) == expected.argmax(axis=-1)).all().item()
     assert mx.abs(got - expected).max().item() < 1e-2

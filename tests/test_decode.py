@@ -31,11 +31,15 @@ class Counted:
     """The model, counting its forward passes."""
 
     def __init__(self, model):
-        self.model, self.passes = model, 0
+        self.model, self.sizes = model, []
 
-    def __call__(self, *args, **kwargs):
-        self.passes += 1
-        return self.model(*args, **kwargs)
+    @property
+    def passes(self) -> int:
+        return len(self.sizes)
+
+    def __call__(self, inputs, **kwargs):
+        self.sizes.append(inputs.shape[1])
+        return self.model(inputs, **kwargs)
 
 
 def reference(model, prompt, max_tokens, processors=None) -> list[int]:
@@ -81,3 +85,16 @@ def test_check_can_stop_between_chunks(tiny, prompt):
     with pytest.raises(KeyboardInterrupt):
         next(decode.tokens(counted, prompt, make_prompt_cache(model), max_tokens=4, sampler=make_sampler(temp=0.0), prefill_step=16, check=check))
     assert calls == [0, 1] and counted.passes == 1
+
+
+def test_a_long_last_chunk_leaves_its_last_token_to_a_pass_of_its_own(tiny, prompt, monkeypatch):
+    model, _ = tiny
+    monkeypatch.setattr(decode, "MERGED", 8)
+    counted = Counted(model)
+    got = list(decode.tokens(counted, prompt, make_prompt_cache(model), max_tokens=3, sampler=make_sampler(temp=0.0), prefill_step=16))
+    assert got == reference(model, prompt, 3)
+    # Chunks of at most 16, the pass that gives the first token at most 8 long, then one
+    # pass per further token (the last one only sampled).
+    *chunks, first, second, third = counted.sizes
+    assert max(chunks) <= 16 and first <= 8 and second == third == 1
+    assert sum(chunks) + first == len(prompt)
