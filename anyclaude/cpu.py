@@ -12,7 +12,10 @@ computes both with NumPy (the softmax in place, in the scores' own buffer).
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import numpy as np
@@ -69,26 +72,39 @@ def attention(queries, keys, values, *, scale, mask=None, **kwargs) -> mx.array:
     ):
         return _mlx_attention(queries, keys, values, scale=scale, mask=mask, **kwargs)
     group = heads // kv_heads
-    # Query heads grouped by the key/value head they share: no copies of keys or values.
+    # Query heads grouped by the key/value head they share: (batch, kv_heads, group *
+    # rows, depth) against (batch, kv_heads, width, depth), one matmul per key head.
     q = (queries * scale).reshape(batch, kv_heads, group, length, depth)
-    k = keys[:, :, None].swapaxes(-1, -2)
-    v = values[:, :, None]
+    k = keys.swapaxes(-1, -2)
     rows = max(1, _BLOCK // (batch * heads * width))
     out = []
     for start in range(0, length, rows):
         stop = min(length, start + rows)
-        scores = q[..., start:stop, :] @ k
+        scores = q[..., start:stop, :].reshape(batch, kv_heads, group * (stop - start), depth) @ k
         mx.eval(scores)
-        _softmax(np.asarray(scores), start, length if mask == "causal" else None)
-        out.append(scores @ v)  # the buffer now holds the probabilities
+        _softmax(np.asarray(scores).reshape(-1, stop - start, width), start, length if mask == "causal" else None)
+        # The buffer now holds the probabilities.
+        out.append((scores @ values).reshape(batch, kv_heads, group, stop - start, depth))
     attended = out[0] if len(out) == 1 else mx.concatenate(out, axis=3)
     return attended.reshape(batch, heads, length, depth)
 
 
 def _softmax(scores: np.ndarray, start: int, causal_length: int | None) -> None:
-    # In place, over the last axis. Row r is the prompt's token start + r; with the
-    # causal mask it sees every key up to its own position, which is
-    # width - causal_length + start + r (the keys end with the prompt).
+    # In place, over the last axis of (heads, rows, width), the heads split between
+    # threads (NumPy lets go of the GIL in its loops).
+    parts = min(_threads(), len(scores))
+    bounds = [len(scores) * i // parts for i in range(parts + 1)]
+    pieces = [scores[a:b] for a, b in zip(bounds, bounds[1:])]
+    if parts == 1:
+        _softmax_rows(scores, start, causal_length)
+    else:
+        list(_pool().map(lambda piece: _softmax_rows(piece, start, causal_length), pieces))
+
+
+def _softmax_rows(scores: np.ndarray, start: int, causal_length: int | None) -> None:
+    # Row r is the prompt's token start + r; with the causal mask it sees every key up
+    # to its own position, which is width - causal_length + start + r (the keys end
+    # with the prompt).
     if causal_length is not None:
         rows, width = scores.shape[-2], scores.shape[-1]
         first = width - causal_length + start
@@ -97,6 +113,17 @@ def _softmax(scores: np.ndarray, start: int, causal_length: int | None) -> None:
     np.subtract(scores, scores.max(axis=-1, keepdims=True), out=scores)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
+
+
+@functools.cache
+def _threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_threads(), thread_name_prefix="anyclaude-softmax")
+
 
 def dequantize(model: nn.Module, dtype: mx.Dtype = mx.float32) -> None:
     """Replace every QuantizedLinear/QuantizedEmbedding of `model` by a float one, in place.
