@@ -93,12 +93,12 @@ def _softmax(scores: np.ndarray, start: int, causal_length: int | None) -> None:
     # In place, over the last axis of (heads, rows, width), the heads split between
     # threads (NumPy lets go of the GIL in its loops).
     parts = min(_threads(), len(scores))
-    bounds = [len(scores) * i // parts for i in range(parts + 1)]
-    pieces = [scores[a:b] for a, b in zip(bounds, bounds[1:])]
     if parts == 1:
         _softmax_rows(scores, start, causal_length)
-    else:
-        list(_pool().map(lambda piece: _softmax_rows(piece, start, causal_length), pieces))
+        return
+    bounds = [len(scores) * i // parts for i in range(parts + 1)]
+    pieces = [scores[a:b] for a, b in zip(bounds, bounds[1:])]
+    list(_pool().map(lambda piece: _softmax_rows(piece, start, causal_length), pieces))
 
 
 def _softmax_rows(scores: np.ndarray, start: int, causal_length: int | None) -> None:

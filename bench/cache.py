@@ -15,8 +15,9 @@ tables, PASS/FAIL per target and one JSON line; exits 0 whatever the verdicts.
 
 On Linux with OpenBLAS installed, the command re-runs itself with OpenBLAS preloaded
 (as `anyclaude serve` does), so that the in-process reference and mlx_lm.server run
-dequantized float32 weights on the same BLAS as the daemon. Attention is not levelled:
-anyclaude's CPU attention (anyclaude.cpu) is its own, and the other two run MLX's.
+dequantized float32 weights on the same BLAS as the daemon. The rest of anyclaude's CPU
+path (attention's softmax and SwiGLU in NumPy, anyclaude.cpu) and its merged first
+forward pass (anyclaude.decode) are its own: the other two run plain mlx-lm.
 """
 
 from __future__ import annotations
@@ -669,7 +670,7 @@ def print_report(f: dict) -> None:
     print("mlx_lm.server: default options (prompt cache of 10 sequences, no byte limit, prefill step 2048, batched decoding)"
           + (", model dequantized after load as anyclaude does" if f["dequantized_openblas"] else ""))
     print(f"anyclaude: profile tiny with [cache] persist = true, max_gb = {f['kv_budget_bytes'] / 2**30:g}, repetition_penalty = 1.0; prefill step {f['prefill_step']}"
-          + ("; its CPU attention (softmax in NumPy; the other two use MLX's)" if not f["metal"] else ""))
+          + ("; NumPy softmax and SwiGLU (the other two use MLX's)" if not f["metal"] else ""))
     print(f"raw: mlx-lm stream_generate in-process, prefill step {f['prefill_step']}, the best earlier KV cache reused "
           "(copied across sessions), prompt tokenized before the clock starts\n")
     _table("Agent loop", r["any_loop"], r["mlx_loop"], r["raw_loop"], f["cold_ttft_s"])
