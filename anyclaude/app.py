@@ -459,4 +459,4 @@ def _forced_call(choice: wire.ToolChoice | None, rendered: prompt.Rendered):
 def create_app() -> App:
     """The ASGI app for the profile named in ANYCLAUDE_PROFILE (set by `anyclaude serve`)."""
     loaded = profiles.load(os.environ["ANYCLAUDE_PROFILE"])
-    return App(Server(loaded))
+    return App(Server(loaded, exposed=not profiles.loopback(os.environ.get("ANYCLAUDE_HOST", "127.0.0.1"))))

@@ -69,22 +69,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     loaded = profiles.load(args.profile)
-    from . import blas
-
-    blas.preload_and_reexec(sys.argv[1:])
-    from granian import Granian
-    from granian.constants import HTTPModes, Interfaces
-
     host = args.host or loaded.profile.server.host
     port = args.port or loaded.profile.server.port
-    if not _loopback(host) and not loaded.profile.server.auth_token:
+    if not profiles.loopback(host) and not loaded.profile.server.auth_token:
         print(
             f"anyclaude: refusing to listen on {host} without an auth token: anyone who can reach it "
             f"could use your model. Set server.auth_token in {loaded.path}, or bind 127.0.0.1.",
             file=sys.stderr,
         )
         return 2
+    from . import blas
+
+    blas.preload_and_reexec(sys.argv[1:])
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces
+
     os.environ["ANYCLAUDE_PROFILE"] = str(loaded.path)
+    os.environ["ANYCLAUDE_HOST"] = host  # a reload must not drop the token of an exposed daemon
     print(f"anyclaude: profile {loaded.name} ({loaded.path})", flush=True)
     print(f"anyclaude: listening on http://{host}:{port} (the model is loading; GET /health says when it is ready)", flush=True)
     Granian(
@@ -148,17 +149,6 @@ def _profiles_set(args: argparse.Namespace) -> int:
     profiles.write(path, data)  # validated first: a bad value leaves the file as it was
     print(f"anyclaude: updated {path}")
     return 0
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _log_path(args: argparse.Namespace) -> Path:

@@ -25,8 +25,12 @@ class Server:
         self,
         loaded: profiles.Loaded,
         make_engine: Callable[[str, profiles.Model, profiles.Profile], Engine] | None = None,
+        *,
+        exposed: bool = False,
     ):
         self.loaded = loaded
+        # Listening beyond this machine: only with an auth token, which a reload keeps.
+        self.exposed = exposed
         self.revision = _revision(loaded.path)
         self._make_engine = make_engine or self._real_engine
         self.engines: dict[str, Engine] = {}
@@ -87,6 +91,8 @@ class Server:
         path = self.loaded.path
         try:
             loaded = profiles.Loaded(name=self.loaded.name, path=path, profile=profiles.parse(path.read_bytes(), path))
+            if self.exposed and not loaded.profile.server.auth_token:
+                raise profiles.ProfileError(f"{path}: server.auth_token: the daemon listens beyond this machine and needs one")
         except (OSError, profiles.ProfileError) as exc:
             self._event("profile.reload.error", error=str(exc))
             self.reload_error = str(exc)

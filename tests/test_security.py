@@ -58,3 +58,21 @@ def test_the_sdk_with_the_token_works_and_without_it_gets_401(guarded):
 def test_the_body_limit_comes_from_the_profile(guarded):
     reply = request(guarded.port, "POST", "/v1/messages", b"x" * (2 * 1024 * 1024), {"x-api-key": "s3cret-token"})
     assert reply.status == 413 and reply.json()["error"]["type"] == "request_too_large"
+
+
+@pytest.mark.parametrize("exposed", [True, False])
+def test_a_reload_keeps_the_token_of_a_daemon_beyond_loopback(tmp_path, exposed):
+    import asyncio
+
+    from anyclaude import profiles
+    from anyclaude.server import Server
+
+    path = profile_file(tmp_path, "exposed", server={"auth_token": "s3cret-token"})
+    server = Server(profiles.load(str(path)), make_engine=lambda *a: None, exposed=exposed)
+    profile_file(tmp_path, "exposed", server={"auth_token": ""})  # the token removed
+    asyncio.run(server.reload())
+    if exposed:
+        assert "server.auth_token" in server.reload_error
+        assert server.profile.server.auth_token == "s3cret-token"
+    else:
+        assert server.reload_error is None and not server.profile.server.auth_token
