@@ -73,6 +73,7 @@ class PrefixCache:
         self.persist_dir = persist_dir
         self._entries: list[Entry] = []
         self._lock = threading.Lock()
+        self._unsaved: list[Entry] = []
         self.peak_bytes = 0
 
     @property
@@ -103,7 +104,7 @@ class PrefixCache:
                 # request stores it back, longer, when it ends.
                 self._entries = [e for e in self._entries if e is not best]
                 return Reuse(best.cache, reuse)
-        return Reuse([_prefix_copy(layer, reuse) for layer in best.cache], reuse)
+        return Reuse(prefix_copy(best.cache, reuse), reuse)
 
     def store(self, tokens: list[int], cache: list, kind: str = CONVERSATION) -> None:
         """Keep a cache holding exactly `tokens`, then evict down to the budget (engine thread)."""
@@ -121,7 +122,18 @@ class PrefixCache:
             self._evict()
             self.peak_bytes = max(self.peak_bytes, self.bytes)
         if kind == CHECKPOINT and self.persist_dir is not None:
-            self._persist(entry)
+            self._unsaved.append(entry)
+
+    def save(self) -> None:
+        """Write the checkpoints stored since the last call to disk (engine thread).
+
+        Called once a request has its answer: a large model's checkpoint is gigabytes,
+        and writing it must not delay a first token."""
+        while self._unsaved:
+            try:
+                self._persist(self._unsaved.pop())
+            except OSError:  # a full or read-only disk only costs a cold start later
+                pass
 
     def has(self, tokens: list[int], kind: str) -> bool:
         prompt = np.asarray(tokens)
@@ -191,6 +203,11 @@ def _saved(directory: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
+def prefix_copy(cache: list, tokens: int) -> list:
+    """A copy of a model's cache holding only its first `tokens` tokens."""
+    return [_prefix_copy(layer, tokens) for layer in cache]
+
+
 def _prefix_copy(layer: Any, tokens: int) -> Any:
     """A copy of one layer's cache holding only its first `tokens` tokens.
 
@@ -216,4 +233,6 @@ def _prefix_copy(layer: Any, tokens: int) -> Any:
 
 
 def _trimmable(cache: list) -> bool:
-    return all(c.is_trimmable() for c in cache)
+    from mlx_lm.models.cache import can_trim_prompt_cache
+
+    return can_trim_prompt_cache(cache)

@@ -18,7 +18,6 @@ one; `format_for` picks the variant the model's template renders back.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import re
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import llguidance
+import llguidance.hf
 import mlx.core as mx
 import numpy as np
 
@@ -467,20 +467,13 @@ def _state(tokenizer: Any) -> _TokenizerState:
         if (state := _states.get(tokenizer)) is not None:
             return state
     eos = sorted(int(t) for t in getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
-    state = _TokenizerState(llguidance.LLTokenizer(_tokenizer_json(tokenizer), eos_token=eos), eos)
+    try:
+        lltokenizer = llguidance.hf.from_tokenizer(getattr(tokenizer, "_tokenizer", tokenizer), eos_token=eos)
+    except ValueError:
+        raise ConstraintError("forced tool calls need a tokenizer backed by the `tokenizers` library") from None
+    state = _TokenizerState(lltokenizer, eos)
     with _lock:
         return _states.setdefault(tokenizer, state)
-
-
-def _tokenizer_json(tokenizer: Any) -> str:
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    backend = getattr(hf, "backend_tokenizer", None)
-    if backend is None:
-        raise ConstraintError("forced tool calls need a tokenizer backed by the `tokenizers` library")
-    backend = copy.copy(backend)  # to_str() would record padding/truncation settings
-    backend.no_padding()
-    backend.no_truncation()
-    return backend.to_str()
 
 
 def _compile(state: _TokenizerState, fmt: CallFormat, tools: list[tuple[str, dict]]) -> llguidance.LLMatcher:

@@ -92,24 +92,27 @@ def attention(queries, keys, values, *, scale, mask=None, **kwargs) -> mx.array:
 def _softmax(scores: np.ndarray, start: int, causal_length: int | None) -> None:
     # In place, over the last axis of (heads, rows, width), the heads split between
     # threads (NumPy lets go of the GIL in its loops).
-    parts = min(_threads(), len(scores))
-    if parts == 1:
-        _softmax_rows(scores, start, causal_length)
-        return
-    bounds = [len(scores) * i // parts for i in range(parts + 1)]
-    pieces = [scores[a:b] for a, b in zip(bounds, bounds[1:])]
-    list(_pool().map(lambda piece: _softmax_rows(piece, start, causal_length), pieces))
-
-
-def _softmax_rows(scores: np.ndarray, start: int, causal_length: int | None) -> None:
     # Row r is the prompt's token start + r; with the causal mask it sees every key up
     # to its own position, which is width - causal_length + start + r (the keys end
     # with the prompt).
+    hidden = None
     if causal_length is not None:
         rows, width = scores.shape[-2], scores.shape[-1]
         first = width - causal_length + start
-        hidden = np.triu(np.ones((rows, width - first), dtype=bool), 1)
-        scores[..., first:][..., hidden] = -np.inf
+        hidden = (first, np.triu(np.ones((rows, width - first), dtype=bool), 1))
+    parts = min(_threads(), len(scores))
+    if parts == 1:
+        _softmax_rows(scores, hidden)
+        return
+    bounds = [len(scores) * i // parts for i in range(parts + 1)]
+    pieces = [scores[a:b] for a, b in zip(bounds, bounds[1:])]
+    list(_pool().map(lambda piece: _softmax_rows(piece, hidden), pieces))
+
+
+def _softmax_rows(scores: np.ndarray, hidden: tuple[int, np.ndarray] | None) -> None:
+    if hidden is not None:
+        first, mask = hidden
+        scores[..., first:][..., mask] = -np.inf
     np.subtract(scores, scores.max(axis=-1, keepdims=True), out=scores)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)

@@ -6,7 +6,6 @@ The event loop talks to it through thread-safe queues only (DESIGN principle 3).
 from __future__ import annotations
 
 import asyncio
-import copy
 import queue
 import threading
 import time
@@ -16,7 +15,7 @@ from typing import Any
 
 from msgspec import Struct
 
-from .cache import CHECKPOINT, PrefixCache, length
+from .cache import CHECKPOINT, PrefixCache, length, prefix_copy
 
 
 class Sampling(Struct, frozen=True):
@@ -235,10 +234,10 @@ class Engine:
             if self.cache and cached < job.checkpoint < len(job.prompt) - 1:
                 # The shared system+tools prefix becomes its own entry, for the side
                 # requests and subagents that share it (and, saved, for the next start).
+                # (Were it cached already, the fetch above would have reused it.)
                 self._prefill(kv, job.prompt[done : job.checkpoint], work)
                 done = job.checkpoint
-                if not self.cache.has(job.prompt[:done], CHECKPOINT):
-                    self.cache.store(job.prompt[:done], copy.deepcopy(kv), CHECKPOINT)
+                self.cache.store(job.prompt[:done], prefix_copy(kv, done), CHECKPOINT)
 
             def check() -> None:
                 if work.generation.cancelled:
@@ -273,6 +272,7 @@ class Engine:
             # cancel or a timeout) is kept, so the next turn, or a retry, resumes from it.
             if self.cache:
                 self.cache.store((job.prompt + generated)[: length(kv) or 0], kv)
+                self.cache.save()
 
     def _processors(self, job: Job) -> list | None:
         from mlx_lm.sample_utils import make_logits_processors

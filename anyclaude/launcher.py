@@ -297,11 +297,7 @@ def _load(name: str) -> profiles.Loaded:
 def _run_claude(args: argparse.Namespace) -> int:
     own, claude_args = _split_args(args.args)
     options = _claude_parser().parse_args(own)
-    try:
-        loaded = _load(options.profile)
-    except profiles.ProfileError as exc:
-        _say(str(exc))
-        return 2
+    loaded = _load(options.profile)
     program = shutil.which("claude")
     if program is None:
         _say("`claude` is not on PATH; install Claude Code (https://docs.claude.com/en/docs/claude-code)")
@@ -324,11 +320,7 @@ def _run_claude(args: argparse.Namespace) -> int:
 
 
 def _run_env(args: argparse.Namespace) -> int:
-    try:
-        loaded = _load(args.profile)
-    except profiles.ProfileError as exc:
-        _say(str(exc))
-        return 2
+    loaded = _load(args.profile)
     url = base_url(loaded.profile.server, args.host, args.port)
     token = auth_token(loaded.profile)
     # The daemon, if it is up and serves this profile, knows the context; never started from here.

@@ -108,6 +108,12 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
 
         where = prepare(model, relative_to)
         mlx_model, tokenizer = mlx_load(where)
+        from . import constrain
+
+        try:
+            constrain.prepare(tokenizer)  # now, not in the first forced call's request
+        except constrain.ConstraintError:
+            pass  # a forced call says why, when one is asked for
         if mx.metal.is_available():
             device = "Metal"
         else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .toolcalls import BadCall, Parser, Segment
+from .toolcalls import BadCall, Parser, Segment, overlap
 
 
 class Output:
@@ -62,14 +62,6 @@ class Output:
             self.stop_sequence = match[1]
             self._held = ""
             return buffer[: match[0]]
-        keep = max((_overlap(buffer, s) for s in self._stops), default=0)
+        keep = max((overlap(buffer, s) for s in self._stops), default=0)
         self._held = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep]
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `stop`."""
-    for n in range(min(len(text), len(stop) - 1), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0

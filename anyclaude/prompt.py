@@ -11,9 +11,11 @@ import json
 import string
 from typing import Any
 
+import numpy as np
 from msgspec import Struct
 
 from . import toolcalls, wire
+from .cache import common_prefix
 from .errors import InvalidRequest
 
 BILLING_HEADER = "x-anthropic-billing-header:"
@@ -72,16 +74,14 @@ def _system_prefix(tokenizer, messages: list[dict], tools, thinking: bool, text:
         return 0
     if not text.startswith(system):
         return 0
-    prefix = _encode(tokenizer, system)
     # Tokens can merge across the boundary; the checkpoint stops where they agree.
-    n = min(len(prefix), len(ids))
-    return next((i for i in range(n) if prefix[i] != ids[i]), n)
+    return common_prefix(_encode(tokenizer, system), np.asarray(ids))
 
 
 @functools.lru_cache(maxsize=8)
-def _encode(tokenizer, text: str) -> tuple[int, ...]:
+def _encode(tokenizer, text: str) -> np.ndarray:
     # The same system prompt and tools come with every turn: tokenize them once.
-    return tuple(tokenizer.encode(text, add_special_tokens=False))
+    return np.asarray(tokenizer.encode(text, add_special_tokens=False))
 
 
 def thinking_wanted(request: wire.CountTokensRequest) -> bool:
@@ -207,8 +207,8 @@ def _add(out: list[dict], turn: dict) -> None:
 
 
 def _function(tool: wire.Tool) -> dict:
-    # `$schema` and similar meta keys confuse templates and grammar engines alike.
-    schema = {k: v for k, v in tool.input_schema.items() if not k.startswith("$")}
+    # `$schema` and `$comment` confuse some templates; `$defs` is kept, `$ref`s point into it.
+    schema = {k: v for k, v in tool.input_schema.items() if k not in ("$schema", "$comment")}
     return {"type": "function", "function": {"name": tool.name, "description": tool.description, "parameters": schema}}
 
 

@@ -423,13 +423,15 @@ def _markers(*moves: tuple[str, str]) -> list[tuple[str, str]]:
 
 def _partial(text: str, markers: list[str]) -> int:
     """Length of the longest end of `text` that is a proper start of a marker."""
-    best = 0
-    for marker in markers:
-        for n in range(min(len(text), len(marker) - 1), best, -1):
-            if text.endswith(marker[:n]):
-                best = n
-                break
-    return best
+    return max((overlap(text, m) for m in markers), default=0)
+
+
+def overlap(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `marker`."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
 
 
 def _short(reason: str, limit: int = 300) -> str:

@@ -96,6 +96,7 @@ def test_persisted_checkpoint_gives_identical_logits_after_a_restart(model, tmp_
     kv, _ = prefill(model, shared)
     before = PrefixCache(2**30, persist_dir=tmp_path)
     before.store(shared, kv, CHECKPOINT)
+    before.save()
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
 
     after = PrefixCache(2**30, persist_dir=tmp_path)  # a new process would start like this

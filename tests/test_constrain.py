@@ -503,3 +503,25 @@ def test_json_family_forced_read_from_a_prompt(tiny, spelled_out, family):
     assert call.name == "Read"
     jsonschema.Draft202012Validator(READ_SCHEMA).validate(call.arguments)
     assert rendered(tokenizer, call.name, call.arguments) == text  # the prefix cache sees the same text
+
+
+def test_a_schema_with_defs_is_forced_through_its_refs(tiny):
+    """Pydantic-made schemas (MCP tools) put their types in `$defs` and point at them."""
+    import json
+
+    from anyclaude import prompt, wire
+
+    _, tokenizer = tiny
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$defs": {"Mode": {"type": "string", "enum": ["r", "w"]}},
+        "type": "object",
+        "properties": {"mode": {"$ref": "#/$defs/Mode"}},
+        "required": ["mode"],
+    }
+    body = {"model": "m", "max_tokens": 8, "tools": [{"name": "Open", "input_schema": schema}], "messages": [{"role": "user", "content": "hi"}]}
+    rendered = prompt.render(wire.decode_request(json.dumps(body).encode()), tokenizer)
+    assert "$defs" in rendered.tools[0]["function"]["parameters"]
+    assert "$schema" not in rendered.tools[0]["function"]["parameters"]
+    assert fed(constrain.forced_call(tokenizer, rendered.tools, "Open"), tokenizer, call("Open", {"mode": "w"}))
+    assert not fed(constrain.forced_call(tokenizer, rendered.tools, "Open"), tokenizer, call("Open", {"mode": "x"}))
