@@ -180,6 +180,7 @@ class Exchange:
                 "device": e.loaded.device if e.ready else None,
                 "cache_bytes": e.cache.bytes if e.cache else 0,
                 "cache_peak_bytes": e.cache.peak_bytes if e.cache else 0,
+                "cache_budget_bytes": e.cache.max_bytes if e.cache else 0,
                 "cache_entries": e.cache.entries if e.cache else 0,
                 "error": e.load_error,
                 "path": server.profile.models[key].path,
@@ -252,9 +253,11 @@ class Exchange:
         max_tokens = min(request.max_tokens, model.max_tokens, context - len(rendered.ids))
         defaults = server.profile.sampling
         session = (self.record.session_id, request.model) if self.record.session_id else None
+        located = None
         if session and (position := server.sessions.check(session, rendered.ids)) is not None:
-            part = misses.locate(request, engine.loaded.tokenizer, rendered.ids, position)
-            self.record.cache_miss = misses.Miss(position=position, part=part)
+            # Finding the part renders the request several times: in a thread, while
+            # the answer is generated, not before it on the event loop.
+            located = (position, asyncio.create_task(asyncio.to_thread(misses.locate, request, engine.loaded.tokenizer, rendered.ids, position)))
         job = Job(
             prompt=rendered.ids,
             checkpoint=rendered.checkpoint,
@@ -295,6 +298,7 @@ class Exchange:
                     server.sessions.remember(session, rendered.ids + outcome.tokens)
                 if outcome.error and not self.disconnected.is_set():
                     await self._send_events([envelope(outcome.error, self.request_id)])
+                await self._note_miss(located)
                 await self._finish_body()
             else:
                 events: list = []
@@ -308,6 +312,7 @@ class Exchange:
                 self._record_outcome(generation, outcome)
                 if session:
                     server.sessions.remember(session, rendered.ids + outcome.tokens)
+                await self._note_miss(located)
                 if outcome.error:
                     raise outcome.error
                 if not outcome.cancelled:
@@ -318,6 +323,11 @@ class Exchange:
         finally:
             watcher.cancel()
             generation.cancel()
+
+    async def _note_miss(self, located: tuple[int, asyncio.Task] | None) -> None:
+        if located is not None:
+            position, part = located
+            self.record.cache_miss = misses.Miss(position=position, part=await part)
 
     def _record_outcome(self, generation, outcome) -> None:
         record = self.record

@@ -11,7 +11,8 @@ The store is a short list searched linearly (a handful of entries); it is owned
 by the engine thread, and `peek` reads it under a lock from the event loop so
 that `message_start` can report cached tokens before the engine gets to the
 request. KV state is never shared between a request and the store: reuse takes
-a copy (or takes over an entry the request will store again, extended).
+a copy, or takes over a conversation the request continues (trimmed to what it
+shares) to store it again, extended.
 """
 
 from __future__ import annotations
@@ -38,13 +39,19 @@ class Entry(Struct):
     nbytes: int
     kind: str
     used: float
+    prompt: int  # how many of `tokens` were the prompt (the rest were generated)
+    # A conversation stored by a request that continued one: it is likely to go on
+    # again, unlike a one-shot side request's, so it is evicted after those.
+    continued: bool = False
 
 
 class Reuse(Struct):
-    """What a lookup found: the KV cache to extend (or None) and how many prompt tokens it covers."""
+    """What a lookup found: the KV cache to extend (or None), how many prompt tokens it
+    covers, and whether the prompt continues a stored conversation."""
 
     cache: list | None
     tokens: int
+    continued: bool = False
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -84,6 +91,16 @@ class PrefixCache:
     def entries(self) -> int:
         return len(self._entries)
 
+    def configure(self, max_bytes: int, persist_dir: Path | None) -> None:
+        """New settings, in effect now (any thread). Turning persistence on saves the
+        checkpoints held now, after the next request."""
+        with self._lock:
+            self.max_bytes = max_bytes
+            self._evict()
+            if persist_dir is not None and self.persist_dir is None:
+                self._unsaved = [e for e in self._entries if e.kind == CHECKPOINT]
+            self.persist_dir = persist_dir
+
     def peek(self, tokens: list[int]) -> int:
         """How many leading prompt tokens a fetch would reuse now (any thread)."""
         prompt = np.asarray(tokens)
@@ -99,18 +116,25 @@ class PrefixCache:
             if reuse == 0:
                 return Reuse(None, 0)
             best.used = time.monotonic()
-            if best.kind == CONVERSATION and reuse == len(best.tokens):
-                # The prompt extends this conversation: take the entry over; the
-                # request stores it back, longer, when it ends.
+            cut = len(best.tokens) - reuse
+            # A prompt that shares a conversation's whole prompt continues it, even where
+            # it parts from the answer as generated (cut at max_tokens, a stop sequence,
+            # reasoning the template leaves out; a retry shares all but the last token):
+            # the entry is taken over, trimmed, and stored back longer when the request ends.
+            if best.kind == CONVERSATION and (cut == 0 or (reuse >= best.prompt - 1 and _trimmable(best.cache))):
+                from mlx_lm.models.cache import trim_prompt_cache
+
                 self._entries = [e for e in self._entries if e is not best]
-                return Reuse(best.cache, reuse)
+                trim_prompt_cache(best.cache, cut)
+                return Reuse(best.cache, reuse, continued=True)
         return Reuse(prefix_copy(best.cache, reuse), reuse)
 
-    def store(self, tokens: list[int], cache: list, kind: str = CONVERSATION) -> None:
-        """Keep a cache holding exactly `tokens`, then evict down to the budget (engine thread)."""
+    def store(self, tokens: list[int], cache: list, kind: str = CONVERSATION, *, prompt: int | None = None, continued: bool = False) -> None:
+        """Keep a cache holding exactly `tokens` (the first `prompt` of them the request's
+        prompt, by default all), then evict down to the budget (engine thread)."""
         if length(cache) != len(tokens) or not tokens:
             return  # a cache we cannot account for is not reused
-        entry = Entry(np.asarray(tokens), cache, nbytes(cache), kind, time.monotonic())
+        entry = Entry(np.asarray(tokens), cache, nbytes(cache), kind, time.monotonic(), len(tokens) if prompt is None else prompt, continued)
         with self._lock:
             # An entry that is a prefix of the new one (same kind) is redundant when caches trim.
             self._entries = [
@@ -129,6 +153,8 @@ class PrefixCache:
 
         Called once a request has its answer: a large model's checkpoint is gigabytes,
         and writing it must not delay a first token."""
+        if self.persist_dir is None:
+            self._unsaved.clear()
         while self._unsaved:
             try:
                 self._persist(self._unsaved.pop())
@@ -164,7 +190,7 @@ class PrefixCache:
         if length(cache) != len(tokens):
             return
         with self._lock:
-            self._entries.append(Entry(np.asarray(tokens), cache, nbytes(cache), CHECKPOINT, time.monotonic()))
+            self._entries.append(Entry(np.asarray(tokens), cache, nbytes(cache), CHECKPOINT, time.monotonic(), len(tokens)))
             self._evict()
             self.peak_bytes = max(self.peak_bytes, self.bytes)
 
@@ -178,9 +204,9 @@ class PrefixCache:
         return common
 
     def _evict(self) -> None:
-        # Least recently used first, conversations before checkpoints.
+        # Least recently used first: one-shot conversations, then continued ones, then checkpoints.
         while self._entries and sum(e.nbytes for e in self._entries) > self.max_bytes:
-            victim = min(self._entries, key=lambda e: (e.kind == CHECKPOINT, e.used))
+            victim = min(self._entries, key=lambda e: (e.kind == CHECKPOINT, e.continued, e.used))
             self._entries = [e for e in self._entries if e is not victim]
 
     def _persist(self, entry: Entry) -> None:

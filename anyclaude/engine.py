@@ -73,7 +73,7 @@ class Loaded(Struct):
     context_length: int
     eos_ids: frozenset[int]
     device: str = ""
-    # Where this model's prefix-cache checkpoints are saved (None: not saved).
+    # Where this model's prefix-cache checkpoints are saved, if the profile says so.
     cache_dir: Path | None = None
 
 
@@ -141,11 +141,13 @@ class Engine:
         *,
         prefill_step: int = 512,
         cache: PrefixCache | None = None,
+        persist: bool = False,
         name: str = "engine",
     ):
         self._loader = loader
         self._prefill_step = prefill_step
         self.cache = cache
+        self._persist = persist  # save the cache's checkpoints, and load them at start
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ready = threading.Event()
         self.loaded: Loaded | None = None
@@ -169,6 +171,13 @@ class Engine:
     def set_prefill_step(self, tokens: int) -> None:
         self._prefill_step = tokens
 
+    def configure_cache(self, max_bytes: int, persist: bool) -> None:
+        """`[cache]` settings from an edited profile: the model need not load again."""
+        self._persist = persist
+        if self.cache is not None:
+            loaded = self.loaded
+            self.cache.configure(max_bytes, loaded.cache_dir if persist and loaded else None)
+
     def submit(self, job: Job, generation: Generation) -> None:
         """Hand `job` to the engine thread; its events arrive on `generation`."""
         self._inbox.put(_Work(job=job, generation=generation))
@@ -178,7 +187,7 @@ class Engine:
     def _run(self) -> None:
         try:
             self.loaded = self._loader()
-            if self.cache is not None and self.loaded.cache_dir is not None:
+            if self.cache is not None and self._persist:
                 self.cache.persist_dir = self.loaded.cache_dir
                 self.cache.load_persisted()
         except Exception as exc:  # a load failure is reported, not raised into the void
@@ -271,7 +280,7 @@ class Engine:
             # Whatever the KV cache holds now (all of it, or the prefill done before a
             # cancel or a timeout) is kept, so the next turn, or a retry, resumes from it.
             if self.cache:
-                self.cache.store((job.prompt + generated)[: length(kv) or 0], kv)
+                self.cache.store((job.prompt + generated)[: length(kv) or 0], kv, prompt=len(job.prompt), continued=bool(reuse and reuse.continued))
                 self.cache.save()
 
     def _processors(self, job: Job) -> list | None:

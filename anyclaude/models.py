@@ -99,7 +99,7 @@ def download(repo: str) -> Path:
     return path
 
 
-def loader(model: Model, settings: EngineSettings, relative_to: Path | None = None, *, persist_cache: bool = False):
+def loader(model: Model, settings: EngineSettings, relative_to: Path | None = None):
     """A function that loads `model` (to be called on the engine thread)."""
 
     def load() -> Loaded:
@@ -135,7 +135,7 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
             context_length=context,
             eos_ids=frozenset(tokenizer.eos_token_ids),
             device=device,
-            cache_dir=cache_home() / "prompts" / identity if persist_cache else None,
+            cache_dir=cache_home() / "prompts" / identity,
         )
 
     return load

@@ -48,9 +48,10 @@ class Server:
     def _real_engine(self, key: str, model: profiles.Model, profile: profiles.Profile) -> Engine:
         settings, cache = profile.engine, profile.cache
         return Engine(
-            loader(model, settings, self.loaded.path.parent, persist_cache=cache.persist),
+            loader(model, settings, self.loaded.path.parent),
             prefill_step=settings.prefill_step,
             cache=PrefixCache(int(cache.max_gb * 2**30)),
+            persist=cache.persist,
             name=f"engine-{key}",
         )
 
@@ -99,7 +100,7 @@ class Server:
             return
         old = self.profile
         # A model loads again when its table changed, or the way models are loaded did.
-        reload_all = old.engine.cpu_dequantize != loaded.profile.engine.cpu_dequantize or old.cache != loaded.profile.cache
+        reload_all = old.engine.cpu_dequantize != loaded.profile.engine.cpu_dequantize
         changed = [k for k, m in loaded.profile.models.items() if reload_all or old.models.get(k) != m]
         engines = {k: e for k, e in self.engines.items() if k in loaded.profile.models and k not in changed}
         if changed:
@@ -130,6 +131,7 @@ class Server:
             schedulers[key] = kept if kept is not None and kept.engine is engine else Scheduler(engine, queue_size=queue_size)
             schedulers[key].queue_size = queue_size
             engine.set_prefill_step(loaded.profile.engine.prefill_step)
+            engine.configure_cache(int(loaded.profile.cache.max_gb * 2**30), loaded.profile.cache.persist)
         if loaded.profile.log != self.profile.log:
             self.log = _request_log(loaded.profile)
         # One assignment each, on the event loop: a request sees the old set or the new.
@@ -156,9 +158,7 @@ async def _retire(engine: Engine, scheduler: Scheduler) -> None:
 
 
 def _request_log(profile: profiles.Profile) -> logs.RequestLog:
-    settings = profile.log
-    path = Path(settings.path).expanduser() if settings.path else logs.default_path()
-    return logs.RequestLog(path, max_bytes=settings.max_mb * 1024 * 1024)
+    return logs.RequestLog(logs.location(profile.log.path), max_bytes=profile.log.max_mb * 1024 * 1024)
 
 
 def _revision(path: Path) -> str:

@@ -10,15 +10,8 @@ from anyclaude.cache import CHECKPOINT, PrefixCache, length, nbytes
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model):
-    from mlx_lm import load
-
-    from anyclaude import blas, cpu
-
-    net, tokenizer = load(str(tiny_model))
-    if blas.loaded():  # as the daemon runs it on a CPU: much faster prefill
-        cpu.dequantize(net)
-    return net, tokenizer
+def model(tiny_net):
+    return tiny_net
 
 
 def prefill(model, tokens: list[int], kv=None):
@@ -71,6 +64,38 @@ def test_a_longer_entry_is_trimmed_to_the_common_prefix_and_kept(model):
     assert mx.allclose(extended, full, atol=1e-4)
 
 
+def test_a_conversation_left_just_before_its_end_is_taken_over_and_trimmed(model):
+    # As when an answer was cut at max_tokens: the next turn renders it with an end
+    # of turn where the stored entry has the token generated last.
+    cache = PrefixCache(2**30)
+    prompt = ids(model, SYSTEM + "Question: what is two plus two? Answer:")
+    turn = prompt + ids(model, " four, and")
+    kv, _ = prefill(model, turn)
+    cache.store(turn, kv, prompt=len(prompt))
+    nxt = turn[:-2] + ids(model, " four. Question: and three plus three?")
+    shared = len(turn) - 2
+    reuse = cache.fetch(nxt)
+    assert reuse.continued and reuse.tokens == shared
+    assert reuse.cache is kv and length(kv) == shared and cache.entries == 0
+    _, extended = prefill(model, nxt[shared:], kv)
+    _, full = prefill(model, nxt)
+    assert mx.allclose(extended, full, atol=1e-4)
+
+
+def test_continued_conversations_outlive_newer_one_shot_requests(model):
+    shared = ids(model, SYSTEM)
+    entries = [shared + ids(model, f"{n}: conversation number {n}, hello there, how are you today?") for n in range(3)]
+    kvs = [prefill(model, tokens)[0] for tokens in entries]
+    cache = PrefixCache(2 * nbytes(kvs[0]))
+    cache.store(entries[0], kvs[0], continued=True)  # a main conversation, several turns in
+    cache.store(entries[1], kvs[1])  # two side requests since
+    cache.store(entries[2], kvs[2])
+    assert cache.entries == 2
+    assert cache.peek(entries[0] + [1]) == len(entries[0])
+    assert cache.peek(entries[1] + [1]) < len(entries[1])  # the older one-shot went
+    assert cache.peek(entries[2] + [1]) == len(entries[2])
+
+
 def test_eviction_is_lru_by_bytes_conversations_before_checkpoints(model):
     shared = ids(model, SYSTEM)
     checkpoint, _ = prefill(model, shared)
@@ -108,3 +133,20 @@ def test_persisted_checkpoint_gives_identical_logits_after_a_restart(model, tmp_
     _, cold = prefill(model, question)
     assert mx.array_equal(warm, prefill(model, question[len(shared) :], before.fetch(question).cache)[1])
     assert mx.allclose(warm, cold, atol=1e-4)
+
+
+def test_settings_apply_to_a_running_cache(model, tmp_path):
+    shared = ids(model, SYSTEM)
+    conversation = shared + ids(model, "Hello there.")
+    cache = PrefixCache(2**30)  # not persisted
+    checkpoint, _ = prefill(model, shared)
+    cache.store(shared, checkpoint, CHECKPOINT)
+    cache.store(conversation, prefill(model, conversation)[0])
+    cache.save()
+    # Persistence turned on: the checkpoint held now is saved after the next request.
+    cache.configure(nbytes(checkpoint), tmp_path)
+    assert cache.entries == 1 and cache.has(shared, CHECKPOINT)  # the smaller budget evicted the conversation
+    cache.save()
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    cache.configure(0, None)
+    assert cache.entries == 0

@@ -60,9 +60,11 @@ def test_edits_apply_and_broken_edits_are_reported_while_a_client_streams(tmp_pa
         data = tomllib.loads(path.read_text())
         data["sampling"]["temperature"] = 0.5
         data["timeouts"]["idle"] = 25
+        data.setdefault("cache", {})["max_gb"] = 0.5
         profiles.write(path, data)  # temporary file, then rename: as editors save
         state = until(daemon, lambda h: h["revision"] != first)
         assert state["sampling"]["temperature"] == 0.5 and state["timeouts"]["idle"] == 25
+        assert state["models"]["smollm2"]["cache_budget_bytes"] == 2**29
         assert state["reload_error"] is None
         edited = state["revision"]
 
@@ -87,6 +89,7 @@ def test_edits_apply_and_broken_edits_are_reported_while_a_client_streams(tmp_pa
         assert daemon.stop() == 0
     assert traffic.failures == [] and traffic.done > 0
     records = daemon.records()
+    assert not [r for r in records if r.get("event") == "profile.reload.loading"]  # no edit needed the model loaded again
     errors = [r for r in records if r.get("event") == "profile.reload.error"]
     assert len(errors) >= 2 and all(r["file"] == str(path) for r in errors)
     assert {r["revision"] for r in records if r.get("path") == "/v1/messages"} >= {first, fixed}
