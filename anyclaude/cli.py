@@ -118,13 +118,11 @@ def _profiles_show(args: argparse.Namespace) -> int:
 
 
 def _profiles_new(args: argparse.Namespace) -> int:
-    import tomllib
-
     target = profiles.config_home() / "profiles" / f"{args.name}.toml"
     if target.exists():
         print(f"anyclaude: {target} exists already; edit it, or `profiles set` it", file=sys.stderr)
         return 2
-    data = tomllib.loads(profiles.find(args.source).read_text())
+    data = profiles.read(profiles.find(args.source))
     if args.model:
         # One model, named after its path, with every alias pointing at it.
         key = re.sub(r"[^a-z0-9-]+", "-", Path(args.model).name.lower().removesuffix(".gguf")).strip("-") or "model"
@@ -137,10 +135,8 @@ def _profiles_new(args: argparse.Namespace) -> int:
 
 
 def _profiles_set(args: argparse.Namespace) -> int:
-    import tomllib
-
     path = profiles.find(args.name)
-    data = tomllib.loads(path.read_text())
+    data = profiles.read(path)
     for assignment in args.assignments:
         key, sep, value = assignment.partition("=")
         if not sep:
@@ -160,7 +156,7 @@ def _log_path(args: argparse.Namespace) -> Path:
         configured = profiles.load(args.profile).profile.log.path
     except profiles.ProfileError:
         configured = None
-    return Path(configured).expanduser() if configured else logs.default_path()
+    return logs.location(configured)
 
 
 def _logs_stats(args: argparse.Namespace) -> int:

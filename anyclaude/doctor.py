@@ -259,8 +259,7 @@ def check_claude() -> Check:
 
 
 def log_folder(loaded: profiles.Loaded) -> Path:
-    configured = loaded.profile.log.path
-    return (Path(configured).expanduser() if configured else logs.default_path()).parent
+    return logs.location(loaded.profile.log.path).parent
 
 
 def check_log_dir(folder: Path) -> Check:

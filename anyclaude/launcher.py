@@ -190,7 +190,7 @@ def served_contexts(url: str, token: str | None) -> dict[str, int]:
 
 def daemon_log(loaded: profiles.Loaded) -> Path:
     """Where a daemon started in the background writes its output: beside the request log."""
-    return logs.default_path().parent / f"daemon-{loaded.name}.log"
+    return logs.location(loaded.profile.log.path).parent / f"daemon-{loaded.name}.log"
 
 
 def start_daemon(loaded: profiles.Loaded, port: int, host: str | None = None) -> tuple[subprocess.Popen, Path]:

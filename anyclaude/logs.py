@@ -67,6 +67,11 @@ class Event(Struct, omit_defaults=True):
     models: list[str] | None = None
 
 
+def location(configured: str | None) -> Path:
+    """The request log's file: `[log] path` of a profile, or the default."""
+    return Path(configured).expanduser() if configured else default_path()
+
+
 def default_path() -> Path:
     if os.environ.get("ANYCLAUDE_LOG"):
         return Path(os.environ["ANYCLAUDE_LOG"])

@@ -151,13 +151,8 @@ def load(name: str) -> Loaded:
     return Loaded(name=path.stem, path=path, profile=parse(path.read_bytes(), path))
 
 
-
-
 def parse(data: bytes, path: Path) -> Profile:
-    try:
-        raw = tomllib.loads(data.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{path}: invalid TOML: {exc}") from None
+    raw = _table(data, path)
     try:
         profile = msgspec.convert(raw, Profile)
     except msgspec.ValidationError as exc:
@@ -172,6 +167,21 @@ def parse(data: bytes, path: Path) -> Profile:
     if not profile.models:
         raise ProfileError(f"{path}: models: expected at least one [models.NAME] table")
     return profile
+
+
+def read(path: Path) -> dict:
+    """A profile file's TOML as a dict, not validated (for editing it)."""
+    try:
+        return _table(path.read_bytes(), path)
+    except OSError as exc:
+        raise ProfileError(f"{path}: {exc.strerror}") from None
+
+
+def _table(data: bytes, path: Path) -> dict:
+    try:
+        return tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: invalid TOML: {exc}") from None
 
 
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")

@@ -80,6 +80,11 @@ def test_profile_commands_create_edit_validate_and_list(tmp_path):
     assert path.read_text() == before  # validated before writing: nothing changed
     assert not list(path.parent.glob(".*partial"))
 
+    path.write_text(before + "[sampling\n")  # a half-finished edit
+    broken = anyclaude("profiles", "set", "mine", "sampling.temperature=0.5", env=env)
+    assert broken.returncode == 2 and f"{path}: invalid TOML" in broken.stderr and "Traceback" not in broken.stderr
+    path.write_text(before)
+
     listed = anyclaude("profiles", "list", env=env).stdout
     assert "mine" in listed and "mlx-community/Some-Coder-7B-4bit" in listed and "tiny" in listed
     shown = anyclaude("profiles", "show", "mine", env=env).stdout
