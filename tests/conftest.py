@@ -41,6 +41,19 @@ def tiny_model(model_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_net(tiny_model):
+    """The tiny model and its tokenizer in this process, dequantized as the engine does it
+    on a CPU (much faster there). Shared: tests must not change its weights."""
+    from mlx_lm import load
+
+    from anyclaude import cpu
+
+    model, tokenizer = load(str(tiny_model))
+    cpu.dequantize(model)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
 def daemon(tmp_path_factory, model_cache, tiny_model):
     d = Daemon("tiny", model_cache, tmp_path_factory.mktemp("daemon") / "daemon.log")
     try:

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 from claude_code import READ_SCHEMA
 from claude_code import tools as claude_code_tools
-from mlx_lm import load
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from test_roundtrip import LLAMA3, MISTRAL, MISTRAL_V3, QWEN3_CODER, family_tokenizer
 
-from anyclaude import constrain, cpu, models, profiles, toolcalls
+from anyclaude import constrain, toolcalls
 
 HERMES = constrain.FORMATS["hermes"]
 
@@ -49,11 +48,8 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    (model_spec,) = profiles.load("tiny").profile.models.values()
-    model, tokenizer = load(models.prepare(model_spec))
-    cpu.dequantize(model)  # as the engine does on a CPU: several times faster there
-    return model, tokenizer
+def tiny(tiny_net):
+    return tiny_net
 
 
 # --- the grammar, driven token by token without the model ----------------------------

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from mlx_lm import load
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from anyclaude import cpu, models, profiles
+from anyclaude import cpu
 
 # MLX's own, as anyclaude.cpu kept them (an engine loaded in this process replaces them).
 MLX = cpu._mlx_attention
@@ -74,10 +73,8 @@ def test_swiglu_matches_mlx(monkeypatch):
     assert calls == [(1, 1, 1536), (1, 169, 1536)]
 
 
-def test_the_tiny_model_predicts_the_same_tokens(monkeypatch):
-    (spec,) = profiles.load("tiny").profile.models.values()
-    model, tokenizer = load(models.prepare(spec))
-    cpu.dequantize(model)
+def test_the_tiny_model_predicts_the_same_tokens(monkeypatch, tiny_net):
+    model, tokenizer = tiny_net
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "List three uses of a paperclip, briefly. " * 12}], add_generation_prompt=True)
 
     def logits():

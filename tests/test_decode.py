@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from mlx_lm import load
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from anyclaude import cpu, decode, models, profiles
+from anyclaude import decode
 from anyclaude.cache import length
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    (spec,) = profiles.load("tiny").profile.models.values()
-    model, tokenizer = load(models.prepare(spec))
-    cpu.dequantize(model)  # as the engine does on a CPU: faster here
-    return model, tokenizer
+def tiny(tiny_net):
+    return tiny_net
 
 
 @pytest.fixture(scope="module")
