@@ -6,8 +6,10 @@ import asyncio
 import hmac
 import json
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -55,6 +57,7 @@ class App:
                 loop = asyncio.get_running_loop()
                 loop.create_task(self._announce())
                 loop.create_task(reload.watch(self.server, self._stop))
+                _when_told_to_exit(loop, self.server.stopping)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self._stop.set()
@@ -470,3 +473,24 @@ def create_app() -> App:
     """The ASGI app for the profile named in ANYCLAUDE_PROFILE (set by `anyclaude serve`)."""
     loaded = profiles.load(os.environ["ANYCLAUDE_PROFILE"])
     return App(Server(loaded, exposed=not profiles.loopback(os.environ.get("ANYCLAUDE_HOST", "127.0.0.1"))))
+
+
+def _when_told_to_exit(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """Run `callback` on `loop` when this process gets SIGINT or SIGTERM.
+
+    Granian stops a worker by waiting for its responses to end, and a generation can
+    run for minutes: `callback` ends them at once instead. Granian's own handler is
+    chained, and the one asyncio dispatches through its wakeup fd still runs."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+        if not callable(previous):  # the default action (or none): leave it be
+            continue
+
+        def handler(signum, frame, previous=previous):
+            loop.call_soon_threadsafe(callback)
+            previous(signum, frame)
+
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread: Granian's handling alone
+            return

@@ -18,7 +18,7 @@ import time
 
 from msgspec import Struct
 
-from .engine import Engine, Generation, Job
+from .engine import Engine, Failed, Generation, Job
 from .errors import Overloaded
 
 SIDE_MAX_WAIT = 30.0
@@ -43,6 +43,7 @@ class Scheduler:
         self._running: Generation | None = None
         self._order = itertools.count()
         self._idle: asyncio.Future | None = None
+        self._closed: str | None = None
 
     @property
     def waiting(self) -> int:
@@ -54,6 +55,8 @@ class Scheduler:
 
     def submit(self, job: Job, *, side: bool = False) -> Generation:
         """Queue a job; raises Overloaded when the queue is full."""
+        if self._closed:
+            raise Overloaded(self._closed)
         self._waiting = [w for w in self._waiting if not w.generation.cancelled]
         if self._running is not None and len(self._waiting) >= self.queue_size:
             raise Overloaded(
@@ -65,6 +68,15 @@ class Scheduler:
         self._waiting.append(_Waiting(job, generation, side, generation.submitted_at, next(self._order)))
         self._dispatch()
         return generation
+
+    def close(self, reason: str) -> None:
+        """End the work in hand now, with `reason` as its error, and turn new work away."""
+        self._closed = reason
+        waiting, self._waiting = self._waiting, []
+        for generation in [w.generation for w in waiting] + [self._running]:
+            if generation is not None and not generation.ended:
+                generation.put(Failed(reason))
+                generation.cancel()
 
     def _dispatch(self) -> None:
         while self._running is None and self._waiting:

@@ -66,6 +66,11 @@ class Server:
         for engine in self.engines.values():
             engine.stop()
 
+    def stopping(self) -> None:
+        """The daemon was told to exit: end the requests in hand at once, refuse new ones."""
+        for scheduler in self.schedulers.values():
+            scheduler.close("the daemon is stopping; retry once it is back")
+
     def engine_for(self, requested: str) -> tuple[str, Engine, Scheduler]:
         key = self.profile.resolve(requested)
         if key is None:

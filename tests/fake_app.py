@@ -34,6 +34,9 @@ class ScriptedEngine:
     def set_prefill_step(self, tokens: int) -> None:
         pass
 
+    def configure_cache(self, max_bytes: int, persist: bool) -> None:
+        pass
+
     def wait_ready(self, timeout=None) -> bool:
         return True
 

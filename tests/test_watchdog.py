@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -150,3 +151,26 @@ def test_reasoning_streams_as_a_signed_thinking_block_before_the_text(fake):
     assert [b["type"] for b in message["content"]] == ["thinking", "text"] and message["content"][0]["signature"]
     omitted = check(ask(fake, "think", thinking={"type": "adaptive", "display": "omitted"})[0].body)
     assert [e["delta"]["type"] for e in omitted if e["type"] == "content_block_delta" and e["index"] == 0] == ["signature_delta"]
+
+
+def test_stopping_the_daemon_ends_the_streams_in_flight_at_once(tmp_path, model_cache, tiny_model):
+    # Granian waits for responses to end before a worker exits: without help, a
+    # generation would hold the daemon up until its end (here: never).
+    profile = profile_file(tmp_path, "stopping", timeouts={"first_token": 600, "idle": 600, "total": 600})
+    daemon = Daemon(str(profile), model_cache, tmp_path / "daemon.log", fake=True, env={"FAKE_TOKENIZER_DIR": str(tiny_model)})
+    try:
+        daemon.wait_ready()
+        body = {"model": "claude-opus-4-8", "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": "SCRIPT:stall-mid-text"}]}
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
+        conn.request("POST", "/v1/messages", body=json.dumps(body), headers={"content-type": "application/json"})
+        response = conn.getresponse()
+        seen = b""
+        while b"content_block_delta" not in seen:  # generating: text has arrived
+            seen += response.read1()
+        assert daemon.stop() == 0  # within its 30 s wait, not the 600 s the stall would last
+    finally:
+        daemon.process.kill()  # only if it is still there
+    events = check(seen + response.read())
+    assert events[-1]["type"] == "error" and "stopping" in events[-1]["error"]["message"]
+    r = record(daemon, response.getheader("request-id"))
+    assert r["outcome"] == "error" and r["ended"] == "error" and "stopping" in r["error"]
