@@ -203,6 +203,8 @@ class Exchange:
             "sampling": msgspec.to_builtins(p.sampling),
             "timeouts": msgspec.to_builtins(p.timeouts),
             "log": str(server.log.path),
+            # The process that `anyclaude stop` signals (Granian's, which runs this worker).
+            "pid": int(os.environ.get("ANYCLAUDE_PID") or os.getppid()),
         }
         await self._json(200 if server.ready else 503, body)
 

@@ -85,6 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
     from granian.constants import HTTPModes, Interfaces
 
     os.environ["ANYCLAUDE_PROFILE"] = str(loaded.path)
+    os.environ["ANYCLAUDE_PID"] = str(os.getpid())
     os.environ["ANYCLAUDE_HOST"] = host  # a reload must not drop the token of an exposed daemon
     print(f"anyclaude: profile {loaded.name} ({loaded.path})", flush=True)
     print(f"anyclaude: listening on http://{host}:{port} (the model is loading; GET /health says when it is ready)", flush=True)

@@ -1,4 +1,5 @@
-"""`anyclaude claude` and `anyclaude env`: Claude Code pointed at the daemon, started if need be."""
+"""`anyclaude claude`, `env` and `stop`: Claude Code pointed at the daemon, started in the
+background if need be, and the daemon stopped."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,7 +34,7 @@ class DaemonError(Exception):
 
 
 def add_commands(subparsers) -> None:
-    """Add `claude` and `env` to the `anyclaude` command's subparsers."""
+    """Add `claude`, `env` and `stop` to the `anyclaude` command's subparsers."""
     # No option parsing here: every argument goes to claude (`anyclaude claude -p hi`),
     # except leading anyclaude options, which _split_args takes off first.
     claude = subparsers.add_parser(
@@ -51,6 +53,11 @@ def add_commands(subparsers) -> None:
     form.add_argument("--shell", action="store_true", help="only the shell exports (for eval)")
     form.add_argument("--settings", action="store_true", help="only the settings.json snippet")
     env.set_defaults(run=_run_env)
+
+    stop = subparsers.add_parser("stop", help="stop the daemon of a profile (one started by `anyclaude claude`, say)")
+    _add_target_options(stop)
+    stop.add_argument("--wait", type=float, default=30, help="seconds to wait for it to exit (default: 30)")
+    stop.set_defaults(run=_run_stop)
 
 
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
@@ -317,6 +324,31 @@ def _run_claude(args: argparse.Namespace) -> int:
     # exec, not a child process: claude gets the terminal, the signals and the exit code as is.
     os.execve(program, ["claude", *claude_args], child)
     return 0  # not reached
+
+
+def _run_stop(args: argparse.Namespace) -> int:
+    loaded = profiles.load(args.profile)
+    host = args.host or loaded.profile.server.host
+    url = base_url(loaded.profile.server, args.host, args.port)
+    token = auth_token(loaded.profile)
+    reply = fetch_json(url, "/health", token, timeout=1.0)
+    health = reply[1] if reply else None
+    if not health or "profile" not in health:
+        _say(f"no daemon answers at {url}" if reply is None else f"{url} is not an anyclaude daemon")
+        return 1
+    pid = health.get("pid")
+    if not isinstance(pid, int) or not profiles.loopback(host):
+        _say(f"the daemon at {url} is not one this command can signal (another machine, or an older version): stop it where it runs")
+        return 1
+    os.kill(pid, signal.SIGTERM)  # as Ctrl-C: the requests in hand end, logged
+    deadline = time.monotonic() + args.wait
+    while fetch_json(url, "/health", token, timeout=1.0) is not None:
+        if time.monotonic() > deadline:
+            _say(f"the daemon at {url} (pid {pid}) is still running {args.wait:.0f} s after SIGTERM")
+            return 1
+        time.sleep(0.2)
+    _say(f"stopped the daemon for profile {health['profile']} at {url} (pid {pid})")
+    return 0
 
 
 def _run_env(args: argparse.Namespace) -> int:

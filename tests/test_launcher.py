@@ -212,8 +212,15 @@ def test_claude_starts_the_daemon_in_the_background_and_leaves_it_running(stand_
         health = request(port, "GET", "/health")
         assert health.status == 200 and health.json()["profile"] == "background"
         assert "listening on" in (tmp_path / "logs" / "daemon-background.log").read_text()
+
+        stopped = run_anyclaude("stop", "--profile", str(profile), env=stand_in)
+        assert stopped.returncode == 0 and f"stopped the daemon for profile background at http://127.0.0.1:{port}" in stopped.stderr
+        with pytest.raises(OSError):
+            request(port, "GET", "/health")
+        again = run_anyclaude("stop", "--profile", str(profile), env=stand_in)
+        assert again.returncode == 1 and "no daemon answers" in again.stderr
     finally:
-        if pid:
+        if pid and _alive(pid):
             _stop_group(pid, port)
 
 
