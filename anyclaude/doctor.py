@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import launcher, logs, profiles
+from .models import ModelError, disk_size, gguf_directory, memory_budget, metal_info, model_files
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 MISSING = "-"  # a field this daemon's /health does not report
@@ -117,7 +118,7 @@ def check_device() -> Check:
         import mlx.core  # noqa: F401
     except ImportError as exc:
         return FAIL, "device", f"MLX does not import: {exc}"
-    metal = _metal()
+    metal = metal_info()
     if metal is not None:
         return OK, "device", f"Metal ({metal.get('device_name', 'GPU')})"
     from . import blas
@@ -129,56 +130,8 @@ def check_device() -> Check:
     return WARN, "device", f"CPU only (no Metal): slow{faster}"
 
 
-def _metal() -> dict | None:
-    """MLX's Metal device info, or None where MLX has no Metal (or does not import)."""
-    try:
-        import mlx.core as mx
-    except ImportError:
-        return None
-    if not mx.metal.is_available():
-        return None
-    device_info = getattr(mx, "device_info", None) or mx.metal.device_info
-    try:
-        return dict(device_info())
-    except (RuntimeError, TypeError, ValueError):  # informative only
-        return {}
-
-
-def memory_budget() -> tuple[int, str]:
-    """Bytes a model may use, and what that figure is: Metal's recommended working set, or RAM."""
-    size = (_metal() or {}).get("max_recommended_working_set_size")
-    if size:
-        return int(size), "Metal's recommended working set"
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
-
-
-def model_files(spec: str, relative_to: Path) -> tuple[Path | None, bool]:
-    """Where a profile's model is on disk (None if not there yet), and whether it is a
-    Hugging Face repo. ModelError for a file that should exist and does not."""
-    from .models import locate
-
-    where = locate(spec, relative_to)
-    if Path(where).exists():
-        return Path(where), False
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    repo = Path(HF_HUB_CACHE) / f"models--{where.replace('/', '--')}"
-    has_weights = any(repo.glob("snapshots/*/*.safetensors")) and any(repo.glob("snapshots/*/config.json"))
-    return (repo if has_weights else None), True
-
-
-def disk_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    # A Hugging Face cache stores each file once, in blobs/; snapshots/ holds links to them.
-    files = (path / "blobs").rglob("*") if (path / "blobs").is_dir() else path.rglob("*")
-    return sum(f.stat().st_size for f in files if f.is_file() and not f.is_symlink())
-
-
 def check_models(loaded: profiles.Loaded) -> tuple[list[Check], int | None]:
     """One line per model, and the bytes of those on disk (None if any is not there yet)."""
-    from .models import ModelError, gguf_directory
-
     checks, total = [], 0
     for key, model in loaded.profile.models.items():
         try:
@@ -212,7 +165,7 @@ def check_memory(model_bytes: int | None, loaded: profiles.Loaded) -> Check:
         return SKIP, "memory", f"{human_bytes(budget)} of {what}; the model's size is known once it is on disk"
     share = model_bytes / budget
     detail = f"the model takes {human_bytes(model_bytes)} of {human_bytes(budget)} {what} ({share:.0%}), plus its KV cache"
-    if loaded.profile.engine.cpu_dequantize and _metal() is None and _openblas():
+    if loaded.profile.engine.cpu_dequantize and metal_info() is None and _openblas():
         detail += "; on the CPU, quantized weights are dequantized on load (several times larger)"
     if share < 0.6:
         return OK, "memory", detail

@@ -75,6 +75,9 @@ class Loaded(Struct):
     device: str = ""
     # Where this model's prefix-cache checkpoints are saved, if the profile says so.
     cache_dir: Path | None = None
+    weight_bytes: int = 0
+    # What the models of this device may use in all (Metal's working set, or RAM; 0: unknown).
+    memory_budget: int = 0
 
 
 class Generation:
@@ -167,6 +170,10 @@ class Engine:
     def stop(self) -> None:
         """Finish the work in hand, then end the thread and let go of the model."""
         self._inbox.put(_STOP)
+
+    def wait_stopped(self, timeout: float | None = None) -> None:
+        """Block until a stopped engine has let go of its model (a thread other than the loop's)."""
+        self._thread.join(timeout)
 
     def set_prefill_step(self, tokens: int) -> None:
         self._prefill_step = tokens

@@ -53,6 +53,67 @@ def _packaged_file(spec: str) -> Path:
     return path
 
 
+def model_files(spec: str, relative_to: Path) -> tuple[Path | None, bool]:
+    """Where a profile's model is on disk (None if not there yet), and whether it is a
+    Hugging Face repo. ModelError for a file that should exist and does not."""
+    where = locate(spec, relative_to)
+    if Path(where).exists():
+        return Path(where), False
+    snapshot = _cached(where)
+    return (snapshot.parent.parent if snapshot else None), True  # models--ORG--NAME/snapshots/REV
+
+
+def disk_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    # A Hugging Face cache stores each file once, in blobs/; snapshots/ holds links to them.
+    files = (path / "blobs").rglob("*") if (path / "blobs").is_dir() else path.rglob("*")
+    return sum(f.stat().st_size for f in files if f.is_file() and not f.is_symlink())
+
+
+def _cached(repo: str) -> Path | None:
+    """A Hugging Face repo's snapshot in the local cache, None if it is not (completely) there."""
+    from huggingface_hub import snapshot_download
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+    try:
+        return Path(snapshot_download(repo, local_files_only=True, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    except Exception:
+        return None
+
+
+def size_on_disk(model: Model, relative_to: Path) -> int | None:
+    """Bytes of a model's files, about what its weights take in memory; None if not on disk yet."""
+    try:
+        path, _ = model_files(model.path, relative_to)
+    except ModelError:
+        return None
+    return None if path is None else disk_size(path)
+
+
+def metal_info() -> dict | None:
+    """MLX's Metal device info, or None where MLX has no Metal (or does not import)."""
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return None
+    if not mx.metal.is_available():
+        return None
+    device_info = getattr(mx, "device_info", None) or mx.metal.device_info
+    try:
+        return dict(device_info())
+    except (RuntimeError, TypeError, ValueError):  # informative only
+        return {}
+
+
+def memory_budget() -> tuple[int, str]:
+    """Bytes the models may use, and what that figure is: Metal's recommended working set, or RAM."""
+    size = (metal_info() or {}).get("max_recommended_working_set_size")
+    if size:
+        return int(size), "Metal's recommended working set"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+
+
 def gguf_directory(gguf: Path) -> Path:
     """The MLX directory a GGUF file is imported into, once."""
     stat = gguf.stat()
@@ -82,10 +143,8 @@ def download(repo: str) -> Path:
     from huggingface_hub.utils import disable_progress_bars
     from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
-    try:
-        return Path(snapshot_download(repo, local_files_only=True, allow_patterns=DEFAULT_ALLOW_PATTERNS))
-    except Exception:
-        pass  # not (completely) on disk yet
+    if (cached := _cached(repo)) is not None:
+        return cached
     if not sys.stderr.isatty():
         disable_progress_bars()  # under launchd: a start and an end line, not bars
     print(f"anyclaude: downloading {repo} from Hugging Face (progress below in a terminal)", file=sys.stderr, flush=True)
@@ -125,6 +184,8 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
                 device = "CPU, dequantized, OpenBLAS"
             else:
                 device = "CPU (install OpenBLAS for a faster CPU path: see the README)"
+        from mlx.utils import tree_flatten
+
         own = _context_length(where)
         context = model.context_length or own or 8192
         # Saved KV caches are only valid for the same weights computed the same way.
@@ -136,6 +197,8 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
             eos_ids=frozenset(tokenizer.eos_token_ids),
             device=device,
             cache_dir=cache_home() / "prompts" / identity,
+            weight_bytes=sum(v.nbytes for _, v in tree_flatten(mlx_model.parameters())),
+            memory_budget=memory_budget()[0],
         )
 
     return load

@@ -69,9 +69,13 @@ class Scheduler:
         self._dispatch()
         return generation
 
+    def drain(self, reason: str) -> None:
+        """Turn new work away with `reason`; the work in hand goes on (`idle` waits for it)."""
+        self._closed = reason
+
     def close(self, reason: str) -> None:
         """End the work in hand now, with `reason` as its error, and turn new work away."""
-        self._closed = reason
+        self.drain(reason)
         waiting, self._waiting = self._waiting, []
         for generation in [w.generation for w in waiting] + [self._running]:
             if generation is not None and not generation.ended:

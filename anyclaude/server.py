@@ -13,7 +13,7 @@ from . import logs, misses, profiles
 from .cache import PrefixCache
 from .engine import Engine
 from .errors import ApiError, NotFound, NotReady
-from .models import loader
+from .models import loader, size_on_disk
 from .scheduler import Scheduler
 
 
@@ -91,7 +91,9 @@ class Server:
     async def reload(self) -> None:
         """Read the profile file again. Invalid: keep serving the old one, and say why.
         Valid: settings apply from the next request; changed models load in the
-        background and take over once ready, while requests in flight finish on the old."""
+        background and take over once ready, while requests in flight finish on the old.
+        Where memory cannot hold both, the old go first: their requests finish, new ones
+        are told to retry (529) until the new models are loaded."""
         self._reloads += 1
         attempt = self._reloads
         path = self.loaded.path
@@ -106,9 +108,23 @@ class Server:
         old = self.profile
         # A model loads again when its table changed, or the way models are loaded did.
         reload_all = old.engine.cpu_dequantize != loaded.profile.engine.cpu_dequantize
-        changed = [k for k, m in loaded.profile.models.items() if reload_all or old.models.get(k) != m]
+        changed = [
+            k for k, m in loaded.profile.models.items() if reload_all or old.models.get(k) != m or (k in self.engines and self.engines[k].load_error)
+        ]
         engines = {k: e for k, e in self.engines.items() if k in loaded.profile.models and k not in changed}
+        in_turn = False
         if changed:
+            replaced = [k for k in self.engines if k not in engines]
+            in_turn = bool(replaced) and not self._room_for(changed, loaded.profile)
+            if in_turn:
+                self.reloading = f"unloading {', '.join(replaced)}: no room for both"
+                self._event("profile.reload.unloading", models=replaced)
+                for k in replaced:
+                    self.schedulers[k].drain(f"model {k!r} is being replaced; retry shortly")
+                await asyncio.gather(*(self.schedulers[k].idle() for k in replaced))
+                for k in replaced:
+                    self.engines[k].stop()
+                await asyncio.gather(*(asyncio.to_thread(self.engines[k].wait_stopped) for k in replaced))
             self.reloading = f"loading {', '.join(changed)}"
             self._event("profile.reload.loading", models=changed)
             fresh = {k: self._make_engine(k, loaded.profile.models[k], loaded.profile) for k in changed}
@@ -116,7 +132,7 @@ class Server:
                 engine.start()
             await asyncio.gather(*(asyncio.to_thread(e.wait_ready) for e in fresh.values()))
             failed = {k: e.load_error for k, e in fresh.items() if e.load_error}
-            if attempt != self._reloads or failed:  # superseded by a newer edit, or broken
+            if not in_turn and (attempt != self._reloads or failed):  # superseded by a newer edit, or broken
                 for engine in fresh.values():
                     engine.stop()
                 if failed and attempt == self._reloads:
@@ -126,6 +142,22 @@ class Server:
                 return
             engines.update(fresh)
         self._swap(loaded, engines)
+        if in_turn and (broken := [f"model {k!r} failed to load: {e.load_error}" for k, e in engines.items() if e.load_error]):
+            # The old models are gone already: the new profile stays, and says what is wrong.
+            self.reload_error = "; ".join(broken)
+            self._event("profile.reload.error", error=self.reload_error)
+
+    def _room_for(self, keys: list[str], profile: profiles.Profile) -> bool:
+        """Whether models `keys` of `profile` fit in memory beside all that is loaded now."""
+        held = [e.loaded for e in self.engines.values() if e.loaded is not None]
+        budget = max((m.memory_budget for m in held), default=0)
+        if not budget:
+            return True
+        largest = max(m.weight_bytes for m in held)
+        # A model not downloaded yet is taken to be as large as the largest loaded now.
+        incoming = sum(size_on_disk(profile.models[k], self.loaded.path.parent) or largest for k in keys)
+        caches = sum(e.cache.bytes for e in self.engines.values() if e.cache)
+        return sum(m.weight_bytes for m in held) + caches + incoming <= budget
 
     def _swap(self, loaded: profiles.Loaded, engines: dict[str, Engine]) -> None:
         retired = [(e, self.schedulers[k]) for k, e in self.engines.items() if engines.get(k) is not e]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from anyclaude import doctor
+from anyclaude import doctor, profiles
 from bench.harness import free_port, profile_file
 
 
@@ -148,3 +148,25 @@ def test_doctor_fails_what_cannot_work(stand_in_claude, tmp_path, capsys, monkey
 def test_doctor_names_a_profile_that_does_not_load(capsys):
     assert run("doctor", "--profile", "no-such-profile") == 1
     assert capsys.readouterr().out.startswith("FAIL  profile  profile 'no-such-profile' not found")
+
+
+def test_a_repo_in_the_hugging_face_cache_is_found_as_the_daemon_finds_it(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from anyclaude import models
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--anyclaude-tests--cached"
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "blobs").mkdir()
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name, blob, size in (("config.json", "c" * 40, 20), ("model.safetensors", "w" * 40, 1000)):
+        (repo / "blobs" / blob).write_bytes(b"x" * size)
+        (snapshot / name).symlink_to(repo / "blobs" / blob)
+    assert models.model_files("anyclaude-tests/cached", tmp_path) == (repo, True)
+    assert models.size_on_disk(profiles.Model(path="anyclaude-tests/cached"), tmp_path) == 1020
+    assert models.download("anyclaude-tests/cached") == snapshot  # what the daemon loads, offline
+    assert models.model_files("anyclaude-tests/elsewhere", tmp_path) == (None, True)

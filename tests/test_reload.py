@@ -7,8 +7,10 @@ import shutil
 import threading
 import time
 import tomllib
+from pathlib import Path
 
 import anthropic
+import pytest
 
 from anyclaude import profiles
 from bench.harness import Daemon, profile_file, request
@@ -126,3 +128,61 @@ def test_a_model_swap_lets_the_stream_in_flight_finish_on_the_old_model(tmp_path
         assert records[after._request_id]["model_path"] == str(new)
     finally:
         assert daemon.stop() == 0
+
+
+class Sized:
+    """Behind the engine interface, for a machine with little memory: a model's weights
+    take what its file takes on disk; loading and letting go are recorded."""
+
+    def __init__(self, model, budget: int, events: list):
+        from anyclaude.engine import Loaded
+
+        self.path, self.events, self.load_error, self.cache = model.path, events, None, None
+        self.loaded = Loaded(model=None, tokenizer=None, context_length=8192, eos_ids=frozenset(), weight_bytes=Path(model.path).stat().st_size, memory_budget=budget)
+        self.ready = True
+
+    def start(self):
+        self.events.append(("load", Path(self.path).name))
+
+    def stop(self):
+        self.events.append(("unload", Path(self.path).name))
+
+    def wait_ready(self, timeout=None):
+        return True
+
+    def wait_stopped(self, timeout=None):
+        pass
+
+    def set_prefill_step(self, tokens):
+        pass
+
+    def configure_cache(self, max_bytes, persist):
+        pass
+
+
+@pytest.mark.parametrize("budget, order", [(2000, ["load a", "load b"]), (1000, ["load a", "unload a", "load b"])])
+def test_a_model_swap_unloads_the_old_model_first_when_memory_cannot_hold_both(tmp_path, budget, order):
+    import asyncio
+
+    from anyclaude.errors import Overloaded
+    from anyclaude.server import Server
+
+    for name in ("a", "b"):
+        (tmp_path / name).write_bytes(b"w" * 600)  # 600 bytes of "weights" each
+    path = profile_file(tmp_path, "small", models={"smollm2": {"path": str(tmp_path / "a")}})
+    events: list = []
+
+    async def swap() -> None:
+        server = Server(profiles.load(str(path)), make_engine=lambda key, model, profile: Sized(model, budget, events))
+        server.start()
+        old = server.schedulers["smollm2"]
+        profile_file(tmp_path, "small", models={"smollm2": {"path": str(tmp_path / "b")}})
+        await server.reload()
+        assert server.reload_error is None and server.profile.models["smollm2"].path == str(tmp_path / "b")
+        if "unload a" in order:  # requests that came while the old model went were told to retry
+            with pytest.raises(Overloaded, match="being replaced"):
+                old.submit(None)
+
+    asyncio.run(swap())
+    # When both fit, the old model goes only after the swap (retired once idle).
+    assert [" ".join(e) for e in events][: len(order)] == order
