@@ -163,15 +163,11 @@ def openai_messages(body: dict, tokenizer) -> tuple[list[dict], list[dict] | Non
     anyclaude writes them into the system turn in its generic tool format for such
     templates; we ask it for the same messages so both servers prefill the same tokens.
     """
-    from anyclaude import prompt, toolcalls, wire
+    from anyclaude import prompt, wire
 
-    request = wire.decode_request(json.dumps(body).encode())
-    messages = prompt.chat_messages(request)
-    tools = [prompt._function(t) for t in request.tools or []]
-    if not tools:
+    messages, tools, generic = prompt.template_inputs(wire.decode_request(json.dumps(body).encode()), tokenizer)
+    if not tools or generic:
         return messages, None
-    if toolcalls.format_for(tokenizer).name == "generic":
-        return prompt._generic_tools(messages, tools), None
     for m in messages:  # OpenAI sends tool-call arguments as JSON text
         for call in m.get("tool_calls", []):
             call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
