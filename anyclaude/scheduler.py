@@ -56,7 +56,7 @@ class Scheduler:
     def submit(self, job: Job, *, side: bool = False) -> Generation:
         """Queue a job; raises Overloaded when the queue is full."""
         if self._closed:
-            raise Overloaded(self._closed)
+            raise Overloaded(self._closed, headers={"retry-after": str(RETRY_AFTER_SECONDS)})
         self._waiting = [w for w in self._waiting if not w.generation.cancelled]
         if self._running is not None and len(self._waiting) >= self.queue_size:
             raise Overloaded(
