@@ -1,5 +1,6 @@
 """Prefix-cache benchmark: a Claude-Code-shaped agent loop against anyclaude, mlx_lm.server
-and in-process mlx-lm with an ideally reused cache, all in one run on the tiny model.
+and in-process mlx-lm with an ideally reused cache, all in one run on the tiny model;
+and anyclaude's engine alone (no server) with the same ideal reuse: the floor of its ratios.
 
     uv run python bench/cache.py [--turns 6] [--max-tokens 24]
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import http.client
 import json
@@ -342,6 +344,88 @@ class Reference:
         mx.clear_cache()
 
 
+class Engine(Reference):
+    """anyclaude's engine alone: its model load (and CPU path), its token loop, the same
+    ideally reused caches as the reference, and no server, queue, rendering, tokenizing
+    or cache bookkeeping. Its warm/cold ratios are the floor of anyclaude's.
+
+    Its CPU kernels replace MLX's process-wide: it runs in a process of its own
+    (`EngineProcess`), not beside the reference."""
+
+    def __init__(self, model_dir: str, prefill_step: int):
+        from anyclaude import models, profiles
+
+        self.prefill_step = prefill_step
+        settings = profiles.load("tiny").profile.engine
+        loaded = models.loader(profiles.Model(path=model_dir), settings)()
+        self.model, self.tokenizer, self.eos = loaded.model, loaded.tokenizer, loaded.eos_ids
+        self.kept = {}
+
+    def send(self, label: str, session: str, body: dict) -> Turn:
+        import mlx.core as mx
+
+        from anyclaude import decode
+
+        ids = agent_loop.prompt_ids(body, self.tokenizer)
+        kv, reused = self._best_cache(session, ids)
+        times, generated = [], []
+        started = time.perf_counter()
+        for token in decode.tokens(self.model, ids[reused:], kv, max_tokens=body["max_tokens"], sampler=lambda x: mx.argmax(x, axis=-1), prefill_step=self.prefill_step):
+            times.append(time.perf_counter() - started)
+            generated.append(token)
+            if token in self.eos:
+                times.pop()
+                break
+        self.kept[session] = ((ids + generated)[: kv[0].offset], kv)
+        text = self.tokenizer.decode([t for t in generated if t not in self.eos])
+        return Turn(label, ttft=times[0] if times else 0.0, tokens=len(times), decode_s=times[-1] - times[0] if times else 0.0, prompt_tokens=len(ids), cached=reused, answer=agent_loop.text_answer(text))
+
+
+class EngineProcess:
+    """`Engine` in a child process (this script with --engine-worker), one JSON line per request."""
+
+    def __init__(self, model_dir: str, prefill_step: int):
+        command = [sys.executable, str(Path(__file__).resolve()), "--engine-worker", model_dir, str(prefill_step)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def _call(self, message: dict) -> dict:
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the engine worker exited with {self.process.wait()}")
+        return json.loads(line)
+
+    def ready(self) -> float:
+        self._call({"reset": True})
+        return 0.0
+
+    def stop(self, turns: list[Turn]) -> Phase:
+        return Phase(turns)
+
+    def send(self, label: str, session: str, body: dict) -> Turn:
+        return Turn(**self._call({"label": label, "session": session, "body": body}))
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def engine_worker(model_dir: str, prefill_step: int) -> None:
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # what the libraries print goes to stderr, not into the replies
+    engine = Engine(model_dir, prefill_step)
+    for line in sys.stdin:
+        message = json.loads(line)
+        if message.get("reset"):
+            engine.ready()
+            reply = {}
+        else:
+            reply = dataclasses.asdict(engine.send(message["label"], message["session"], message["body"]))
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
 # --- servers ---------------------------------------------------------------------------
 
 
@@ -503,6 +587,7 @@ def run(turns: int, max_tokens: int, max_gb: float) -> dict:
     tokenizer = load_tokenizer(Path(model_dir))
     dequantize = blas.loaded()
     reference = Reference(model_dir, prefill_step)
+    engine = EngineProcess(model_dir, prefill_step)
     phases: dict[str, Phase] = {}
     with tempfile.TemporaryDirectory(prefix="anyclaude-bench-") as tmp:
         tmp = Path(tmp)
@@ -519,11 +604,12 @@ def run(turns: int, max_tokens: int, max_gb: float) -> dict:
         )
 
         def systems(name: str, cache: str) -> dict:
-            reference.kept.clear()  # each phase starts cold for all three
+            reference.kept.clear()  # each phase starts cold for all of them
             return {
                 "any": Anyclaude(profile, tmp / cache, tmp / f"any-{name}"),
                 "mlx": MlxServer(model_dir, tmp / f"mlx-{name}", tokenizer, dequantize=dequantize),
                 "raw": reference,
+                "engine": engine,
             }
 
         _note("agent loop")
@@ -535,6 +621,7 @@ def run(turns: int, max_tokens: int, max_gb: float) -> dict:
         for name, phase in run_phase(systems("mixed", "cache-b"), lambda s: interleaved_run(s, turns, max_tokens)).items():
             phases[f"{name}_mixed"] = phase
     reference.close()
+    engine.close()
     return figures(phases, tokenizer, model_dir, turns, max_tokens, max_gb, dequantize, prefill_step)
 
 
@@ -576,6 +663,10 @@ def figures(phases: dict[str, Phase], tokenizer, model_dir: str, turns: int, max
         "warm_over_cold_loop_max_mlx": _warm_over_cold(phases["mlx_loop"].turns),
         "warm_over_cold_interleaved_main_max_raw": _warm_over_cold([t for t in phases["raw_mixed"].turns if t.label.startswith("main")]),
         "warm_over_cold_interleaved_main_max_mlx": _warm_over_cold([t for t in mlx_mixed if t.label.startswith("main")]),
+        # anyclaude's engine with no server around it: how low anyclaude's own ratios can go.
+        "warm_over_cold_loop_max_engine": _warm_over_cold(phases["engine_loop"].turns),
+        "warm_over_cold_interleaved_main_max_engine": _warm_over_cold([t for t in phases["engine_mixed"].turns if t.label.startswith("main")]),
+        "engine_same_answers": sum(_text(a) == _text(e) for a, e in zip(loop + mixed, phases["engine_loop"].turns + phases["engine_mixed"].turns)),
         "restart_ttft_s": round(restart.ttft, 3),
         "restart_over_cold": round(restart.ttft / cold, 4),
         "restart_cached_tokens": restart.cached,
@@ -672,9 +763,10 @@ def print_report(f: dict) -> None:
     print(f"anyclaude: profile tiny with [cache] persist = true, max_gb = {f['kv_budget_bytes'] / 2**30:g}, repetition_penalty = 1.0; prefill step {f['prefill_step']}"
           + ("; NumPy softmax and SwiGLU (the other two use MLX's)" if not f["metal"] else ""))
     print(f"raw: mlx-lm stream_generate in-process, prefill step {f['prefill_step']}, the best earlier KV cache reused "
-          "(copied across sessions), prompt tokenized before the clock starts\n")
-    _table("Agent loop", r["any_loop"], r["mlx_loop"], r["raw_loop"], f["cold_ttft_s"])
-    _table("Interleaved (haiku side requests, second session)", r["any_mixed"], r["mlx_mixed"], r["raw_mixed"], r["any_mixed"][0]["ttft_s"])
+          "(copied across sessions), prompt tokenized before the clock starts")
+    print("engine: anyclaude's model load and token loop in a process of its own, the caches reused as raw's\n")
+    _table("Agent loop", r["any_loop"], r["mlx_loop"], r["raw_loop"], r["engine_loop"], f["cold_ttft_s"])
+    _table("Interleaved (haiku side requests, second session)", r["any_mixed"], r["mlx_mixed"], r["raw_mixed"], r["engine_mixed"], r["any_mixed"][0]["ttft_s"])
     restart = r["any_restart"][0]
     print(f"Restart (persist on): new session's first request  TTFT {restart['ttft_s']:.2f} s, "
           f"{restart['cached']}/{restart['prompt']} tokens cached, daemon ready in {f['restart_ready_s']} s\n")
@@ -687,13 +779,13 @@ def print_report(f: dict) -> None:
     _targets(f)
 
 
-def _table(title: str, anyc: list[dict], mlx: list[dict], raw: list[dict], cold: float) -> None:
-    print(title + "  ((log): anyclaude's own time to first token, from its request log)")
-    print(f"{'request':<10}{'prompt':>7}{'cached any/mlx/raw':>21} | {'TTFT s: any':>11}{'(log)':>7}{'mlx':>7}{'raw':>7} | "
+def _table(title: str, anyc: list[dict], mlx: list[dict], raw: list[dict], engine: list[dict], cold: float) -> None:
+    print(title + "  ((log): anyclaude's own time to first token, from its request log; eng: its engine alone)")
+    print(f"{'request':<10}{'prompt':>7}{'cached any/mlx/raw':>21} | {'TTFT s: any':>11}{'(log)':>7}{'mlx':>7}{'raw':>7}{'eng':>7} | "
           f"{'any/cold':>8}{'any/mlx':>8}{'any/raw':>8} | {'tok/s: any':>10}{'mlx':>6}{'raw':>6}")
-    for a, m, w in zip(anyc, mlx, raw):
+    for a, m, w, e in zip(anyc, mlx, raw, engine):
         cached = f"{_fmt(a['cached'])}/{_fmt(m['cached'])}/{_fmt(w['cached'])}"
-        print(f"{a['label']:<10}{_fmt(a['prompt']):>7}{cached:>21} | {a['ttft_s']:>11.2f}{_fmt(a.get('server_ttft_s'), 2):>7}{m['ttft_s']:>7.2f}{w['ttft_s']:>7.2f} | "
+        print(f"{a['label']:<10}{_fmt(a['prompt']):>7}{cached:>21} | {a['ttft_s']:>11.2f}{_fmt(a.get('server_ttft_s'), 2):>7}{m['ttft_s']:>7.2f}{w['ttft_s']:>7.2f}{e['ttft_s']:>7.2f} | "
               f"{a['ttft_s'] / cold:>8.3f}{a['ttft_s'] / m['ttft_s']:>8.2f}{a['ttft_s'] / w['ttft_s']:>8.2f} | "
               f"{_fmt(a['tps'], 1):>10}{_fmt(m['tps'], 1):>6}{_fmt(w['tps'], 1):>6}")
     print()
@@ -721,6 +813,8 @@ def _targets(f: dict) -> None:
     print(f"  (info) worst interleaved request of any kind / cold: {f['warm_over_cold_interleaved_all_max']:.3f}")
     print(f"  (info) same warm/cold ratios for raw: loop {f['warm_over_cold_loop_max_raw']:.3f}, interleaved {f['warm_over_cold_interleaved_main_max_raw']:.3f}; "
           f"mlx_lm.server: loop {f['warm_over_cold_loop_max_mlx']:.3f}, interleaved {f['warm_over_cold_interleaved_main_max_mlx']:.3f}")
+    print(f"  (info) the floor, anyclaude's engine alone (no server): warm/cold loop {f['warm_over_cold_loop_max_engine']:.3f}, "
+          f"interleaved {f['warm_over_cold_interleaved_main_max_engine']:.3f} (same answers as the daemon on {f['engine_same_answers']}/{len(f['requests']['any_loop']) + len(f['requests']['any_mixed'])} requests)")
     for miss in f["cache_misses_logged"]:
         print(f"  (info) logged cache miss: {miss.get('request_id')} {miss.get('cache_miss')}")
 
@@ -749,8 +843,12 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--max-gb", type=float, default=1.0, help="anyclaude's [cache] max_gb")
+    parser.add_argument("--engine-worker", nargs=2, metavar=("MODEL_DIR", "PREFILL_STEP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     _with_openblas()
+    if args.engine_worker:
+        engine_worker(args.engine_worker[0], int(args.engine_worker[1]))
+        return 0
     started = time.monotonic()
     f = run(args.turns, args.max_tokens, args.max_gb)
     f["seconds"] = round(time.monotonic() - started, 1)
