@@ -825,19 +825,6 @@ def _fmt(x, digits: int = 0) -> str:
     return f"{x:.{digits}f}" if digits else str(x)
 
 
-def _with_openblas() -> None:
-    # LD_PRELOAD takes effect at process start only: re-run this command with OpenBLAS in
-    # front of the BLAS bundled in the MLX wheel, as `anyclaude serve` does for itself.
-    from anyclaude import blas
-
-    library = blas.openblas_path()
-    preloaded = os.environ.get("LD_PRELOAD", "")
-    if os.environ.get("ANYCLAUDE_BLAS") == "bundled" or library is None or library in preloaded.split(":"):
-        return
-    env = dict(os.environ, LD_PRELOAD=":".join(p for p in (library, preloaded) if p))
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=6)
@@ -845,7 +832,9 @@ def main() -> int:
     parser.add_argument("--max-gb", type=float, default=1.0, help="anyclaude's [cache] max_gb")
     parser.add_argument("--engine-worker", nargs=2, metavar=("MODEL_DIR", "PREFILL_STEP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    _with_openblas()
+    from anyclaude import blas
+
+    blas.preload_and_reexec(sys.orig_argv[1:], module=None)  # as `anyclaude serve` does
     if args.engine_worker:
         engine_worker(args.engine_worker[0], int(args.engine_worker[1]))
         return 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -137,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    _preload_openblas()
+    blas.preload_and_reexec(sys.orig_argv[1:], module=None)  # as `anyclaude serve` does
 
     import mlx.core as mx
     from mlx_lm import load
@@ -168,17 +167,6 @@ def main() -> None:
         **compile_figures,
     }
     _print(report, decode["text"])
-
-
-def _preload_openblas() -> None:
-    # LD_PRELOAD only acts at process start: re-run this script once with it set.
-    library = blas.openblas_path()
-    if library is None or blas.loaded() or os.environ.get("ANYCLAUDE_BLAS") == "bundled":
-        return
-    if os.environ.get("_BENCH_REEXEC"):
-        return
-    env = dict(os.environ, LD_PRELOAD=":".join(p for p in (library, os.environ.get("LD_PRELOAD", "")) if p), _BENCH_REEXEC="1")
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def _compile_times(tokenizer, tools: list[dict]) -> dict:
