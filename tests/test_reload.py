@@ -169,14 +169,15 @@ def test_a_model_swap_unloads_the_old_model_first_when_memory_cannot_hold_both(t
 
     for name in ("a", "b"):
         (tmp_path / name).write_bytes(b"w" * 600)  # 600 bytes of "weights" each
-    path = profile_file(tmp_path, "small", models={"smollm2": {"path": str(tmp_path / "a")}})
+    log = {"path": str(tmp_path / "requests.jsonl")}  # not the user's own log
+    path = profile_file(tmp_path, "small", models={"smollm2": {"path": str(tmp_path / "a")}}, log=log)
     events: list = []
 
     async def swap() -> None:
         server = Server(profiles.load(str(path)), make_engine=lambda key, model, profile: Sized(model, budget, events))
         server.start()
         old = server.schedulers["smollm2"]
-        profile_file(tmp_path, "small", models={"smollm2": {"path": str(tmp_path / "b")}})
+        profile_file(tmp_path, "small", models={"smollm2": {"path": str(tmp_path / "b")}}, log=log)
         await server.reload()
         assert server.reload_error is None and server.profile.models["smollm2"].path == str(tmp_path / "b")
         if "unload a" in order:  # requests that came while the old model went were told to retry

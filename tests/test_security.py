@@ -67,9 +67,10 @@ def test_a_reload_keeps_the_token_of_a_daemon_beyond_loopback(tmp_path, exposed)
     from anyclaude import profiles
     from anyclaude.server import Server
 
-    path = profile_file(tmp_path, "exposed", server={"auth_token": "s3cret-token"})
+    log = {"path": str(tmp_path / "requests.jsonl")}  # not the user's own log
+    path = profile_file(tmp_path, "exposed", server={"auth_token": "s3cret-token"}, log=log)
     server = Server(profiles.load(str(path)), make_engine=lambda *a: None, exposed=exposed)
-    profile_file(tmp_path, "exposed", server={"auth_token": ""})  # the token removed
+    profile_file(tmp_path, "exposed", server={"auth_token": ""}, log=log)  # the token removed
     asyncio.run(server.reload())
     if exposed:
         assert "server.auth_token" in server.reload_error
