@@ -174,22 +174,7 @@ class Exchange:
 
     async def _health(self) -> None:
         server = self.server
-        models = {
-            key: {
-                "state": "failed" if e.load_error else "ready" if e.ready else "loading",
-                "running": server.schedulers[key].running,
-                "waiting": server.schedulers[key].waiting,
-                "context_length": e.loaded.context_length if e.ready else None,
-                "device": e.loaded.device if e.ready else None,
-                "cache_bytes": e.cache.bytes if e.cache else 0,
-                "cache_peak_bytes": e.cache.peak_bytes if e.cache else 0,
-                "cache_budget_bytes": e.cache.max_bytes if e.cache else 0,
-                "cache_entries": e.cache.entries if e.cache else 0,
-                "error": e.load_error,
-                "path": server.profile.models[key].path,
-            }
-            for key, e in server.engines.items()
-        }
+        models = {key: _model_health(e, server.schedulers[key], server.profile.models[key]) for key, e in server.engines.items()}
         status = "ready" if server.ready else "loading"
         p = server.profile
         body = {
@@ -203,8 +188,8 @@ class Exchange:
             "sampling": msgspec.to_builtins(p.sampling),
             "timeouts": msgspec.to_builtins(p.timeouts),
             "log": str(server.log.path),
-            # The process that `anyclaude stop` signals (Granian's, which runs this worker).
-            "pid": int(os.environ.get("ANYCLAUDE_PID") or os.getppid()),
+            # The `anyclaude serve` process (Granian's, which runs this worker), for `anyclaude stop`.
+            "pid": int(os.environ["ANYCLAUDE_PID"]) if os.environ.get("ANYCLAUDE_PID") else None,
         }
         await self._json(200 if server.ready else 503, body)
 
@@ -258,11 +243,6 @@ class Exchange:
         max_tokens = min(request.max_tokens, model.max_tokens, context - len(rendered.ids))
         defaults = server.profile.sampling
         session = (self.record.session_id, request.model) if self.record.session_id else None
-        located = None
-        if session and (position := server.sessions.check(session, rendered.ids)) is not None:
-            # Finding the part renders the request several times: in a thread, while
-            # the answer is generated, not before it on the event loop.
-            located = (position, asyncio.create_task(asyncio.to_thread(misses.locate, request, engine.loaded.tokenizer, rendered.ids, position)))
         job = Job(
             prompt=rendered.ids,
             checkpoint=rendered.checkpoint,
@@ -274,6 +254,7 @@ class Exchange:
                 repetition_penalty=defaults.repetition_penalty,
             ),
             processors=_forced_call(request.tool_choice, rendered),
+            side="haiku" in request.model,
         )
         t = server.profile.timeouts
         timeouts = Timeouts(t.first_token, t.idle, t.total, t.ping_interval, profile=server.loaded.name)
@@ -292,7 +273,12 @@ class Exchange:
         output = Output(engine.loaded.tokenizer, parser, request.stop_sequences)
         single_call = choice.disable_parallel_tool_use
         # Admission before any headers: a full queue is a plain 529 the SDKs retry.
-        generation = scheduler.submit(job, side="haiku" in request.model)
+        generation = scheduler.submit(job)
+        located = None
+        if session and (position := server.sessions.check(session, rendered.ids)) is not None:
+            # Finding the part renders the request several times: in a thread, while
+            # the answer is generated, not before it on the event loop.
+            located = (position, asyncio.create_task(asyncio.to_thread(misses.locate, request, engine.loaded.tokenizer, rendered.ids, position)))
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect())
         try:
             if request.stream:
@@ -366,8 +352,8 @@ class Exchange:
     def _info(self, name: str) -> wire.ModelInfo:
         key = self.server.profile.resolve(name)
         model = self.server.profile.models[key]
-        engine = self.server.engines.get(key)
-        context = engine.loaded.context_length if engine and engine.ready else model.context_length
+        loaded = getattr(self.server.engines.get(key), "loaded", None)  # read once, as in /health
+        context = loaded.context_length if loaded else model.context_length
         return wire.ModelInfo(
             id=name,
             display_name=model.display_name or f"{name} ({key})",
@@ -475,6 +461,24 @@ def create_app() -> App:
     """The ASGI app for the profile named in ANYCLAUDE_PROFILE (set by `anyclaude serve`)."""
     loaded = profiles.load(os.environ["ANYCLAUDE_PROFILE"])
     return App(Server(loaded, exposed=not profiles.loopback(os.environ.get("ANYCLAUDE_HOST", "127.0.0.1"))))
+
+
+def _model_health(engine, scheduler, model: profiles.Model) -> dict:
+    # Read once: an engine being replaced lets go of its model on its own thread.
+    loaded, cache = engine.loaded, engine.cache
+    return {
+        "state": "failed" if engine.load_error else "ready" if loaded else "loading",
+        "running": scheduler.running,
+        "waiting": scheduler.waiting,
+        "context_length": loaded.context_length if loaded else None,
+        "device": loaded.device if loaded else None,
+        "cache_bytes": cache.bytes if cache else 0,
+        "cache_peak_bytes": cache.peak_bytes if cache else 0,
+        "cache_budget_bytes": cache.max_bytes if cache else 0,
+        "cache_entries": cache.entries if cache else 0,
+        "error": engine.load_error,
+        "path": model.path,
+    }
 
 
 def _when_told_to_exit(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:

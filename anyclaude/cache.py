@@ -40,18 +40,16 @@ class Entry(Struct):
     kind: str
     used: float
     prompt: int  # how many of `tokens` were the prompt (the rest were generated)
-    # A conversation stored by a request that continued one: it is likely to go on
-    # again, unlike a one-shot side request's, so it is evicted after those.
-    continued: bool = False
+    # A side request's (Claude Code's haiku titles and classifiers): rarely continued,
+    # so evicted before the conversations the user works in.
+    side: bool = False
 
 
 class Reuse(Struct):
-    """What a lookup found: the KV cache to extend (or None), how many prompt tokens it
-    covers, and whether the prompt continues a stored conversation."""
+    """What a lookup found: the KV cache to extend (or None) and how many prompt tokens it covers."""
 
     cache: list | None
     tokens: int
-    continued: bool = False
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -126,15 +124,16 @@ class PrefixCache:
 
                 self._entries = [e for e in self._entries if e is not best]
                 trim_prompt_cache(best.cache, cut)
-                return Reuse(best.cache, reuse, continued=True)
+                return Reuse(best.cache, reuse)
         return Reuse(prefix_copy(best.cache, reuse), reuse)
 
-    def store(self, tokens: list[int], cache: list, kind: str = CONVERSATION, *, prompt: int | None = None, continued: bool = False) -> None:
+    def store(self, tokens: list[int], cache: list, kind: str = CONVERSATION, *, prompt: int | None = None, side: bool = False) -> None:
         """Keep a cache holding exactly `tokens` (the first `prompt` of them the request's
-        prompt, by default all), then evict down to the budget (engine thread)."""
+        prompt, by default all; `side`: a side request's), then evict down to the budget
+        (engine thread)."""
         if length(cache) != len(tokens) or not tokens:
             return  # a cache we cannot account for is not reused
-        entry = Entry(np.asarray(tokens), cache, nbytes(cache), kind, time.monotonic(), len(tokens) if prompt is None else prompt, continued)
+        entry = Entry(np.asarray(tokens), cache, nbytes(cache), kind, time.monotonic(), len(tokens) if prompt is None else prompt, side)
         with self._lock:
             # An entry that is a prefix of the new one (same kind) is redundant when caches trim.
             self._entries = [
@@ -153,11 +152,11 @@ class PrefixCache:
 
         Called once a request has its answer: a large model's checkpoint is gigabytes,
         and writing it must not delay a first token."""
-        if self.persist_dir is None:
-            self._unsaved.clear()
-        while self._unsaved:
+        with self._lock:  # `configure` may change both from the event loop
+            unsaved, self._unsaved, folder = self._unsaved, [], self.persist_dir
+        for entry in unsaved if folder is not None else []:
             try:
-                self._persist(self._unsaved.pop())
+                self._persist(entry, folder)
             except OSError:  # a full or read-only disk only costs a cold start later
                 pass
 
@@ -204,22 +203,22 @@ class PrefixCache:
         return common
 
     def _evict(self) -> None:
-        # Least recently used first: one-shot conversations, then continued ones, then checkpoints.
+        # Least recently used first: side requests', then conversations, then checkpoints.
         while self._entries and sum(e.nbytes for e in self._entries) > self.max_bytes:
-            victim = min(self._entries, key=lambda e: (e.kind == CHECKPOINT, e.continued, e.used))
+            victim = min(self._entries, key=lambda e: (e.kind == CHECKPOINT, not e.side, e.used))
             self._entries = [e for e in self._entries if e is not victim]
 
-    def _persist(self, entry: Entry) -> None:
+    def _persist(self, entry: Entry, folder: Path) -> None:
         from mlx_lm.models.cache import save_prompt_cache
 
-        self.persist_dir.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(entry.tokens.astype(np.int64).tobytes()).hexdigest()[:24]
-        path = self.persist_dir / f"{digest}.safetensors"
+        path = folder / f"{digest}.safetensors"
         if not path.exists():
             partial = path.with_name(f"{digest}.partial.safetensors")
             save_prompt_cache(str(partial), entry.cache, {"tokens": json.dumps(entry.tokens.tolist())})
             partial.replace(path)
-        for old in _saved(self.persist_dir)[KEEP_ON_DISK:]:
+        for old in _saved(folder)[KEEP_ON_DISK:]:
             old.unlink(missing_ok=True)
 
 

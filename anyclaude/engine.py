@@ -35,6 +35,8 @@ class Job(Struct, frozen=True):
     checkpoint: int = 0
     # Builds logits processors on the engine thread (constrained decoding), from the tokenizer.
     processors: Callable[[Any], list] | None = None
+    # A side request (Claude Code's haiku model): queued after the main ones, cached apart.
+    side: bool = False
 
 
 # What the engine sends back, in order: Prefilled once, Token per token, then Done or Failed.
@@ -56,6 +58,7 @@ class Done(Struct, frozen=True):
 
 class Failed(Struct, frozen=True):
     message: str
+    retry: bool = False  # not the engine's fault (the daemon is stopping): worth a retry
 
 
 EngineEvent = Prefilled | Token | Done | Failed
@@ -73,7 +76,7 @@ class Loaded(Struct):
     context_length: int
     eos_ids: frozenset[int]
     device: str = ""
-    # Where this model's prefix-cache checkpoints are saved, if the profile says so.
+    # Where this model's prefix-cache checkpoints go, when `[cache] persist` is on.
     cache_dir: Path | None = None
     weight_bytes: int = 0
     # What the models of this device may use in all (Metal's working set, or RAM; 0: unknown).
@@ -287,7 +290,7 @@ class Engine:
             # Whatever the KV cache holds now (all of it, or the prefill done before a
             # cancel or a timeout) is kept, so the next turn, or a retry, resumes from it.
             if self.cache:
-                self.cache.store((job.prompt + generated)[: length(kv) or 0], kv, prompt=len(job.prompt), continued=bool(reuse and reuse.continued))
+                self.cache.store((job.prompt + generated)[: length(kv) or 0], kv, prompt=len(job.prompt), side=job.side)
                 self.cache.save()
 
     def _processors(self, job: Job) -> list | None:

@@ -328,27 +328,36 @@ def _run_claude(args: argparse.Namespace) -> int:
 
 def _run_stop(args: argparse.Namespace) -> int:
     loaded = profiles.load(args.profile)
-    host = args.host or loaded.profile.server.host
     url = base_url(loaded.profile.server, args.host, args.port)
-    token = auth_token(loaded.profile)
-    reply = fetch_json(url, "/health", token, timeout=1.0)
+    reply = fetch_json(url, "/health", auth_token(loaded.profile), timeout=1.0)
     health = reply[1] if reply else None
     if not health or "profile" not in health:
         _say(f"no daemon answers at {url}" if reply is None else f"{url} is not an anyclaude daemon")
         return 1
     pid = health.get("pid")
-    if not isinstance(pid, int) or not profiles.loopback(host):
-        _say(f"the daemon at {url} is not one this command can signal (another machine, or an older version): stop it where it runs")
+    # A pid means something only on this machine, and only for `anyclaude serve` itself.
+    if not isinstance(pid, int) or not profiles.loopback(urlsplit(url).hostname or "") or "anyclaude" not in _ps(pid, "command"):
+        _say(f"the daemon at {url} is not an `anyclaude serve` of this machine that this command can signal: stop it where it runs")
         return 1
-    os.kill(pid, signal.SIGTERM)  # as Ctrl-C: the requests in hand end, logged
+    try:
+        os.kill(pid, signal.SIGTERM)  # as Ctrl-C: the requests in hand end, logged
+    except OSError as exc:
+        _say(f"cannot signal the daemon at {url} (pid {pid}): {exc.strerror}")
+        return 1
     deadline = time.monotonic() + args.wait
-    while fetch_json(url, "/health", token, timeout=1.0) is not None:
+    while _ps(pid, "stat")[:1] not in ("", "Z"):  # gone, or a zombie nobody has reaped yet
         if time.monotonic() > deadline:
             _say(f"the daemon at {url} (pid {pid}) is still running {args.wait:.0f} s after SIGTERM")
             return 1
         time.sleep(0.2)
     _say(f"stopped the daemon for profile {health['profile']} at {url} (pid {pid})")
     return 0
+
+
+def _ps(pid: int, field: str) -> str:
+    """A field of `ps` for a process ("" if there is none): Linux and macOS alike."""
+    result = subprocess.run(["ps", "-o", f"{field}=", "-p", str(pid)], capture_output=True, text=True)
+    return result.stdout.strip()
 
 
 def _run_env(args: argparse.Namespace) -> int:

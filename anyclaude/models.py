@@ -59,16 +59,15 @@ def model_files(spec: str, relative_to: Path) -> tuple[Path | None, bool]:
     where = locate(spec, relative_to)
     if Path(where).exists():
         return Path(where), False
-    snapshot = _cached(where)
-    return (snapshot.parent.parent if snapshot else None), True  # models--ORG--NAME/snapshots/REV
+    return _cached(where), True
 
 
 def disk_size(path: Path) -> int:
+    """Bytes of a model file, or of the files in a model folder (a Hugging Face snapshot's
+    are links into its blobs: what they point at is counted)."""
     if path.is_file():
         return path.stat().st_size
-    # A Hugging Face cache stores each file once, in blobs/; snapshots/ holds links to them.
-    files = (path / "blobs").rglob("*") if (path / "blobs").is_dir() else path.rglob("*")
-    return sum(f.stat().st_size for f in files if f.is_file() and not f.is_symlink())
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _cached(repo: str) -> Path | None:

@@ -41,7 +41,7 @@ class Rendered(Struct, frozen=True):
 def render(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_header: bool = False) -> Rendered:
     """The prompt for a request, as text and as token ids."""
     fmt = toolcalls.format_for(tokenizer)
-    messages, tools, generic = template_inputs(request, tokenizer, keep_billing_header=keep_billing_header)
+    messages, tools, generic = template_inputs(request, fmt, keep_billing_header=keep_billing_header)
     template_tools = tools if tools and not generic else None
     thinking = thinking_wanted(request)
     text = _apply(tokenizer, messages, template_tools, thinking)
@@ -58,13 +58,14 @@ def render(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_hea
     )
 
 
-def template_inputs(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_header: bool = False) -> tuple[list[dict], list[dict], bool]:
-    """What the model's chat template is given for a request: the chat messages, the tools
-    as OpenAI-style functions, and whether those went into the system prompt instead, in
-    the generic format (for a template whose own tool syntax anyclaude cannot parse)."""
+def template_inputs(request: wire.CountTokensRequest, fmt: toolcalls.Format, *, keep_billing_header: bool = False) -> tuple[list[dict], list[dict], bool]:
+    """What the chat template of a model whose tool format is `fmt` is given for a request:
+    the chat messages, the tools as OpenAI-style functions, and whether those went into the
+    system prompt instead, in the generic format (a template whose own tool syntax anyclaude
+    cannot parse)."""
     tools = [_function(t) for t in request.tools or [] if t.type in (None, "custom")]
     messages = chat_messages(request, keep_billing_header=keep_billing_header)
-    generic = bool(tools) and toolcalls.format_for(tokenizer).name == "generic"
+    generic = bool(tools) and fmt.name == "generic"
     return (_generic_tools(messages, tools) if generic else messages), tools, generic
 
 

@@ -7,7 +7,9 @@ One engine runs one generation at a time; the others wait here, in this order:
 2. oldest first within each class;
 3. except that a side request waiting longer than SIDE_MAX_WAIT seconds goes first,
    so that side requests are delayed, never starved.
-A full queue is refused at once with 529 and `retry-after`, before any headers.
+A full queue is refused at once with 529 and `retry-after`, before any headers; so is
+any request while the queue is drained (its model being replaced) or closed (the daemon
+stopping).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Scheduler:
         self._running: Generation | None = None
         self._order = itertools.count()
         self._idle: asyncio.Future | None = None
-        self._closed: str | None = None
+        self.closed: str | None = None  # why new work is turned away (a swap, a stop)
 
     @property
     def waiting(self) -> int:
@@ -53,10 +55,10 @@ class Scheduler:
     def running(self) -> bool:
         return self._running is not None
 
-    def submit(self, job: Job, *, side: bool = False) -> Generation:
+    def submit(self, job: Job) -> Generation:
         """Queue a job; raises Overloaded when the queue is full."""
-        if self._closed:
-            raise Overloaded(self._closed, headers={"retry-after": str(RETRY_AFTER_SECONDS)})
+        if self.closed:
+            raise Overloaded(self.closed, headers={"retry-after": str(RETRY_AFTER_SECONDS)})
         self._waiting = [w for w in self._waiting if not w.generation.cancelled]
         if self._running is not None and len(self._waiting) >= self.queue_size:
             raise Overloaded(
@@ -65,13 +67,13 @@ class Scheduler:
             )
         generation = Generation(asyncio.get_running_loop(), on_end=self._ended)
         generation.submitted_at = time.monotonic()
-        self._waiting.append(_Waiting(job, generation, side, generation.submitted_at, next(self._order)))
+        self._waiting.append(_Waiting(job, generation, job.side, generation.submitted_at, next(self._order)))
         self._dispatch()
         return generation
 
     def drain(self, reason: str) -> None:
         """Turn new work away with `reason`; the work in hand goes on (`idle` waits for it)."""
-        self._closed = reason
+        self.closed = reason
 
     def close(self, reason: str) -> None:
         """End the work in hand now, with `reason` as its error, and turn new work away."""
@@ -79,7 +81,7 @@ class Scheduler:
         waiting, self._waiting = self._waiting, []
         for generation in [w.generation for w in waiting] + [self._running]:
             if generation is not None and not generation.ended:
-                generation.put(Failed(reason))
+                generation.put(Failed(reason, retry=True))
                 generation.cancel()
 
     def _dispatch(self) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 from . import logs, misses, profiles
 from .cache import PrefixCache
 from .engine import Engine
-from .errors import ApiError, NotFound, NotReady
+from .errors import ApiError, NotFound, NotReady, Overloaded
 from .models import loader, size_on_disk
-from .scheduler import Scheduler
+from .scheduler import RETRY_AFTER_SECONDS, Scheduler
 
 
 class Server:
@@ -39,6 +39,8 @@ class Server:
         self.log = _request_log(loaded.profile)
         self.reload_error: str | None = None
         self.reloading: str | None = None
+        self._stopping: str | None = None
+        self._retiring: set[Scheduler] = set()
         self._reloads = 0
 
     @property
@@ -68,19 +70,22 @@ class Server:
 
     def stopping(self) -> None:
         """The daemon was told to exit: end the requests in hand at once, refuse new ones."""
-        for scheduler in self.schedulers.values():
-            scheduler.close("the daemon is stopping; retry once it is back")
+        self._stopping = "the daemon is stopping; retry once it is back"
+        for scheduler in [*self.schedulers.values(), *self._retiring]:
+            scheduler.close(self._stopping)
 
     def engine_for(self, requested: str) -> tuple[str, Engine, Scheduler]:
         key = self.profile.resolve(requested)
         if key is None:
             raise NotFound(f"model: {requested} is not served by profile {self.loaded.name!r}")
-        engine = self.engines[key]
+        engine, scheduler = self.engines[key], self.schedulers[key]
+        if scheduler.closed:  # the model is being replaced, or the daemon is stopping
+            raise Overloaded(scheduler.closed, headers={"retry-after": str(RETRY_AFTER_SECONDS)})
         if engine.load_error:
             raise ApiError(f"model {key!r} failed to load: {engine.load_error}")
         if not engine.ready:
             raise NotReady("the model is still loading; try again shortly")
-        return key, engine, self.schedulers[key]
+        return key, engine, scheduler
 
     @property
     def ready(self) -> bool:
@@ -94,6 +99,8 @@ class Server:
         background and take over once ready, while requests in flight finish on the old.
         Where memory cannot hold both, the old go first: their requests finish, new ones
         are told to retry (529) until the new models are loaded."""
+        if self._stopping:
+            return
         self._reloads += 1
         attempt = self._reloads
         path = self.loaded.path
@@ -108,9 +115,10 @@ class Server:
         old = self.profile
         # A model loads again when its table changed, or the way models are loaded did.
         reload_all = old.engine.cpu_dequantize != loaded.profile.engine.cpu_dequantize
-        changed = [
-            k for k, m in loaded.profile.models.items() if reload_all or old.models.get(k) != m or (k in self.engines and self.engines[k].load_error)
-        ]
+        # A model that failed to load is tried again (its files may be there now); failing
+        # again, it does not hold the rest of the edit back.
+        broken = {k for k, e in self.engines.items() if e.load_error}
+        changed = [k for k, m in loaded.profile.models.items() if reload_all or old.models.get(k) != m or k in broken]
         engines = {k: e for k, e in self.engines.items() if k in loaded.profile.models and k not in changed}
         in_turn = False
         if changed:
@@ -131,7 +139,7 @@ class Server:
             for engine in fresh.values():
                 engine.start()
             await asyncio.gather(*(asyncio.to_thread(e.wait_ready) for e in fresh.values()))
-            failed = {k: e.load_error for k, e in fresh.items() if e.load_error}
+            failed = {k: e.load_error for k, e in fresh.items() if e.load_error and k not in broken}
             if not in_turn and (attempt != self._reloads or failed):  # superseded by a newer edit, or broken
                 for engine in fresh.values():
                     engine.stop()
@@ -141,23 +149,26 @@ class Server:
                     self._event("profile.reload.error", error=self.reload_error)
                 return
             engines.update(fresh)
+        if self._stopping:
+            return
         self._swap(loaded, engines)
-        if in_turn and (broken := [f"model {k!r} failed to load: {e.load_error}" for k, e in engines.items() if e.load_error]):
-            # The old models are gone already: the new profile stays, and says what is wrong.
-            self.reload_error = "; ".join(broken)
+        # Models that could not load (the old ones gone already, or broken before): the
+        # new profile stays, and says what is wrong.
+        if errors := [f"model {k!r} failed to load: {e.load_error}" for k, e in engines.items() if e.load_error]:
+            self.reload_error = "; ".join(errors)
             self._event("profile.reload.error", error=self.reload_error)
 
     def _room_for(self, keys: list[str], profile: profiles.Profile) -> bool:
         """Whether models `keys` of `profile` fit in memory beside all that is loaded now."""
         held = [e.loaded for e in self.engines.values() if e.loaded is not None]
         budget = max((m.memory_budget for m in held), default=0)
-        if not budget:
+        sizes = [size_on_disk(profile.models[k], self.loaded.path.parent) for k in keys]
+        if not budget or None in sizes:
+            # Not known (a model not on disk yet): it loads beside, so that the old model
+            # serves through a download, and stays if the new one fails to load.
             return True
-        largest = max(m.weight_bytes for m in held)
-        # A model not downloaded yet is taken to be as large as the largest loaded now.
-        incoming = sum(size_on_disk(profile.models[k], self.loaded.path.parent) or largest for k in keys)
         caches = sum(e.cache.bytes for e in self.engines.values() if e.cache)
-        return sum(m.weight_bytes for m in held) + caches + incoming <= budget
+        return sum(m.weight_bytes for m in held) + caches + sum(sizes) <= budget
 
     def _swap(self, loaded: profiles.Loaded, engines: dict[str, Engine]) -> None:
         retired = [(e, self.schedulers[k]) for k, e in self.engines.items() if engines.get(k) is not e]
@@ -177,7 +188,14 @@ class Server:
         self.reload_error = self.reloading = None
         self._event("profile.reload", revision=self.revision)
         for engine, scheduler in retired:
-            asyncio.get_running_loop().create_task(_retire(engine, scheduler))
+            self._retiring.add(scheduler)
+            asyncio.get_running_loop().create_task(self._retire(engine, scheduler))
+
+    async def _retire(self, engine: Engine, scheduler: Scheduler) -> None:
+        """Stop an engine once the requests it started with are done; its memory goes with it."""
+        await scheduler.idle()
+        self._retiring.discard(scheduler)
+        engine.stop()
 
     def _event(self, name: str, **fields) -> None:
         record = logs.Event(ts=logs.now(), event=name, profile=self.loaded.name, file=str(self.loaded.path), **fields)
@@ -186,12 +204,6 @@ class Server:
             self.log.write(record)
         except OSError:
             pass
-
-
-async def _retire(engine: Engine, scheduler: Scheduler) -> None:
-    """Stop an engine once the requests it started with are done; its memory goes with it."""
-    await scheduler.idle()
-    engine.stop()
 
 
 def _request_log(profile: profiles.Profile) -> logs.RequestLog:

@@ -263,7 +263,8 @@ async def drive(
                     return await _finish(stream, output, emit, outcome, "complete")
                 return await _finish(stream, output, emit, outcome, "max_tokens", cut=True)
             elif isinstance(event, Failed):
-                outcome.error = ApiError(f"generation failed: {event.message}")
+                # overloaded_error is the one clients retry by themselves.
+                outcome.error = Overloaded(event.message) if event.retry else ApiError(f"generation failed: {event.message}")
                 return outcome
     finally:
         generation.cancel()

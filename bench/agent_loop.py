@@ -163,9 +163,9 @@ def openai_messages(body: dict, tokenizer) -> tuple[list[dict], list[dict] | Non
     anyclaude writes them into the system turn in its generic tool format for such
     templates; we ask it for the same messages so both servers prefill the same tokens.
     """
-    from anyclaude import prompt, wire
+    from anyclaude import prompt, toolcalls, wire
 
-    messages, tools, generic = prompt.template_inputs(wire.decode_request(json.dumps(body).encode()), tokenizer)
+    messages, tools, generic = prompt.template_inputs(wire.decode_request(json.dumps(body).encode()), toolcalls.format_for(tokenizer))
     if not tools or generic:
         return messages, None
     for m in messages:  # OpenAI sends tool-call arguments as JSON text

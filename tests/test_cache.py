@@ -75,25 +75,26 @@ def test_a_conversation_left_just_before_its_end_is_taken_over_and_trimmed(model
     nxt = turn[:-2] + ids(model, " four. Question: and three plus three?")
     shared = len(turn) - 2
     reuse = cache.fetch(nxt)
-    assert reuse.continued and reuse.tokens == shared
+    assert reuse.tokens == shared
     assert reuse.cache is kv and length(kv) == shared and cache.entries == 0
     _, extended = prefill(model, nxt[shared:], kv)
     _, full = prefill(model, nxt)
     assert mx.allclose(extended, full, atol=1e-4)
 
 
-def test_continued_conversations_outlive_newer_one_shot_requests(model):
+def test_side_requests_are_evicted_before_conversations(model):
     shared = ids(model, SYSTEM)
-    entries = [shared + ids(model, f"{n}: conversation number {n}, hello there, how are you today?") for n in range(3)]
+    entries = [shared + ids(model, f"{n}: conversation number {n}, hello there, how are you today?") for n in range(4)]
     kvs = [prefill(model, tokens)[0] for tokens in entries]
     cache = PrefixCache(2 * nbytes(kvs[0]))
-    cache.store(entries[0], kvs[0], continued=True)  # a main conversation, several turns in
-    cache.store(entries[1], kvs[1])  # two side requests since
-    cache.store(entries[2], kvs[2])
-    assert cache.entries == 2
-    assert cache.peek(entries[0] + [1]) == len(entries[0])
-    assert cache.peek(entries[1] + [1]) < len(entries[1])  # the older one-shot went
-    assert cache.peek(entries[2] + [1]) == len(entries[2])
+    cache.store(entries[0], kvs[0])  # a conversation from an earlier session
+    cache.store(entries[1], kvs[1], side=True)  # a side request since
+    cache.store(entries[2], kvs[2])  # a new session's first turn: kept, the side request goes
+    assert cache.peek(entries[1] + [1]) < len(entries[1])
+    assert cache.peek(entries[0] + [1]) == len(entries[0]) and cache.peek(entries[2] + [1]) == len(entries[2])
+    cache.store(entries[3], kvs[3])  # among conversations, the least recently used goes
+    assert cache.peek(entries[0] + [1]) < len(entries[0])
+    assert cache.peek(entries[2] + [1]) == len(entries[2]) and cache.peek(entries[3] + [1]) == len(entries[3])
 
 
 def test_eviction_is_lru_by_bytes_conversations_before_checkpoints(model):

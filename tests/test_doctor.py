@@ -166,7 +166,8 @@ def test_a_repo_in_the_hugging_face_cache_is_found_as_the_daemon_finds_it(tmp_pa
     for name, blob, size in (("config.json", "c" * 40, 20), ("model.safetensors", "w" * 40, 1000)):
         (repo / "blobs" / blob).write_bytes(b"x" * size)
         (snapshot / name).symlink_to(repo / "blobs" / blob)
-    assert models.model_files("anyclaude-tests/cached", tmp_path) == (repo, True)
+    (repo / "blobs" / "old-revision").write_bytes(b"x" * 5000)  # not part of the snapshot
+    assert models.model_files("anyclaude-tests/cached", tmp_path) == (snapshot, True)
     assert models.size_on_disk(profiles.Model(path="anyclaude-tests/cached"), tmp_path) == 1020
     assert models.download("anyclaude-tests/cached") == snapshot  # what the daemon loads, offline
     assert models.model_files("anyclaude-tests/elsewhere", tmp_path) == (None, True)

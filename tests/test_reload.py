@@ -132,14 +132,17 @@ def test_a_model_swap_lets_the_stream_in_flight_finish_on_the_old_model(tmp_path
 
 class Sized:
     """Behind the engine interface, for a machine with little memory: a model's weights
-    take what its file takes on disk; loading and letting go are recorded."""
+    take what its file takes on disk (a missing file fails to load); loading and letting
+    go are recorded."""
 
     def __init__(self, model, budget: int, events: list):
         from anyclaude.engine import Loaded
 
-        self.path, self.events, self.load_error, self.cache = model.path, events, None, None
-        self.loaded = Loaded(model=None, tokenizer=None, context_length=8192, eos_ids=frozenset(), weight_bytes=Path(model.path).stat().st_size, memory_budget=budget)
-        self.ready = True
+        self.path, self.events, self.cache = model.path, events, None
+        found = Path(model.path).exists()
+        self.load_error = None if found else f"{model.path}: not found"
+        self.loaded = Loaded(model=None, tokenizer=None, context_length=8192, eos_ids=frozenset(), weight_bytes=Path(model.path).stat().st_size, memory_budget=budget) if found else None
+        self.ready = found
 
     def start(self):
         self.events.append(("load", Path(self.path).name))
@@ -187,3 +190,29 @@ def test_a_model_swap_unloads_the_old_model_first_when_memory_cannot_hold_both(t
     asyncio.run(swap())
     # When both fit, the old model goes only after the swap (retired once idle).
     assert [" ".join(e) for e in events][: len(order)] == order
+
+
+def test_a_broken_model_does_not_hold_other_edits_back_and_a_stopping_daemon_refuses_work(tmp_path):
+    import asyncio
+
+    from anyclaude.errors import Overloaded
+    from anyclaude.server import Server
+
+    log = {"path": str(tmp_path / "requests.jsonl")}
+    path = profile_file(tmp_path, "broken", models={"smollm2": {"path": str(tmp_path / "missing")}}, log=log)
+
+    async def edits() -> None:
+        server = Server(profiles.load(str(path)), make_engine=lambda key, model, profile: Sized(model, 0, []))
+        server.start()
+        profile_file(tmp_path, "broken", models={"smollm2": {"path": str(tmp_path / "missing")}}, log=log, sampling={"temperature": 0.3})
+        await server.reload()
+        assert server.profile.sampling.temperature == 0.3  # applied, though the model fails again
+        assert "missing: not found" in server.reload_error
+        server.stopping()
+        with pytest.raises(Overloaded, match="stopping"):
+            server.engine_for("claude-opus-4-8")
+        profile_file(tmp_path, "broken", models={"smollm2": {"path": str(tmp_path / "missing")}}, log=log, sampling={"temperature": 0.9})
+        await server.reload()
+        assert server.profile.sampling.temperature == 0.3  # a stopping daemon takes no more edits
+
+    asyncio.run(edits())

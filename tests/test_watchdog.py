@@ -171,6 +171,6 @@ def test_stopping_the_daemon_ends_the_streams_in_flight_at_once(tmp_path, model_
     finally:
         daemon.process.kill()  # only if it is still there
     events = check(seen + response.read())
-    assert events[-1]["type"] == "error" and "stopping" in events[-1]["error"]["message"]
+    assert events[-1]["error"] == {"type": "overloaded_error", "message": "the daemon is stopping; retry once it is back"}
     r = record(daemon, response.getheader("request-id"))
     assert r["outcome"] == "error" and r["ended"] == "error" and "stopping" in r["error"]
