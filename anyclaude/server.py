@@ -160,15 +160,19 @@ class Server:
 
     def _room_for(self, keys: list[str], profile: profiles.Profile) -> bool:
         """Whether models `keys` of `profile` fit in memory beside all that is loaded now."""
-        held = [e.loaded for e in self.engines.values() if e.loaded is not None]
-        budget = max((m.memory_budget for m in held), default=0)
+        held = {k: e.loaded for k, e in self.engines.items() if e.loaded is not None}
+        budget = max((m.memory_budget for m in held.values()), default=0)
         sizes = [size_on_disk(profile.models[k], self.loaded.path.parent) for k in keys]
         if not budget or None in sizes:
             # Not known (a model not on disk yet): it loads beside, so that the old model
             # serves through a download, and stays if the new one fails to load.
             return True
+        # Weights take about their files' size, unless loading changes them (on a CPU,
+        # quantized weights are dequantized): as much more as the models loaded now take.
+        files = {k: size_on_disk(self.profile.models[k], self.loaded.path.parent) for k in held}
+        growth = max([1.0] + [m.weight_bytes / files[k] for k, m in held.items() if files[k]])
         caches = sum(e.cache.bytes for e in self.engines.values() if e.cache)
-        return sum(m.weight_bytes for m in held) + caches + sum(sizes) <= budget
+        return sum(m.weight_bytes for m in held.values()) + caches + growth * sum(sizes) <= budget
 
     def _swap(self, loaded: profiles.Loaded, engines: dict[str, Engine]) -> None:
         retired = [(e, self.schedulers[k]) for k, e in self.engines.items() if engines.get(k) is not e]

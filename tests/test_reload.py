@@ -135,13 +135,13 @@ class Sized:
     take what its file takes on disk (a missing file fails to load); loading and letting
     go are recorded."""
 
-    def __init__(self, model, budget: int, events: list):
+    def __init__(self, model, budget: int, events: list, growth: int = 1):
         from anyclaude.engine import Loaded
 
         self.path, self.events, self.cache = model.path, events, None
         found = Path(model.path).exists()
         self.load_error = None if found else f"{model.path}: not found"
-        self.loaded = Loaded(model=None, tokenizer=None, context_length=8192, eos_ids=frozenset(), weight_bytes=Path(model.path).stat().st_size, memory_budget=budget) if found else None
+        self.loaded = Loaded(model=None, tokenizer=None, context_length=8192, eos_ids=frozenset(), weight_bytes=growth * Path(model.path).stat().st_size, memory_budget=budget) if found else None
         self.ready = found
 
     def start(self):
@@ -163,8 +163,15 @@ class Sized:
         pass
 
 
-@pytest.mark.parametrize("budget, order", [(2000, ["load a", "load b"]), (1000, ["load a", "unload a", "load b"])])
-def test_a_model_swap_unloads_the_old_model_first_when_memory_cannot_hold_both(tmp_path, budget, order):
+@pytest.mark.parametrize(
+    "budget, growth, order",
+    [
+        (2000, 1, ["load a", "load b"]),
+        (1000, 1, ["load a", "unload a", "load b"]),
+        (2000, 2, ["load a", "unload a", "load b"]),  # weights twice their files' size once loaded (dequantized)
+    ],
+)
+def test_a_model_swap_unloads_the_old_model_first_when_memory_cannot_hold_both(tmp_path, budget, growth, order):
     import asyncio
 
     from anyclaude.errors import Overloaded
@@ -177,7 +184,7 @@ def test_a_model_swap_unloads_the_old_model_first_when_memory_cannot_hold_both(t
     events: list = []
 
     async def swap() -> None:
-        server = Server(profiles.load(str(path)), make_engine=lambda key, model, profile: Sized(model, budget, events))
+        server = Server(profiles.load(str(path)), make_engine=lambda key, model, profile: Sized(model, budget, events, growth))
         server.start()
         old = server.schedulers["smollm2"]
         profile_file(tmp_path, "small", models={"smollm2": {"path": str(tmp_path / "b")}}, log=log)
