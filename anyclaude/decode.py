@@ -54,10 +54,10 @@ def tokens(
     while len(rest) > prefill_step or len(rest) > MERGED:
         check()
         n = min(prefill_step, len(rest) - 1)
-        model(mx.array(rest[:n])[None], cache=cache)
+        chunk = mx.array(rest[:n])
+        model(chunk[None], cache=cache)
         mx.eval([c.state for c in cache])
         if processors:
-            chunk = mx.array(rest[:n])
             seen = chunk if seen is None else mx.concatenate([seen, chunk])
         rest = rest[n:]
         mx.clear_cache()

@@ -56,9 +56,8 @@ class Scheduler:
         return self._running is not None
 
     def submit(self, job: Job) -> Generation:
-        """Queue a job; raises Overloaded when the queue is full."""
-        if self.closed:
-            raise Overloaded(self.closed, headers={"retry-after": str(RETRY_AFTER_SECONDS)})
+        """Queue a job; raises Overloaded when the queue is full, drained or closed."""
+        self.check_open()
         self._waiting = [w for w in self._waiting if not w.generation.cancelled]
         if self._running is not None and len(self._waiting) >= self.queue_size:
             raise Overloaded(
@@ -70,6 +69,11 @@ class Scheduler:
         self._waiting.append(_Waiting(job, generation, job.side, generation.submitted_at, next(self._order)))
         self._dispatch()
         return generation
+
+    def check_open(self) -> None:
+        """Raise Overloaded (529, retry-after) if the queue is drained or closed."""
+        if self.closed:
+            raise Overloaded(self.closed, headers={"retry-after": str(RETRY_AFTER_SECONDS)})
 
     def drain(self, reason: str) -> None:
         """Turn new work away with `reason`; the work in hand goes on (`idle` waits for it)."""

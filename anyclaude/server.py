@@ -12,9 +12,9 @@ from pathlib import Path
 from . import logs, misses, profiles
 from .cache import PrefixCache
 from .engine import Engine
-from .errors import ApiError, NotFound, NotReady, Overloaded
+from .errors import ApiError, NotFound, NotReady
 from .models import loader, size_on_disk
-from .scheduler import RETRY_AFTER_SECONDS, Scheduler
+from .scheduler import Scheduler
 
 
 class Server:
@@ -79,8 +79,7 @@ class Server:
         if key is None:
             raise NotFound(f"model: {requested} is not served by profile {self.loaded.name!r}")
         engine, scheduler = self.engines[key], self.schedulers[key]
-        if scheduler.closed:  # the model is being replaced, or the daemon is stopping
-            raise Overloaded(scheduler.closed, headers={"retry-after": str(RETRY_AFTER_SECONDS)})
+        scheduler.check_open()  # the model is being replaced, or the daemon is stopping
         if engine.load_error:
             raise ApiError(f"model {key!r} failed to load: {engine.load_error}")
         if not engine.ready:
