@@ -77,6 +77,8 @@ def status_lines(url: str, health: dict | None, status: int | None = None) -> li
     reload_error = (health["reload_error"] or "none") if "reload_error" in health else MISSING
     lines.append(f"reload    last error: {reload_error}")
     lines.append(f"log       {health.get('log', MISSING)}")
+    if health.get("log_error"):
+        lines.append(f"log       last error: {health['log_error']}")
     return lines
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import threading
@@ -89,24 +90,32 @@ _encoder = msgspec.json.Encoder()
 
 
 class RequestLog:
-    """Appends records as whole lines: one write(2) per line on an O_APPEND file, so
-    lines never interleave and a crash loses at most the line being written."""
+    """Appends records as whole lines on an O_APPEND file, so lines never interleave; a
+    line that cannot be written whole (a full disk) is cut back out, so none is ever left
+    half-written. `error` is the last failure to write, None once a write succeeds."""
 
     def __init__(self, path: Path, *, max_bytes: int = MAX_BYTES):
         self.path = path
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self.error: str | None = None
 
     def write(self, record: Record) -> None:
+        """Append one record as a line; OSError, with `error` set, if it could not be."""
         line = _encoder.encode(record) + b"\n"
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._rotate_if_full(len(line))
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._rotate_if_full(len(line))
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    _append(fd, line)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                self.error = f"cannot write the request log {self.path}: {exc}"
+                raise
+            self.error = None
 
     def _rotate_if_full(self, incoming: int) -> None:
         try:
@@ -120,6 +129,28 @@ class RequestLog:
             if older.exists():
                 older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
         self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+
+
+def _append(fd: int, line: bytes) -> None:
+    # All of `line` or none of it: a short write (the disk filled up) is retried, and if a
+    # retry fails the file is cut back to where the line began, so the next line that
+    # fits does not get glued onto half of this one.
+    written = _write(fd, line)
+    # Where this line began: O_APPEND put it at the end of the file as it was then.
+    start = os.lseek(fd, 0, os.SEEK_CUR) - written
+    try:
+        while written < len(line):
+            written += _write(fd, line[written:])
+    except OSError:
+        os.ftruncate(fd, start)
+        raise
+
+
+def _write(fd: int, data: bytes) -> int:
+    count = os.write(fd, data)
+    if not count:  # nothing taken and no error: would loop for ever
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return count
 
 
 def read(path: Path, since: datetime | None = None) -> list[dict]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import threading
+
+import pytest
 
 from anyclaude import logs
 from bench.harness import REPO
@@ -93,3 +96,74 @@ def test_a_client_that_goes_away_is_logged_cancelled_and_frees_the_engine(daemon
     assert daemon.wait_idle(timeout=10) < 5
     (record,) = [r for r in daemon.records() if r["request_id"] == request_id]
     assert record["outcome"] == "cancelled" and record["output_tokens"] < 500
+
+
+# Run in a child, because a file size limit is per process: a record written whole, one
+# that crosses the limit (a short write, then EFBIG, as a full disk gives a short write
+# then ENOSPC), one that fits beneath it, and one after the limit is lifted.
+FULL_DISK = """
+import json, resource, signal, sys
+from pathlib import Path
+from anyclaude import logs
+
+log = logs.RequestLog(Path(sys.argv[1]))
+def record(name, size):
+    return logs.Record(ts=logs.now(), request_id=name, outcome="complete", error="x" * size)
+def attempt(name, size):
+    try:
+        log.write(record(name, size))
+        return None
+    except OSError:
+        return log.error
+
+report = {"before": attempt("req_before", 10)}
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (log.path.stat().st_size + 100, hard))
+report["crossing"] = attempt("req_crossing", 1000)
+report["beneath"] = attempt("req_beneath", 1)
+report["error_after_beneath"] = log.error
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+report["after"] = attempt("req_after", 1000)
+report["error_after"] = log.error
+print(json.dumps(report))
+"""
+
+
+def test_a_line_that_does_not_fit_is_cut_back_out_and_the_error_kept_until_a_write_succeeds(tmp_path):
+    path = tmp_path / "requests.jsonl"
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(path)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["before"] is None
+    assert report["crossing"] == f"cannot write the request log {path}: [Errno 27] File too large"
+    assert report["beneath"] is None and report["error_after_beneath"] is None
+    assert report["after"] is None and report["error_after"] is None
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""  # ends with a whole line
+    assert [json.loads(line)["request_id"] for line in lines[:-1]] == ["req_before", "req_beneath", "req_after"]
+
+
+@pytest.mark.parametrize("cause", ["read-only folder", "folder is a file"])
+def test_a_log_that_cannot_be_written_says_why_in_status(tmp_path, cause):
+    from anyclaude import doctor
+
+    folder = tmp_path / "logs"
+    if cause == "read-only folder":
+        if os.geteuid() == 0:
+            pytest.skip("root ignores permissions")
+        folder.mkdir(mode=0o500)  # mkdir succeeds (it is there), open fails
+    else:
+        folder.write_text("not a folder")  # mkdir fails
+    log = logs.RequestLog(folder / "requests.jsonl")
+    record = logs.Record(ts=logs.now(), request_id="req_1", outcome="complete")
+    with pytest.raises(OSError):
+        log.write(record)
+    assert log.error is not None and log.error.startswith(f"cannot write the request log {log.path}: [Errno ")
+    assert f"log       last error: {log.error}" in doctor.status_lines("http://h:1", {"log": str(log.path), "log_error": log.error})
+
+    folder.chmod(0o700) if folder.is_dir() else folder.unlink()  # put right: the next write clears it
+    log.write(record)
+    assert log.error is None
+    assert doctor.status_lines("http://h:1", {"log": str(log.path), "log_error": None})[-1] == f"log       {log.path}"
+    assert [r["request_id"] for r in logs.read(log.path)] == ["req_1"]

@@ -223,3 +223,80 @@ def test_a_broken_model_does_not_hold_other_edits_back_and_a_stopping_daemon_ref
         assert server.profile.sampling.temperature == 0.3  # a stopping daemon takes no more edits
 
     asyncio.run(edits())
+
+
+def test_the_watch_survives_its_folder_being_deleted_and_restored(tmp_path):
+    import asyncio
+
+    from anyclaude import logs, reload
+    from anyclaude.server import Server
+
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    (tmp_path / "weights").write_bytes(b"w")
+    log = {"path": str(tmp_path / "requests.jsonl")}  # outside the folder that goes away
+    sections = {"models": {"smollm2": {"path": str(tmp_path / "weights")}}, "log": log}
+    path = profile_file(folder, "gone", **sections)
+
+    class Observed(Server):
+        """The real server, telling the test each event it logs."""
+
+        def _event(self, name: str, **fields) -> None:
+            super()._event(name, **fields)
+            self.events.put_nowait(name)
+
+    async def scenario() -> None:
+        server = Observed(profiles.load(str(path)), make_engine=lambda key, model, profile: Sized(model, 0, []))
+        server.events = asyncio.Queue()
+        server.start()
+        stop = asyncio.Event()
+        watching = asyncio.create_task(reload.watch(server, stop))
+
+        async def until(name: str) -> None:
+            # The next event `name`; the watch ending first is the failure under test.
+            while True:
+                event = asyncio.create_task(server.events.get())
+                await asyncio.wait({event, watching}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
+                    raise AssertionError(f"no {name} event; the watch {'ended' if watching.done() else 'hangs'}")
+                if event.result() == name:
+                    return
+
+        first = server.revision
+        # Gone before or after the watch began (the task has not run yet): lost either way.
+        shutil.rmtree(folder)
+        await until("profile.watch.lost")
+        folder.mkdir()  # restored as a checkout does it: the folder, then its file
+        profile_file(folder, "gone", **sections, sampling={"temperature": 0.7})
+        await until("profile.watch.resumed")
+        await until("profile.reload")  # made once the new watch is in place
+        assert server.reload_error is None and server.profile.sampling.temperature == 0.7
+        assert server.revision != first
+
+        data = tomllib.loads(path.read_text())
+        data["sampling"]["temperature"] = 0.9
+        profiles.write(path, data)  # watched again, and an editor's save (a rename) still seen
+        await until("profile.reload")
+        assert server.profile.sampling.temperature == 0.9
+
+        shutil.rmtree(folder)  # this time while watched
+        await until("profile.watch.lost")
+        await server.reload()  # while the folder is gone: reported, and the old profile stays
+        assert "gone.toml" in server.reload_error and server.profile.sampling.temperature == 0.9
+        folder.mkdir()
+        profile_file(folder, "gone", **sections, sampling={"temperature": 0.4})
+        await until("profile.watch.resumed")
+        await until("profile.reload")
+        assert server.reload_error is None and server.profile.sampling.temperature == 0.4
+
+        shutil.rmtree(folder)
+        await until("profile.watch.lost")
+        stop.set()  # while it waits for the folder: it ends, and cleanly
+        await asyncio.wait_for(watching, timeout=60)
+
+    asyncio.run(scenario())
+    events = [r["event"] for r in logs.read(tmp_path / "requests.jsonl") if "event" in r]
+    assert events.count("profile.watch.lost") == 3 and events.count("profile.watch.resumed") == 2
+    lost = next(r for r in logs.read(tmp_path / "requests.jsonl") if r.get("event") == "profile.watch.lost")
+    assert str(folder) in lost["error"]
