@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import os
@@ -14,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from . import constrain, logs, misses, profiles, prompt, reload, toolcalls, wire
+from . import constrain, lifeline, logs, misses, profiles, prompt, reload, toolcalls, wire
 from .engine import Job, Sampling
 from .server import Server
 from .errors import (
@@ -58,6 +59,7 @@ class App:
                 loop.create_task(self._announce())
                 loop.create_task(reload.watch(self.server, self._stop))
                 _when_told_to_exit(loop, self.server.stopping)
+                lifeline.watch_parent()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self._stop.set()
@@ -184,22 +186,34 @@ class Exchange:
             "revision": server.revision,
             "reload_error": server.reload_error,
             "reloading": server.reloading,
+            # Requests being decoded and rendered (in threads of their own).
+            "preparing": server.preparing,
             "models": models,
             "sampling": msgspec.to_builtins(p.sampling),
             "timeouts": msgspec.to_builtins(p.timeouts),
             "log": str(server.log.path),
+            # The last failure to write the request log (a full disk, a read-only folder), or None.
+            "log_error": server.log.error,
             # The `anyclaude serve` process (Granian's, which runs this worker), for `anyclaude stop`.
             "pid": int(os.environ["ANYCLAUDE_PID"]) if os.environ.get("ANYCLAUDE_PID") else None,
+            # This process: Granian's worker under `anyclaude serve`, for a stop after the serve process died.
+            "worker_pid": os.getpid(),
         }
         await self._json(200 if server.ready else 503, body)
 
     async def _count_tokens(self) -> None:
-        request = wire.decode_request(await self._body(), wire.CountTokensRequest)
+        body = await self._body()
+        tokens = await self._off_loop(self._count, body)
+        await self._json(200, wire.TokenCount(input_tokens=tokens))
+
+    def _count(self, body: bytes) -> int:
+        """Decode and render a count_tokens request (a worker thread: it may be large)."""
+        request = wire.decode_request(body, wire.CountTokensRequest)
         self._describe(request)
         _, engine, _ = self.server.engine_for(request.model)
         rendered = prompt.render(request, engine.loaded.tokenizer, keep_billing_header=self.server.profile.prompt.keep_billing_header)
         self.record.prompt_tokens = len(rendered.ids)
-        await self._json(200, wire.TokenCount(input_tokens=len(rendered.ids)))
+        return len(rendered.ids)
 
     def _describe(self, request: wire.CountTokensRequest) -> None:
         record = self.record
@@ -226,36 +240,9 @@ class Exchange:
 
     async def _messages(self) -> None:
         body = await self._body()
-        request: wire.MessagesRequest = wire.decode_request(body)
+        request, rendered, scheduler, engine, job = await self._off_loop(self._plan, body)
         server = self.server
-        self._describe(request)
-        self.record.stream = request.stream
-        if server.profile.log.bodies:
-            self.record.request = msgspec.Raw(body)
-        key, engine, scheduler = server.engine_for(request.model)
-        model = server.profile.models[key]
-        rendered = prompt.render(request, engine.loaded.tokenizer, keep_billing_header=server.profile.prompt.keep_billing_header)
-        self.record.prompt_tokens = len(rendered.ids)
-        context = engine.loaded.context_length
-        if len(rendered.ids) >= context:
-            raise prompt_too_long(len(rendered.ids), context)
-        # Claude Code asks for 32-64K tokens whatever the model: clamp, don't refuse.
-        max_tokens = min(request.max_tokens, model.max_tokens, context - len(rendered.ids))
-        defaults = server.profile.sampling
         session = (self.record.session_id, request.model) if self.record.session_id else None
-        job = Job(
-            prompt=rendered.ids,
-            checkpoint=rendered.checkpoint,
-            max_tokens=max_tokens,
-            sampling=Sampling(
-                temperature=defaults.temperature if request.temperature is None else request.temperature,
-                top_p=defaults.top_p if request.top_p is None else request.top_p,
-                top_k=defaults.top_k if request.top_k is None else request.top_k,
-                repetition_penalty=defaults.repetition_penalty,
-            ),
-            processors=_forced_call(request.tool_choice, rendered),
-            side="haiku" in request.model,
-        )
         t = server.profile.timeouts
         timeouts = Timeouts(t.first_token, t.idle, t.total, t.ping_interval, profile=server.loaded.name)
         # What the prefix cache holds now; if it changes before the engine gets here
@@ -279,7 +266,7 @@ class Exchange:
             # Finding the part renders the request several times: in a thread, while
             # the answer is generated, not before it on the event loop.
             located = (position, asyncio.create_task(asyncio.to_thread(misses.locate, request, engine.loaded.tokenizer, rendered.ids, position)))
-        watcher = asyncio.get_running_loop().create_task(self._watch_disconnect())
+        watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(generation))
         try:
             if request.stream:
                 await self._start(200, "text/event-stream", {"cache-control": "no-cache"})
@@ -314,6 +301,51 @@ class Exchange:
         finally:
             watcher.cancel()
             generation.cancel()
+
+    def _plan(self, body: bytes):
+        """Decode, check and render a request, and build its job: in a worker thread, so
+        that a large request never holds up other streams, pings or /health."""
+        request: wire.MessagesRequest = wire.decode_request(body)
+        server = self.server
+        self._describe(request)
+        self.record.stream = request.stream
+        if server.profile.log.bodies:
+            self.record.request = msgspec.Raw(body)
+        key, engine, scheduler = server.engine_for(request.model)
+        model = server.profile.models[key]
+        loaded = engine.loaded
+        rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=server.profile.prompt.keep_billing_header)
+        self.record.prompt_tokens = len(rendered.ids)
+        context = loaded.context_length
+        if len(rendered.ids) >= context:
+            raise prompt_too_long(len(rendered.ids), context)
+        # Claude Code asks for 32-64K tokens whatever the model: clamp, don't refuse.
+        max_tokens = min(request.max_tokens, model.max_tokens, context - len(rendered.ids))
+        defaults = server.profile.sampling
+        top_k = defaults.top_k if request.top_k is None else request.top_k
+        job = Job(
+            prompt=rendered.ids,
+            checkpoint=rendered.checkpoint,
+            max_tokens=max_tokens,
+            sampling=Sampling(
+                temperature=defaults.temperature if request.temperature is None else request.temperature,
+                top_p=defaults.top_p if request.top_p is None else request.top_p,
+                # As many as the vocabulary or more keeps every token: no top-k at all.
+                top_k=0 if top_k >= loaded.vocab_size else top_k,
+                repetition_penalty=defaults.repetition_penalty,
+            ),
+            processors=_forced_call(request.tool_choice, rendered, loaded.tokenizer),
+            side="haiku" in request.model,
+        )
+        return request, rendered, scheduler, engine, job
+
+    async def _off_loop(self, function, *args):
+        """Run `function` in a prompt thread, counted in /health's `preparing`."""
+        self.server.preparing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(_prompt_threads, function, *args)
+        finally:
+            self.server.preparing -= 1
 
     async def _note_miss(self, located: tuple[int, asyncio.Task] | None) -> None:
         if located is not None:
@@ -365,13 +397,18 @@ class Exchange:
     # --- transport -------------------------------------------------------------
 
     async def _body(self) -> bytes:
-        limit = self.server.profile.server.max_body_mb * 1024 * 1024
+        settings = self.server.profile.server
+        limit = settings.max_body_mb * 1024 * 1024
         chunks, size = [], 0
         while True:
-            message = await self.receive()
+            try:
+                message = await asyncio.wait_for(self.receive(), settings.body_timeout)
+            except TimeoutError:
+                raise InvalidRequest(f"the request body stopped arriving: nothing for {settings.body_timeout:g} s (server.body_timeout)") from None
             if message["type"] == "http.disconnect":
-                self.disconnected.set()
-                raise ApiError("client disconnected")
+                # A body cut short (the client half-closed, or broke the chunked
+                # encoding): a client still reading gets told so.
+                raise InvalidRequest("the request body is incomplete or malformed: the connection ended before it did, or its chunked encoding broke")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size <= limit:
@@ -386,11 +423,14 @@ class Exchange:
             raise RequestTooLarge(f"request body is larger than {limit} bytes")
         return b"".join(chunks)
 
-    async def _watch_disconnect(self) -> None:
+    async def _watch_disconnect(self, generation) -> None:
+        """A client that hangs up has its generation cancelled at once: queued, prefilling
+        (the engine stops within a prefill chunk) or decoding, streamed or not."""
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 self.disconnected.set()
+                generation.cancel()
                 return
 
     async def _start(self, status: int, content_type: str, extra: dict[str, str] | None = None) -> None:
@@ -423,11 +463,14 @@ class Exchange:
 
     async def _json(self, status: int, body: Any, extra: dict[str, str] | None = None) -> None:
         data = wire.encoder.encode(body) if isinstance(body, msgspec.Struct) else json.dumps(body).encode()
-        await self._start(status, "application/json", extra)
         if self.scope["method"] == "HEAD":
             data = b""
-        self._log()
-        await self.send({"type": "http.response.body", "body": data, "more_body": False})
+        try:
+            await self._start(status, "application/json", extra)
+            self._log()
+            await self.send({"type": "http.response.body", "body": data, "more_body": False})
+        except Exception:  # the client is gone: nobody to answer
+            self.disconnected.set()
 
     async def _error(self, exc: AnthropicError) -> None:
         if self.disconnected.is_set():
@@ -439,9 +482,9 @@ class Exchange:
         await self._json(exc.status, envelope(exc, self.request_id), exc.headers)
 
 
-def _forced_call(choice: wire.ToolChoice | None, rendered: prompt.Rendered):
-    """For tool_choice any/tool: a grammar that lets the model write only a valid call
-    (built on the engine thread, where MLX lives), or None."""
+def _forced_call(choice: wire.ToolChoice | None, rendered: prompt.Rendered, tokenizer):
+    """For tool_choice any/tool: a grammar that lets the model write only a valid call,
+    compiled now so that a schema no grammar can express is a 400, or None."""
     if choice is None or choice.type not in ("any", "tool"):
         return None
     names = {t["function"]["name"] for t in rendered.tools}
@@ -454,7 +497,16 @@ def _forced_call(choice: wire.ToolChoice | None, rendered: prompt.Rendered):
         # Families without a call grammar are asked, not forced.
         return None
     name = choice.name if choice.type == "tool" else None
-    return lambda tokenizer: [constrain.forced_call(tokenizer, rendered.tools, name, call_format=call_format)]
+    try:
+        processor = constrain.forced_call(tokenizer, rendered.tools, name, call_format=call_format)
+    except constrain.ConstraintError as exc:
+        raise InvalidRequest(f"tools: {exc}") from None
+    return lambda tokenizer: [processor]
+
+
+# Rendering and tokenizing: threads of their own, so that large requests wait for each
+# other, never for the threads other work uses.
+_prompt_threads = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="anyclaude-prompt")
 
 
 def create_app() -> App:

@@ -53,6 +53,9 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 _CACHE_SIZE = 32
+# Tokens a call's grammar may force before the model chooses any: far more than any
+# real schema's fixed text, far fewer than llguidance's own limit.
+_MAX_FORCED = 4096
 
 
 class ConstraintError(Exception):
@@ -494,8 +497,17 @@ def _schema_for(state: _TokenizerState, name: str, prepared: dict) -> dict:
             llguidance.LLMatcher.grammar_from_json_schema(candidate), state.lltokenizer
         )
         if not error:
+            _check_finite(state, name, candidate)
             return candidate
     raise ConstraintError(f"the input_schema of tool {name!r} cannot be compiled: {error}")
+
+
+def _check_finite(state: _TokenizerState, name: str, schema: dict) -> None:
+    # A schema can compile and still admit no finite value (a required property whose
+    # $ref recurses forever): the tokens it forces from the start then never end.
+    probe = llguidance.LLMatcher(state.lltokenizer, llguidance.LLMatcher.grammar_from_json_schema(schema), log_level=0)
+    if len(probe.compute_ff_tokens()) > _MAX_FORCED or probe.is_error():
+        raise ConstraintError(f"no finite call matches the input_schema of tool {name!r} (a $ref that recurses without end?)")
 
 
 def _prepare_schema(schema: Any) -> dict:

@@ -33,7 +33,7 @@ class Job(Struct, frozen=True):
     sampling: Sampling
     # Tokens of the shared system+tools prefix, kept as a cache checkpoint (0: none).
     checkpoint: int = 0
-    # Builds logits processors on the engine thread (constrained decoding), from the tokenizer.
+    # Gives the logits processors (constrained decoding) on the engine thread, from the tokenizer.
     processors: Callable[[Any], list] | None = None
     # A side request (Claude Code's haiku model): queued after the main ones, cached apart.
     side: bool = False
@@ -75,6 +75,8 @@ class Loaded(Struct):
     tokenizer: Any
     context_length: int
     eos_ids: frozenset[int]
+    # Tokens the model chooses among (a request's top_k as large keeps them all).
+    vocab_size: int = 2**31
     device: str = ""
     # Where this model's prefix-cache checkpoints go, when `[cache] persist` is on.
     cache_dir: Path | None = None
@@ -97,15 +99,23 @@ class Generation:
         self.started_at: float | None = None
 
     async def next(self, timeout: float | None = None) -> EngineEvent | None:
-        """The next event, or None if `timeout` seconds pass first."""
+        """The next event, or None if `timeout` seconds pass first or the work is cancelled."""
         try:
-            return await asyncio.wait_for(self._events.get(), timeout)
+            event = await asyncio.wait_for(self._events.get(), timeout)
         except TimeoutError:
             return None
+        return None if event is _WAKE else event
 
     def cancel(self) -> None:
-        """Stop the work; the engine notices within one decode or prefill step."""
+        """Stop the work; the engine notices within one decode or prefill step, and a
+        waiting `next` returns at once."""
+        if self._cancel.is_set():
+            return
         self._cancel.set()
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, _WAKE)
+        except RuntimeError:  # the loop is gone
+            pass
 
     @property
     def cancelled(self) -> bool:
@@ -128,6 +138,9 @@ class Generation:
             self.ended = True
             if self._on_end is not None:
                 self._on_end(self)
+
+
+_WAKE = object()  # not an engine event: wakes a `next` waiting on cancelled work
 
 
 class _Work(Struct):
@@ -217,6 +230,7 @@ class Engine:
             except Cancelled:
                 self._send(work, Done("cancelled"))
             except Exception as exc:
+                _reset_random_state()
                 self._send(work, Failed(f"{type(exc).__name__}: {exc}"))
 
     def _release(self) -> None:
@@ -248,6 +262,7 @@ class Engine:
         kv = reuse.cache if reuse and reuse.cache is not None else make_prompt_cache(loaded.model)
         cached = reuse.tokens if reuse else 0
         generated: list[int] = []
+        failed = False
         try:
             done = cached
             if self.cache and cached < job.checkpoint < len(job.prompt) - 1:
@@ -286,10 +301,16 @@ class Engine:
                 self._send(work, Done("length"))
             finally:
                 steps.close()
+        except Cancelled:
+            raise
+        except Exception:
+            failed = True
+            raise
         finally:
             # Whatever the KV cache holds now (all of it, or the prefill done before a
             # cancel or a timeout) is kept, so the next turn, or a retry, resumes from it.
-            if self.cache:
+            # Not after a failure: a forward pass cut short leaves its layers disagreeing.
+            if self.cache and not failed:
                 self.cache.store((job.prompt + generated)[: length(kv) or 0], kv, prompt=len(job.prompt), side=job.side)
                 self.cache.save()
 
@@ -313,3 +334,14 @@ class Engine:
                 raise Cancelled
             self.loaded.model(mx.array(tokens[i : i + self._prefill_step])[None], cache=kv)
             mx.eval([c.state for c in kv])
+
+
+def _reset_random_state() -> None:
+    # mlx-lm's compiled samplers take MLX's global random state as input and output; an
+    # exception inside one leaves that state without a value, and every later sampled
+    # request would fail on it. A fresh seed gives it one again.
+    import os
+
+    import mlx.core as mx
+
+    mx.random.seed(int.from_bytes(os.urandom(4), "little"))

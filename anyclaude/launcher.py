@@ -334,23 +334,29 @@ def _run_stop(args: argparse.Namespace) -> int:
     if not health or "profile" not in health:
         _say(f"no daemon answers at {url}" if reply is None else f"{url} is not an anyclaude daemon")
         return 1
-    pid = health.get("pid")
-    # A pid means something only on this machine, and only for `anyclaude serve` itself.
-    if not isinstance(pid, int) or not profiles.loopback(urlsplit(url).hostname or "") or "anyclaude" not in _ps(pid, "command"):
+    pid, worker = health.get("pid"), health.get("worker_pid")
+    # A pid means something only on this machine, and only for an anyclaude process (not this
+    # one: a pid may be reused). The serve process first, which stops its worker; the worker
+    # alone when it serves on without it.
+    local = profiles.loopback(urlsplit(url).hostname or "")
+    candidates = (p for p in (pid, worker) if local and isinstance(p, int) and p != os.getpid())
+    target = next((p for p in candidates if "anyclaude" in _ps(p, "command")), None)
+    if target is None:
         _say(f"the daemon at {url} is not an `anyclaude serve` of this machine that this command can signal: stop it where it runs")
         return 1
+    which = f"pid {target}" if target == pid else f"worker pid {target}; its serve process, pid {pid}, was gone"
     try:
-        os.kill(pid, signal.SIGTERM)  # as Ctrl-C: the requests in hand end, logged
+        os.kill(target, signal.SIGTERM)  # as Ctrl-C: the requests in hand end, logged
     except OSError as exc:
-        _say(f"cannot signal the daemon at {url} (pid {pid}): {exc.strerror}")
+        _say(f"cannot signal the daemon at {url} ({which}): {exc.strerror}")
         return 1
     deadline = time.monotonic() + args.wait
-    while _ps(pid, "stat")[:1] not in ("", "Z"):  # gone, or a zombie nobody has reaped yet
+    while _ps(target, "stat")[:1] not in ("", "Z"):  # gone, or a zombie nobody has reaped yet
         if time.monotonic() > deadline:
-            _say(f"the daemon at {url} (pid {pid}) is still running {args.wait:.0f} s after SIGTERM")
+            _say(f"the daemon at {url} ({which}) is still running {args.wait:.0f} s after SIGTERM")
             return 1
         time.sleep(0.2)
-    _say(f"stopped the daemon for profile {health['profile']} at {url} (pid {pid})")
+    _say(f"stopped the daemon for profile {health['profile']} at {url} ({which})")
     return 0
 
 

@@ -194,6 +194,7 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
             tokenizer=tokenizer,
             context_length=context,
             eos_ids=frozenset(tokenizer.eos_token_ids),
+            vocab_size=getattr(getattr(mlx_model, "args", None), "vocab_size", None) or len(tokenizer.get_vocab()),
             device=device,
             cache_dir=cache_home() / "prompts" / identity,
             weight_bytes=sum(v.nbytes for _, v in tree_flatten(mlx_model.parameters())),

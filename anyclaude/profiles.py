@@ -29,6 +29,8 @@ class Server(_Section):
     auth_token: str | None = None
     # Larger request bodies are refused with 413.
     max_body_mb: int = 32
+    # Seconds a request body may go without a byte arriving before it is refused (400).
+    body_timeout: float = 30.0
 
 
 class Model(_Section):

@@ -39,6 +39,7 @@ class Server:
         self.log = _request_log(loaded.profile)
         self.reload_error: str | None = None
         self.reloading: str | None = None
+        self.preparing = 0  # requests being decoded and rendered
         self._stopping: str | None = None
         self._retiring: set[Scheduler] = set()
         self._reloads = 0

@@ -231,6 +231,9 @@ async def drive(
             wait = max(0.0, min(timeouts.ping_interval, deadline - time.monotonic()))
             event = await generation.next(timeout=wait)
             now = time.monotonic()
+            if event is None and generation.cancelled:  # the client hung up; the engine stops on its own
+                outcome.outcome = "cancelled"
+                return outcome
             if event is None:
                 if now >= deadline:
                     return await _time_out(kind, stream, output, emit, outcome, timeouts)

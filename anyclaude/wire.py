@@ -6,6 +6,7 @@ import re
 from typing import Any, Literal, Union
 
 import msgspec
+import numpy as np
 from msgspec import Raw, Struct
 
 from .errors import InvalidRequest
@@ -132,6 +133,27 @@ class _Typed(Struct):
 _type_decoder = msgspec.json.Decoder(_Typed)
 
 
+# Limits a daemon on a person's machine keeps, whatever a client sends. JSON nested
+# deeper than this is refused before decoding: rendering, grammars and schema checks
+# recurse, and a deep enough body would exhaust the stack in any of them.
+MAX_DEPTH = 64
+MAX_MODEL_NAME = 256
+MAX_TOOL_NAME = 128  # Anthropic's own limit for a tool's name
+MAX_STOP_SEQUENCES = 256
+MAX_STOP_SEQUENCE = 1000
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def depth(body: bytes) -> int:
+    """How deeply valid JSON text nests arrays and objects (brackets in strings do not count)."""
+    brackets = np.frombuffer(_STRING.sub(b"", body).translate(None, _NOT_BRACKETS), dtype=np.uint8)
+    if not brackets.size:
+        return 0
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max())
+
+
 def decode_request(body: bytes, kind: type[CountTokensRequest] = MessagesRequest):
     """Decode a request body, turning every failure into a 400 naming the field."""
     try:
@@ -140,14 +162,44 @@ def decode_request(body: bytes, kind: type[CountTokensRequest] = MessagesRequest
         raise InvalidRequest(_field_message(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid UTF-8 ({exc.reason})") from None
+    except RecursionError:
+        raise InvalidRequest(f"The request body nests JSON more than {MAX_DEPTH} levels deep") from None
+    # Only on valid JSON: every string in it is closed, so the scan is linear.
+    if depth(body) > MAX_DEPTH:
+        raise InvalidRequest(f"The request body nests JSON more than {MAX_DEPTH} levels deep")
+    _check(request)
+    return request
+
+
+def _check(request: CountTokensRequest) -> None:
     if not request.messages:
         raise InvalidRequest("messages: at least one message is required")
-    if isinstance(request, MessagesRequest):
-        if request.max_tokens < 1:
-            raise InvalidRequest("max_tokens: must be greater than or equal to 1")
-        if request.stop_sequences and any(not s for s in request.stop_sequences):
-            raise InvalidRequest("stop_sequences: stop sequences must be non-empty")
-    return request
+    if len(request.model) > MAX_MODEL_NAME:
+        raise InvalidRequest(f"model: a model name has at most {MAX_MODEL_NAME} characters")
+    for i, tool in enumerate(request.tools or []):
+        if not tool.name:
+            raise InvalidRequest(f"tools.{i}.name: must be non-empty")
+        if len(tool.name) > MAX_TOOL_NAME:
+            raise InvalidRequest(f"tools.{i}.name: a tool name has at most {MAX_TOOL_NAME} characters")
+    if request.tool_choice and request.tool_choice.name is not None and len(request.tool_choice.name) > MAX_TOOL_NAME:
+        raise InvalidRequest(f"tool_choice.name: a tool name has at most {MAX_TOOL_NAME} characters")
+    if not isinstance(request, MessagesRequest):
+        return
+    if request.max_tokens < 1:
+        raise InvalidRequest("max_tokens: must be greater than or equal to 1")
+    stops = request.stop_sequences or []
+    if any(not s for s in stops):
+        raise InvalidRequest("stop_sequences: stop sequences must be non-empty")
+    if len(stops) > MAX_STOP_SEQUENCES or any(len(s) > MAX_STOP_SEQUENCE for s in stops):
+        raise InvalidRequest(f"stop_sequences: at most {MAX_STOP_SEQUENCES}, of at most {MAX_STOP_SEQUENCE} characters each")
+    if request.temperature is not None and not 0.0 <= request.temperature <= 2.0:
+        raise InvalidRequest("temperature: must be between 0 and 2")
+    if request.top_p is not None and not 0.0 <= request.top_p <= 1.0:
+        raise InvalidRequest("top_p: must be between 0 and 1")
+    if request.top_k is not None and request.top_k < 0:
+        raise InvalidRequest("top_k: must be greater than or equal to 0")
 
 
 def blocks(content: str | list[Raw] | None, where: str) -> list[Block]:

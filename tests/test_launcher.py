@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from anyclaude import launcher, profiles
-from bench.harness import free_port, profile_file, request
+from bench.harness import Daemon, free_port, profile_file, request
 
 
 STAND_IN = """#!{python}
@@ -247,3 +247,28 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_stop_stops_a_worker_whose_serve_process_is_gone(tmp_path, model_cache, tiny_model):
+    # The lifeline off, the worker of a SIGKILLed serve process serves on: stop finds it by
+    # the worker_pid of /health.
+    daemon = Daemon("tiny", model_cache, tmp_path / "daemon.log", env={"ANYCLAUDE_LIFELINE": "0"})
+    worker = None
+    try:
+        daemon.wait_ready()
+        health = request(daemon.port, "GET", "/health").json()
+        pid, worker = health["pid"], health["worker_pid"]
+        os.kill(pid, signal.SIGKILL)
+        daemon.process.wait()
+        assert request(daemon.port, "GET", "/health").json()["worker_pid"] == worker  # an orphan, serving
+
+        stopped = run_anyclaude("stop", "--port", str(daemon.port), env=dict(os.environ))
+        assert stopped.returncode == 0, stopped.stderr
+        assert f"(worker pid {worker}; its serve process, pid {pid}, was gone)" in stopped.stderr
+        assert not _alive(worker)
+        with pytest.raises(OSError):
+            request(daemon.port, "GET", "/health")
+    finally:
+        daemon.stop()
+        if worker and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
