@@ -16,7 +16,9 @@ class Output:
     """The output side of one response."""
 
     def __init__(self, tokenizer: Any, parser: Parser, stop_sequences: list[str] | None = None):
+        self._tokenizer = tokenizer
         self._detokenizer = tokenizer.detokenizer  # a fresh one per response
+        self._begun = False  # the detokenizer has given text
         self._parser = parser
         self._stops = [s for s in stop_sequences or [] if s]
         self._held = ""
@@ -31,12 +33,12 @@ class Output:
     def add(self, token: int) -> list[Segment]:
         """Feed one token; returns the segments that are certain now."""
         self._detokenizer.add_token(token)
-        return self._parse(self._cut(self._detokenizer.last_segment))
+        return self._parse(self._cut(self._first(self._detokenizer.last_segment)))
 
     def finish(self, *, cut: bool = False) -> list[Segment]:
         """Generation is over. `cut`: it was stopped short, so a call still open is dropped."""
         self._detokenizer.finalize()
-        text = self._cut(self._detokenizer.last_segment)
+        text = self._cut(self._first(self._detokenizer.last_segment))
         if self.stop_sequence is None:
             text, self._held = text + self._held, ""
         segments = self._parse(text)
@@ -45,6 +47,17 @@ class Output:
         if dropping:  # half a call is never sent: it would not be valid
             rest = [s for s in rest if not (isinstance(s, BadCall) and s.reason == "truncated")]
         return segments + self._note(rest)
+
+    def _first(self, segment: str) -> str:
+        # mlx-lm's streaming detokenizers drop a space that starts the text. Where the
+        # tokenizer's own decoding keeps it (byte-level BPE: the model wrote it), it is
+        # part of the reply, and the next turn must render it back (prefix cache).
+        if self._begun or not segment:
+            return segment
+        self._begun = True
+        decoded = self._tokenizer.decode(self._detokenizer.tokens)
+        i = decoded.find(self._detokenizer.text)
+        return decoded[:i] + segment if i > 0 and decoded[:i].isspace() else segment
 
     def _parse(self, text: str) -> list[Segment]:
         return self._note(self._parser.feed(text)) if text else []

@@ -20,10 +20,11 @@ Thinking sits between `<think>` and `</think>`, or the tokenizer's own markers.
 Segment rules. Text and reasoning are emitted as soon as they cannot be the
 start of a marker. Each run of text or reasoning (between the start, markers and
 calls) is stripped at both ends, so no segment is empty or whitespace-only and
-whitespace between calls is dropped (the reply's trailing whitespace is kept,
-as generated, for the next turn's prompt); whitespace inside a run is
-held only until its next visible character. A stray end-of-thinking marker in
-text, a repeated start marker in reasoning, and mlx-lm's structural markers are
+whitespace between calls is dropped; but the reply's own leading and trailing
+whitespace is kept, as generated, for the next turn's prompt (the leading only
+when text follows it, not a marker or a call). Whitespace inside a run is held
+only until its next visible character. A stray end-of-thinking marker in text,
+a repeated start marker in reasoning, and mlx-lm's structural markers are
 dropped. A call start marker inside reasoning ends the reasoning, as in mlx-lm.
 Llama's marker-less calls are recognised only when the request has tools. In
 JSON bodies a marker inside a JSON string (a file's content mentioning
@@ -189,6 +190,9 @@ class Parser:
         self._buf = ""
         self._started = False  # the current run has shown a visible character
         self._ws = ""  # whitespace held at the end of the current run
+        # The first run of a reply that starts as text: its leading whitespace is the
+        # reply's own, not the template's around a marker, so it is held, not dropped.
+        self._lead = not thinking
         self._after_call = False
         self._marker = ""
         self._body = ""
@@ -257,19 +261,25 @@ class Parser:
         return True
 
     def _run_starts_call(self) -> bool:
-        """Leading whitespace of a run is dropped; for Llama, "{" there opens a call."""
+        """For Llama, "{" at the start of a run (after whitespace) opens a call."""
+        if not self._bare:
+            return False
         buf = self._buf.lstrip()
-        if self._bare and self._after_call:
-            buf = buf.lstrip(";").lstrip()  # the separator between Llama calls
+        if self._after_call:
+            self._buf = buf = buf.lstrip(";").lstrip()  # the separator between Llama calls
+        if not buf.startswith("{"):
+            return False
         self._buf = buf
-        if self._bare and buf.startswith("{"):
-            self._open("")
-            return True
-        return False
+        self._new_run(after_call=False)  # whitespace before a call is not the reply's
+        self._open("")
+        return True
 
     def _show(self, kind: type, text: str, out: list[Segment]) -> None:
         if not self._started:
-            text = text.lstrip()
+            body = text.lstrip()
+            if self._lead:
+                self._ws += text[: len(text) - len(body)]
+            text = body
             if not text:
                 return
             self._started = True
@@ -281,7 +291,7 @@ class Parser:
             self._ws += text
 
     def _new_run(self, *, after_call: bool) -> None:
-        self._started, self._ws, self._after_call = False, "", after_call
+        self._started, self._ws, self._after_call, self._lead = False, "", after_call, False
 
     # -- calls --
 

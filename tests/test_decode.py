@@ -94,3 +94,48 @@ def test_a_long_last_chunk_leaves_its_last_token_to_a_pass_of_its_own(tiny, prom
     *chunks, first, second, third = counted.sizes
     assert max(chunks) <= 16 and first <= 8 and second == third == 1
     assert sum(chunks) + first == len(prompt)
+
+
+def test_a_prefix_from_the_cache_does_not_change_the_answer(tiny):
+    """With a repetition penalty, tokens the cache holds count as they would cold."""
+    model, tokenizer = tiny
+    text = "Repeat after me, then go on: " + "the cat sat on the mat and the dog sat on the log, " * 17
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    assert 250 < len(prompt) < 400
+
+    def answer(k: int) -> list[int]:
+        cache = make_prompt_cache(model)
+        if k:  # what the prefix cache would hand over: the first k tokens, prefilled
+            model(mx.array(prompt[:k])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+        penalty = make_logits_processors(repetition_penalty=1.2, repetition_context_size=64)
+        steps = decode.tokens(model, prompt[k:], cache, max_tokens=24, sampler=make_sampler(temp=0.0), processors=penalty, history=prompt[:k])
+        return list(steps)
+
+    cold = answer(0)
+    assert answer(len(prompt) - 5) == cold
+    assert answer(len(prompt) // 2) == cold
+
+
+def test_a_forced_call_continues_a_cached_prefix(tiny):
+    """The grammar's first `tokens` is history and prompt together: none of it is output."""
+    from claude_code import READ_SCHEMA
+
+    from anyclaude import constrain
+
+    model, tokenizer = tiny
+    read = {"type": "function", "function": {"name": "Read", "description": "Reads a file.", "parameters": READ_SCHEMA}}
+    messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Write a haiku about autumn leaves."}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    cache = make_prompt_cache(model)
+    model(mx.array(prompt[:-1])[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    processor = constrain.forced_call(tokenizer, [read], "Read")
+    out = []
+    for token in decode.tokens(model, prompt[-1:], cache, max_tokens=80, sampler=make_sampler(temp=0.0), processors=[processor], history=prompt[:-1]):
+        if token in tokenizer.eos_token_ids:
+            break
+        out.append(token)
+    assert processor.done
+    name, arguments = constrain.FORMATS["hermes"].parse(tokenizer.decode(out))
+    assert name == "Read" and isinstance(arguments["file_path"], str)

@@ -23,6 +23,13 @@ def test_text_passes_through_unchanged(tokenizer):
     assert run(tokenizer, text, [])[1] == text
 
 
+def test_the_replys_leading_whitespace_reaches_the_client(tokenizer):
+    # "\n" is a token of its own; a leading space is in the first word's token, and
+    # mlx-lm's BPE detokenizer drops it where the tokenizer's decoding does not.
+    for text in ["\nicense, and more", "\n\nHi", " Hello world", "  two spaces", " \n mixed "]:
+        assert run(tokenizer, text, [])[1] == text == tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
+
+
 def test_stop_sequence_is_cut_and_reported(tokenizer):
     _, text, stop = run(tokenizer, "The answer is 42. END more text", ["END", "never"])
     assert text == "The answer is 42. " and stop == "END"

@@ -343,10 +343,22 @@ def test_a_call_cut_short_is_truncated(fmt, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_plain_text_passes_through(fmt, family):
-    # Leading whitespace goes; the reply's trailing whitespace stays, as generated, so
-    # that the next turn renders it back token for token.
+    # The reply's leading and trailing whitespace stays, as generated, so that the
+    # next turn renders it back token for token.
     text = "  Here is the plan:\n\n1. read <b>the</b> file;\n2. {fix} it.  \n"
-    check(fmt(family), text, [Text("Here is the plan:\n\n1. read <b>the</b> file;\n2. {fix} it.  \n")])
+    check(fmt(family), text, [Text(text)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_leading_whitespace_stays_only_before_the_replys_text(fmt, family):
+    start, end = think_markers(family)
+    check(fmt(family), "\nicense and more", [Text("\nicense and more")])
+    check(fmt(family), " Sure.\n" + after_text(family, *READ), [Text(" Sure."), ToolCall(*READ)])
+    # Before a marker or a call, and after one, whitespace is the template's.
+    check(fmt(family), " \n" + calls_text(family, READ) + "\n Done.", [ToolCall(*READ), Text("Done.")])
+    check(fmt(family), f"\n{start}\nPlan.{end}\n\n Done.", [Thinking("Plan."), Text("Done.")])
+    check(fmt(family), f"\n Plan.{end}\n\n Done.", [Thinking("Plan."), Text("Done.")], thinking=True)
+    check(fmt(family), " \n ", [])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
