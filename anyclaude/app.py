@@ -360,6 +360,7 @@ class Exchange:
         record.stop_reason = outcome.stop_reason
         record.output_tokens = outcome.output_tokens
         record.cached_tokens = outcome.cached_tokens
+        record.cache_source = outcome.cache_source
         record.prefill_s = None if outcome.prefill_seconds is None else round(outcome.prefill_seconds, 3)
         if outcome.first_token_seconds is not None:
             record.ttft_s = round(outcome.first_token_seconds, 3)
@@ -524,11 +525,13 @@ def _model_health(engine, scheduler, model: profiles.Model) -> dict:
         "waiting": scheduler.waiting,
         "context_length": loaded.context_length if loaded else None,
         "device": loaded.device if loaded else None,
+        "cache_types": loaded.cache_types if loaded else None,
         "cache_bytes": cache.bytes if cache else 0,
         "cache_peak_bytes": cache.peak_bytes if cache else 0,
         "cache_budget_bytes": cache.max_bytes if cache else 0,
         "cache_entries": cache.entries if cache else 0,
         "error": engine.load_error,
+        "warning": getattr(engine, "warning", None),
         "path": model.path,
     }
 

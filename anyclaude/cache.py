@@ -13,6 +13,14 @@ that `message_start` can report cached tokens before the engine gets to the
 request. KV state is never shared between a request and the store: reuse takes
 a copy, or takes over a conversation the request continues (trimmed to what it
 shares) to store it again, extended.
+
+Every mlx-lm cache type is kept. An entry knows its tokens from the token array it
+was stored with (never from the layers' `size()`). Caches that cannot be trimmed
+(sliding-window layers past their window, linear-attention and SSM layers) are reused
+by exact prefix only, so the engine stores them at the points where reuse happens:
+the end of the system+tools prefix, the end of each prompt before its answer (the
+next turn re-renders the answer, and may part from it right there), the end of each
+request, and where a prefill was cut short.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ class Reuse(Struct):
 
     cache: list | None
     tokens: int
+    # What the tokens came from: a conversation, a checkpoint, or "" (nothing).
+    kind: str = ""
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -65,9 +75,25 @@ def nbytes(cache: list) -> int:
 
 
 def length(cache: list) -> int | None:
-    """Tokens held by a model's cache (None if its layers disagree or cannot say)."""
-    sizes = {c.size() for c in cache if hasattr(c, "size")}
-    return sizes.pop() if len(sizes) == 1 else None
+    """Tokens a model's cache has seen, by the layers that count them (attention layers'
+    `offset`; linear-attention and SSM layers keep no count), or None where none does
+    or they disagree. `size()` will not do: it is optional (0 by default), and a
+    sliding-window layer's is at most its window."""
+    seen = {n for layer in cache if (n := _seen(layer)) is not None}
+    return seen.pop() if len(seen) == 1 else None
+
+
+def _seen(layer: Any) -> int | None:
+    offset = getattr(layer, "offset", None)
+    if isinstance(offset, int):
+        return offset
+    counts = {n for sub in getattr(layer, "caches", ()) if (n := _seen(sub)) is not None}  # a CacheList
+    return counts.pop() if len(counts) == 1 else None
+
+
+def kinds(cache: list) -> list[str]:
+    """The cache types of a model's layers, e.g. ["ArraysCache", "KVCache"]."""
+    return sorted({type(layer).__name__ for layer in cache})
 
 
 class PrefixCache:
@@ -119,19 +145,20 @@ class PrefixCache:
             # it parts from the answer as generated (cut at max_tokens, a stop sequence,
             # reasoning the template leaves out; a retry shares all but the last token):
             # the entry is taken over, trimmed, and stored back longer when the request ends.
-            if best.kind == CONVERSATION and (cut == 0 or (reuse >= best.prompt - 1 and _trimmable(best.cache))):
+            if best.kind == CONVERSATION and (cut == 0 or (reuse >= best.prompt - 1 and trimmable(best.cache))):
                 from mlx_lm.models.cache import trim_prompt_cache
 
                 self._entries = [e for e in self._entries if e is not best]
                 trim_prompt_cache(best.cache, cut)
-                return Reuse(best.cache, reuse)
-        return Reuse(prefix_copy(best.cache, reuse), reuse)
+                return Reuse(best.cache, reuse, best.kind)
+        return Reuse(prefix_copy(best.cache, reuse), reuse, best.kind)
 
     def store(self, tokens: list[int], cache: list, kind: str = CONVERSATION, *, prompt: int | None = None, side: bool = False) -> None:
         """Keep a cache holding exactly `tokens` (the first `prompt` of them the request's
         prompt, by default all; `side`: a side request's), then evict down to the budget
         (engine thread)."""
-        if length(cache) != len(tokens) or not tokens:
+        held = length(cache)
+        if not tokens or (held is not None and held != len(tokens)):
             return  # a cache we cannot account for is not reused
         entry = Entry(np.asarray(tokens), cache, nbytes(cache), kind, time.monotonic(), len(tokens) if prompt is None else prompt, side)
         with self._lock:
@@ -139,7 +166,7 @@ class PrefixCache:
             self._entries = [
                 e
                 for e in self._entries
-                if not (e.kind == kind and _trimmable(e.cache) and common_prefix(e.tokens, entry.tokens) == len(e.tokens))
+                if not (e.kind == kind and trimmable(e.cache) and common_prefix(e.tokens, entry.tokens) == len(e.tokens))
             ]
             self._entries.append(entry)
             self._evict()
@@ -186,7 +213,8 @@ class PrefixCache:
     # --- internals -----------------------------------------------------------
 
     def _insert_loaded(self, tokens: list[int], cache: list) -> None:
-        if length(cache) != len(tokens):
+        held = length(cache)
+        if not tokens or (held is not None and held != len(tokens)):
             return
         with self._lock:
             self._entries.append(Entry(np.asarray(tokens), cache, nbytes(cache), CHECKPOINT, time.monotonic(), len(tokens)))
@@ -198,7 +226,7 @@ class PrefixCache:
         common = min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
         if common <= 0:
             return 0
-        if common < len(entry.tokens) and not _trimmable(entry.cache):
+        if common < len(entry.tokens) and not trimmable(entry.cache):
             return 0  # sliding-window and linear-attention caches only extend
         return common
 
@@ -238,7 +266,8 @@ def _prefix_copy(layer: Any, tokens: int) -> Any:
 
     A plain KV cache is sliced, so a side request that shares 1,500 tokens with a
     long conversation does not carry (and keep) a copy of the whole conversation's
-    buffer; other cache types are copied whole and trimmed.
+    buffer; other cache types are copied whole and trimmed (those that cannot be
+    trimmed are only ever copied whole: their entries are reused by exact prefix).
     """
     from mlx_lm.models.cache import KVCache
 
@@ -252,12 +281,15 @@ def _prefix_copy(layer: Any, tokens: int) -> Any:
         mx.eval(copy_.keys, copy_.values)  # a buffer of its own, not a view of the entry's
         return copy_
     copy_ = copy.deepcopy(layer)
-    if copy_.size() > tokens:
-        copy_.trim(copy_.size() - tokens)
+    seen = _seen(copy_)
+    if seen is not None and seen > tokens and copy_.is_trimmable():
+        copy_.trim(seen - tokens)
     return copy_
 
 
-def _trimmable(cache: list) -> bool:
+
+def trimmable(cache: list) -> bool:
+    """Whether a model's cache can be cut back to a shorter prefix."""
     from mlx_lm.models.cache import can_trim_prompt_cache
 
     return can_trim_prompt_cache(cache)

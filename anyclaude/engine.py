@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from msgspec import Struct
 
-from .cache import CHECKPOINT, PrefixCache, length, prefix_copy
+from .cache import CHECKPOINT, PrefixCache, prefix_copy, trimmable
 
 
 class Sampling(Struct, frozen=True):
@@ -23,6 +24,21 @@ class Sampling(Struct, frozen=True):
     top_p: float
     top_k: int
     repetition_penalty: float = 1.0
+
+
+class KVQuantization(NamedTuple):
+    """`[engine] kv_bits`: attention layers' keys and values quantized from position `start` on.
+
+    As in mlx-lm's `generate_step`, a layer's cache becomes a QuantizedKVCache once it
+    holds `start` tokens; unlike it, a prefill chunk always ends right there, so the
+    tokens before `start` are computed against full-precision keys and the ones after
+    against quantized ones, however the prompt is cut into chunks and whatever came
+    from the prefix cache: the answer does not depend on it.
+    """
+
+    bits: int
+    group_size: int
+    start: int
 
 
 class Job(Struct, frozen=True):
@@ -43,8 +59,10 @@ class Job(Struct, frozen=True):
 class Prefilled(Struct, frozen=True):
     tokens: int
     seconds: float
-    # Prompt tokens that came from the prefix cache instead of being computed.
+    # Prompt tokens that came from the prefix cache instead of being computed, and
+    # the kind of entry they came from (conversation, checkpoint; "" for none).
     cached: int = 0
+    source: str = ""
 
 
 class Token(Struct, frozen=True):
@@ -77,6 +95,8 @@ class Loaded(Struct):
     eos_ids: frozenset[int]
     # Tokens the model chooses among (a request's top_k as large keeps them all).
     vocab_size: int = 2**31
+    # The mlx-lm cache types of its layers (how the prefix cache can reuse them).
+    cache_types: list[str] = []
     device: str = ""
     # Where this model's prefix-cache checkpoints go, when `[cache] persist` is on.
     cache_dir: Path | None = None
@@ -162,15 +182,18 @@ class Engine:
         cache: PrefixCache | None = None,
         persist: bool = False,
         name: str = "engine",
+        kv_quantization: KVQuantization | None = None,
     ):
         self._loader = loader
         self._prefill_step = prefill_step
+        self._quantize = kv_quantization
         self.cache = cache
         self._persist = persist  # save the cache's checkpoints, and load them at start
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ready = threading.Event()
         self.loaded: Loaded | None = None
         self.load_error: str | None = None
+        self.warning: str | None = None  # a setting this model cannot have, turned off
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -210,6 +233,8 @@ class Engine:
     def _run(self) -> None:
         try:
             self.loaded = self._loader()
+            if self._quantize is not None:
+                self._check_quantization()
             if self.cache is not None and self._persist:
                 self.cache.persist_dir = self.loaded.cache_dir
                 self.cache.load_persisted()
@@ -232,6 +257,24 @@ class Engine:
             except Exception as exc:
                 _reset_random_state()
                 self._send(work, Failed(f"{type(exc).__name__}: {exc}"))
+
+    def _check_quantization(self) -> None:
+        # Some attention layers cannot run on quantized keys (gpt-oss's attention sinks):
+        # better a model with full-precision keys than one whose every request fails.
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from .decode import quantize_due
+
+        kv = make_prompt_cache(self.loaded.model)
+        try:
+            self.loaded.model(mx.array([[0]]), cache=kv)
+            quantize_due(kv, self._quantize._replace(start=0), 1)
+            mx.eval(self.loaded.model(mx.array([[0]]), cache=kv))
+        except (ValueError, NotImplementedError, RuntimeError) as exc:
+            self._quantize = None
+            self.warning = f"[engine] kv_bits is off for this model: {exc}"
+            print(f"anyclaude: {self.warning}", file=sys.stderr, flush=True)
 
     def _release(self) -> None:
         import gc
@@ -263,13 +306,15 @@ class Engine:
         cached = reuse.tokens if reuse else 0
         generated: list[int] = []
         failed = False
+        # What the cache holds, whatever its type: the tokens given to the model.
+        fed = _Counted(loaded.model, cached)
         try:
             done = cached
             if self.cache and cached < job.checkpoint < len(job.prompt) - 1:
                 # The shared system+tools prefix becomes its own entry, for the side
                 # requests and subagents that share it (and, saved, for the next start).
                 # (Were it cached already, the fetch above would have reused it.)
-                self._prefill(kv, job.prompt[done : job.checkpoint], work)
+                self._prefill(fed, kv, job.prompt[done : job.checkpoint], work)
                 done = job.checkpoint
                 self.cache.store(job.prompt[:done], prefix_copy(kv, done), CHECKPOINT)
 
@@ -278,7 +323,7 @@ class Engine:
                     raise Cancelled
 
             steps = decode.tokens(
-                loaded.model,
+                fed,
                 job.prompt[done:],
                 kv,
                 max_tokens=job.max_tokens,
@@ -286,11 +331,13 @@ class Engine:
                 processors=self._processors(job),
                 prefill_step=self._prefill_step,
                 check=check,
+                history=job.prompt[:done],
+                quantize=self._quantize,
             )
             try:
                 for token in steps:
                     if not generated:
-                        self._send(work, Prefilled(len(job.prompt), time.perf_counter() - started, cached))
+                        self._send(work, Prefilled(len(job.prompt), time.perf_counter() - started, cached, reuse.kind if reuse else ""))
                     generated.append(token)
                     if work.generation.cancelled:
                         raise Cancelled
@@ -298,6 +345,11 @@ class Engine:
                         self._send(work, Done("stop"))
                         return
                     self._send(work, Token(token))
+                    if len(generated) == 1 and self.cache and not trimmable(kv):
+                        # The prompt alone, before its answer: the next turn re-renders
+                        # the answer and may part from it right there, and a cache that
+                        # cannot be trimmed is reused by exact prefix only.
+                        self.cache.store(job.prompt, prefix_copy(kv, len(job.prompt)), side=job.side)
                 self._send(work, Done("length"))
             finally:
                 steps.close()
@@ -311,7 +363,7 @@ class Engine:
             # cancel or a timeout) is kept, so the next turn, or a retry, resumes from it.
             # Not after a failure: a forward pass cut short leaves its layers disagreeing.
             if self.cache and not failed:
-                self.cache.store((job.prompt + generated)[: length(kv) or 0], kv, prompt=len(job.prompt), side=job.side)
+                self.cache.store((job.prompt + generated)[: fed.count], kv, prompt=len(job.prompt), side=job.side)
                 self.cache.save()
 
     def _processors(self, job: Job) -> list | None:
@@ -326,14 +378,32 @@ class Engine:
             processors += job.processors(self.loaded.tokenizer)
         return processors or None
 
-    def _prefill(self, kv: list, tokens: list[int], work: _Work) -> None:
+    def _prefill(self, model: _Counted, kv: list, tokens: list[int], work: _Work) -> None:
         import mlx.core as mx
 
-        for i in range(0, len(tokens), self._prefill_step):
+        from .decode import chunk_end, quantize_due
+
+        while tokens:
             if work.generation.cancelled:
                 raise Cancelled
-            self.loaded.model(mx.array(tokens[i : i + self._prefill_step])[None], cache=kv)
+            n = min(self._prefill_step, len(tokens), chunk_end(self._quantize, model.count) - model.count)
+            model(mx.array(tokens[:n])[None], cache=kv)
+            quantize_due(kv, self._quantize, model.count)
             mx.eval([c.state for c in kv])
+            tokens = tokens[n:]
+
+
+class _Counted:
+    """A model that counts the tokens it is given (it is all a linear-attention or SSM
+    layer's cache can tell of what it holds)."""
+
+    def __init__(self, model, count: int):
+        self.model, self.count = model, count
+
+    def __call__(self, inputs, cache=None):
+        out = self.model(inputs, cache=cache)
+        self.count += inputs.shape[-1]
+        return out
 
 
 def _reset_random_state() -> None:

@@ -38,6 +38,8 @@ class Record(Struct, omit_defaults=True):
     messages: int | None = None
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
+    # The kind of prefix-cache entry they came from: conversation or checkpoint.
+    cache_source: str | None = None
     queue_wait_s: float | None = None
     prefill_s: float | None = None
     ttft_s: float | None = None

@@ -163,6 +163,9 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
     def load() -> Loaded:
         import mlx.core as mx
         from mlx_lm import load as mlx_load
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from .cache import kinds
 
         where = prepare(model, relative_to)
         mlx_model, tokenizer = mlx_load(where)
@@ -195,6 +198,7 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
             context_length=context,
             eos_ids=frozenset(tokenizer.eos_token_ids),
             vocab_size=getattr(getattr(mlx_model, "args", None), "vocab_size", None) or len(tokenizer.get_vocab()),
+            cache_types=kinds(make_prompt_cache(mlx_model)),
             device=device,
             cache_dir=cache_home() / "prompts" / identity,
             weight_bytes=sum(v.nbytes for _, v in tree_flatten(mlx_model.parameters())),

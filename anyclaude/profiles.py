@@ -7,6 +7,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 from msgspec import Struct
@@ -68,6 +69,11 @@ class Engine(_Section):
     prefill_step: int = 512
     # Requests that may wait for a busy engine; more are refused with 529.
     queue_size: int = 8
+    # Quantize attention layers' keys and values to 4 or 8 bits (fits 4x or 2x the
+    # context), from token `quantized_kv_start` on; sliding-window layers stay as they are.
+    kv_bits: Literal[4, 8] | None = None
+    kv_group_size: Literal[32, 64, 128] = 64
+    quantized_kv_start: int = 5000
 
 
 class Prompt(_Section):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import logs, misses, profiles
 from .cache import PrefixCache
-from .engine import Engine
+from .engine import Engine, KVQuantization
 from .errors import ApiError, NotFound, NotReady
 from .models import loader, size_on_disk
 from .scheduler import Scheduler
@@ -50,9 +50,11 @@ class Server:
 
     def _real_engine(self, key: str, model: profiles.Model, profile: profiles.Profile) -> Engine:
         settings, cache = profile.engine, profile.cache
+        quantize = KVQuantization(settings.kv_bits, settings.kv_group_size, settings.quantized_kv_start) if settings.kv_bits else None
         return Engine(
             loader(model, settings, self.loaded.path.parent),
             prefill_step=settings.prefill_step,
+            kv_quantization=quantize,
             cache=PrefixCache(int(cache.max_gb * 2**30)),
             persist=cache.persist,
             name=f"engine-{key}",
@@ -114,7 +116,8 @@ class Server:
             return
         old = self.profile
         # A model loads again when its table changed, or the way models are loaded did.
-        reload_all = old.engine.cpu_dequantize != loaded.profile.engine.cpu_dequantize
+        # (so do [engine] kv_ settings: the cached entries are of the other kind)
+        reload_all = _load_settings(old.engine) != _load_settings(loaded.profile.engine)
         # A model that failed to load is tried again (its files may be there now); failing
         # again, it does not hold the rest of the edit back.
         broken = {k for k, e in self.engines.items() if e.load_error}
@@ -208,6 +211,10 @@ class Server:
             self.log.write(record)
         except OSError:
             pass
+
+
+def _load_settings(engine: profiles.Engine) -> tuple:
+    return engine.cpu_dequantize, engine.kv_bits, engine.kv_group_size, engine.quantized_kv_start
 
 
 def _request_log(profile: profiles.Profile) -> logs.RequestLog:

@@ -184,6 +184,7 @@ class Outcome(Struct):
     prefill_seconds: float | None = None
     tool_parse_errors: list[str] = []
     cached_tokens: int | None = None
+    cache_source: str | None = None
     # The generated token ids (for the session's miss diagnostics).
     tokens: list[int] = []
 
@@ -243,6 +244,7 @@ async def drive(
             elif isinstance(event, Prefilled):
                 outcome.prefill_seconds = event.seconds
                 outcome.cached_tokens = event.cached
+                outcome.cache_source = event.source or None
                 stream.cached(event.cached)
             elif isinstance(event, Token):
                 first = first or now

@@ -32,6 +32,7 @@ def test_usage_agrees_between_count_tokens_message_start_the_body_and_the_log(cl
     assert start.cache_read_input_tokens == final.usage.cache_read_input_tokens == total - 1
     logged = record(daemon, request_id)
     assert logged["prompt_tokens"] == total and logged["cached_tokens"] == total - 1
+    assert logged["cache_source"] == "conversation"
 
 
 def test_a_session_turn_reuses_the_last_one_and_a_changed_system_prompt_is_named(client, daemon):
@@ -44,7 +45,7 @@ def test_a_session_turn_reuses_the_last_one_and_a_changed_system_prompt_is_named
     one, two = record(daemon, first._request_id), record(daemon, second._request_id)
     # Everything of the first turn but what the template re-renders differently is reused.
     assert two["cached_tokens"] >= one["prompt_tokens"]
-    assert "cache_miss" not in two
+    assert "cache_miss" not in two and two["cache_source"] == "conversation"
     third = client.messages.create(model=MODEL, max_tokens=4, system=system + " Today is Tuesday.", messages=turn, extra_headers=session, **GREEDY)
     miss = record(daemon, third._request_id)["cache_miss"]
     assert miss["part"] == "system" and 0 < miss["position"] < one["prompt_tokens"]
