@@ -302,8 +302,10 @@ FORMATS: dict[str, CallFormat] = {
     # one back the same way (with no `<|python_tag|>`, which is for built-in tools).
     "llama3": JsonCall("llama3", "", "", key="parameters"),
     "mistral": MistralHeader(),
-    # Mistral's v3 templates (Mistral 7B v0.3, Nemo, Small 2409) write a JSON list.
+    # Mistral's v3 templates write a JSON list: after a space (Mistral 7B v0.3) or right
+    # after the marker (Nemo); the call must be the one the template renders back.
     "mistral_list": JsonCall("mistral_list", "[TOOL_CALLS] [", "]", markers=("[TOOL_CALLS]",)),
+    "mistral_list_unspaced": JsonCall("mistral_list_unspaced", "[TOOL_CALLS][", "]", markers=("[TOOL_CALLS]",)),
 }
 # `toolcalls.Format` names whose calls are written as one of FORMATS.
 _ALIASES = {"generic": "hermes"}
@@ -318,8 +320,9 @@ def format_for(tokenizer: Any, format_name: str) -> CallFormat:
     """The CallFormat for a `toolcalls.Format` name: the one the model's chat template
     renders calls back in, so that a forced call is next turn's prompt, token for token."""
     name = _ALIASES.get(format_name, format_name)
-    if name == "mistral" and "[ARGS]" not in toolcalls.template_text(tokenizer):
-        name = "mistral_list"
+    template = toolcalls.template_text(tokenizer)
+    if name == "mistral" and "[ARGS]" not in template:
+        name = "mistral_list_unspaced" if "[TOOL_CALLS][" in template else "mistral_list"
     if name not in FORMATS:
         raise ConstraintError(f"unknown call format {format_name!r}")
     return FORMATS[name]

@@ -66,22 +66,52 @@ def template_inputs(request: wire.CountTokensRequest, fmt: toolcalls.Format, *, 
     tools = [_function(t) for t in request.tools or [] if t.type in (None, "custom")]
     messages = chat_messages(request, keep_billing_header=keep_billing_header)
     generic = bool(tools) and fmt.name == "generic"
-    return (_generic_tools(messages, tools) if generic else messages), tools, generic
+    if generic:
+        return _generic_tools(messages, tools), tools, generic
+    if fmt.name == "qwen3_coder":
+        messages = _json_values(messages)
+    return messages, tools, generic
+
+
+# The user turn of the probe that finds where a template's system+tools prefix ends.
+_PROBE = "\u2063anyclaude checkpoint probe\u2063"
 
 
 def _system_prefix(tokenizer, messages: list[dict], tools, thinking: bool, text: str, ids: list[int]) -> int:
     if len(messages) < 2 or messages[0]["role"] != "system":
         return 0
-    try:
-        system = tokenizer.apply_chat_template(
-            messages[:1], tools=tools, tokenize=False, add_generation_prompt=False, enable_thinking=thinking
-        )
-    except Exception:  # a template that wants more than a system turn: no checkpoint
-        return 0
-    if not text.startswith(system):
+    shared = _shared_prefix(tokenizer, messages[0], tools, thinking, text)
+    if not shared:
         return 0
     # Tokens can merge across the boundary; the checkpoint stops where they agree.
-    return common_prefix(_encode(tokenizer, system), np.asarray(ids))
+    return common_prefix(_encode(tokenizer, shared), np.asarray(ids))
+
+
+def _shared_prefix(tokenizer, system: dict, tools, thinking: bool, text: str) -> str:
+    """The text every request with this system prompt and these tools starts with.
+
+    The system turn alone, rendered, where it holds the system prompt and the tools.
+    Many templates put them elsewhere: the tools in the first user turn (Llama 3.x) or
+    before the last one (Mistral Small 3.x), the system prompt in the first user turn
+    (Gemma) or the last (Nemo), or refuse a conversation without a user turn (Qwen3.5);
+    for them it is what comes before a probe user turn, where that starts the prompt."""
+
+    def rendered(messages: list[dict], tools) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=False, enable_thinking=thinking
+            )
+        except Exception:  # a template that wants more than a system turn
+            return ""
+
+    alone = rendered([system], tools)
+    alone = alone if alone and text.startswith(alone) else ""
+    # Without tools the system turn is short: rendering it again costs little.
+    if alone and system["content"] in alone and not (tools and alone == rendered([system], None)):
+        return alone
+    probe = rendered([system, {"role": "user", "content": _PROBE}], tools)
+    head = probe[: probe.find(_PROBE)] if _PROBE in probe else ""
+    return head if len(head) > len(alone) and text.startswith(head) else alone
 
 
 @functools.lru_cache(maxsize=8)
@@ -255,6 +285,30 @@ def _generic_tools(messages: list[dict], tools: list[dict]) -> list[dict]:
     for m in out:
         _add(merged, m)
     return merged
+
+
+def _json_values(messages: list[dict]) -> list[dict]:
+    """Qwen3-Coder's (and Qwen3.5's) template prints a non-container argument with
+    `| string`, so a boolean comes out as Python's `True` and null as `None`, where the
+    model (and the forced-call grammar) wrote `true` and `null`: the history would part
+    from the generated tokens at the first such argument. Every non-string value goes to
+    the template already written as JSON, the way the model writes it (containers too:
+    the template's `tojson` gives the same text, and then no template variant can differ)."""
+    out = []
+    for m in messages:
+        if calls := m.get("tool_calls"):
+            m = m | {"tool_calls": [_json_call(c) for c in calls]}
+        out.append(m)
+    return out
+
+
+def _json_call(call: dict) -> dict:
+    function = call["function"]
+    arguments = function["arguments"]
+    if not isinstance(arguments, dict):
+        return call
+    written = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for k, v in arguments.items()}
+    return call | {"function": function | {"arguments": written}}
 
 
 def _apply(tokenizer: Any, messages: list[dict], tools: list[dict] | None, thinking: bool) -> str:
