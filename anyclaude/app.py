@@ -493,13 +493,12 @@ def _forced_call(choice: wire.ToolChoice | None, rendered: prompt.Rendered, toke
         raise InvalidRequest(f"tool_choice: {choice.type} needs tools")
     if choice.type == "tool" and choice.name not in names:
         raise InvalidRequest(f"tool_choice.name: no tool named {choice.name!r} among the tools")
-    call_format = rendered.format.name
-    if not constrain.supports(call_format):
+    if not constrain.supports(rendered.format, tokenizer):
         # Families without a call grammar are asked, not forced.
         return None
     name = choice.name if choice.type == "tool" else None
     try:
-        processor = constrain.forced_call(tokenizer, rendered.tools, name, call_format=call_format)
+        processor = constrain.forced_call(tokenizer, rendered.tools, name, rendered.format)
     except constrain.ConstraintError as exc:
         raise InvalidRequest(f"tools: {exc}") from None
     return lambda tokenizer: [processor]

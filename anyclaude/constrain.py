@@ -9,18 +9,15 @@ writes them, so the text re-rendered from the parsed call next turn is token-ide
 (DESIGN principle 4). When the call is complete only the end-of-sequence tokens remain
 allowed, so the engine ends the generation through its usual EOS path.
 
-A model's call syntax is a `CallFormat`, one per family `toolcalls` parses: Hermes
-(`<tool_call>` + JSON), Qwen3-Coder (`<tool_call>` + `<function=...>`/`<parameter=...>`
-XML), Llama 3.x (bare JSON with `parameters`) and Mistral (`[TOOL_CALLS]NAME[ARGS]{...}`,
-or a JSON list for v3 templates). `supports` tells whether a `toolcalls.Format` name has
-one; `format_for` picks the variant the model's template renders back.
+A model's call syntax is a `families.grammar.CallFormat`, given by its family's module
+(`Family.call_format`, the variant its template renders back); `supports` tells whether
+a format has one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -32,7 +29,10 @@ import llguidance.hf
 import mlx.core as mx
 import numpy as np
 
-from . import toolcalls
+from . import families
+from .families import hermes
+from .families.base import Format
+from .families.grammar import CallFormat, ConstraintError, lark_string
 
 # JSON exactly as `json.dumps(..., ensure_ascii=False)` writes it (what prompt.py renders):
 # ", " and ": " separators, no other whitespace, and only the escapes json.dumps itself
@@ -58,282 +58,25 @@ _CACHE_SIZE = 32
 _MAX_FORCED = 4096
 
 
-class ConstraintError(Exception):
-    """Tools that cannot be forced (unknown name, a schema no grammar can express), or a
-    generation that left the grammar."""
+def supports(fmt: Format, tokenizer: Any) -> bool:
+    """Whether calls in format `fmt` can be forced."""
+    return families.of(fmt).call_format(fmt, families.template_text(tokenizer)) is not None
 
 
-# --- call formats ------------------------------------------------------------------
-
-
-class CallFormat:
-    """How a model writes one tool call: as a Lark grammar, and as text."""
-
-    name = ""
-
-    def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
-        """A Lark grammar (llguidance dialect) for exactly one call to one of `tools`.
-
-        `tools` are (name, prepared JSON Schema) pairs; `marker(text)` gives the grammar
-        item for a fixed marker such as `<tool_call>` (a token reference when the model
-        has it as a special token, else a string literal)."""
-        raise NotImplementedError
-
-    def render(self, name: str, arguments: dict) -> str:
-        """The canonical text of a call: what the grammar produces for these arguments."""
-        raise NotImplementedError
-
-    def parse(self, text: str) -> tuple[str, dict]:
-        """The (name, arguments) of one call written in this format."""
-        raise NotImplementedError
-
-
-class JsonCall(CallFormat):
-    """A call as one JSON object, `{"name": NAME, KEY: {...}}`, between fixed texts.
-
-    `opening` and `closing` may hold markers (`markers`), which the grammar writes as
-    the model's special token where it has one."""
-
-    def __init__(self, name: str, opening: str, closing: str, *, key: str = "arguments", markers: tuple[str, ...] = ()):
-        self.name, self.opening, self.closing, self.key, self.markers = name, opening, closing, key, markers
-
-    def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
-        opening = _pieces(self.opening + "{", self.markers, marker)
-        closing = _pieces("}" + self.closing, self.markers, marker)
-        lines = [
-            f"start: {opening} call {closing}",
-            "call: " + " | ".join(f"tool{i}" for i in range(len(tools))),
-        ]
-        for i, (name, schema) in enumerate(tools):
-            head = f'"name": {json.dumps(name, ensure_ascii=False)}, "{self.key}": '
-            lines.append(f"tool{i}: {_lark_string(head)} %json {json.dumps(schema, ensure_ascii=False)}")
-        return "\n".join(lines)
-
-    def render(self, name: str, arguments: dict) -> str:
-        call = json.dumps({"name": name, self.key: arguments}, ensure_ascii=False)
-        return f"{self.opening}{call}{self.closing}"
-
-    def parse(self, text: str) -> tuple[str, dict]:
-        if not (text.startswith(self.opening) and text.endswith(self.closing)):
-            raise ValueError(f"not a {self.name} tool call")
-        call = json.loads(text[len(self.opening) : len(text) - len(self.closing)])
-        return call["name"], call[self.key]
-
-
-class MistralHeader(CallFormat):
-    """`[TOOL_CALLS]NAME[ARGS]{...}`, the call syntax of Mistral's newer templates
-    (Mistral Small 3.2, Devstral, Magistral)."""
-
-    name = "mistral"
-    OPEN, ARGS = "[TOOL_CALLS]", "[ARGS]"
-
-    def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
-        lines = [
-            f"start: {marker(self.OPEN)} call",
-            "call: " + " | ".join(f"tool{i}" for i in range(len(tools))),
-        ]
-        for i, (name, schema) in enumerate(tools):
-            # mlx-lm's parser reads the name as a run of word characters and dashes.
-            if not re.fullmatch(r"[\w-]+", name):
-                raise ConstraintError(f"tool name {name!r} cannot be written in a Mistral call")
-            lines.append(f"tool{i}: {_lark_string(name)} {marker(self.ARGS)} %json {json.dumps(schema, ensure_ascii=False)}")
-        return "\n".join(lines)
-
-    def render(self, name: str, arguments: dict) -> str:
-        return f"{self.OPEN}{name}{self.ARGS}{json.dumps(arguments, ensure_ascii=False)}"
-
-    def parse(self, text: str) -> tuple[str, dict]:
-        head, sep, arguments = text.removeprefix(self.OPEN).partition(self.ARGS)
-        if not (text.startswith(self.OPEN) and sep):
-            raise ValueError("not a Mistral tool call")
-        return head, json.loads(arguments)
-
-
-def _pieces(text: str, markers: tuple[str, ...], marker: Callable[[str], str]) -> str:
-    """`text` as grammar items: each marker through `marker`, the rest as literals."""
-    if not markers:
-        return _lark_string(text)
-    parts = re.split("(" + "|".join(re.escape(m) for m in markers) + ")", text)
-    return " ".join(marker(p) if p in markers else _lark_string(p) for p in parts if p)
-
-
-class Qwen3Coder(CallFormat):
-    """Qwen3-Coder's XML call, as its chat template renders one back::
-
-        <tool_call>
-        <function=NAME>
-        <parameter=KEY>
-        VALUE
-        </parameter>
-        </function>
-        </tool_call>
-
-    Parameters come in the schema's `properties` order, required ones always, optional
-    ones possibly. VALUE is the raw text for string-typed properties and `json.dumps`
-    JSON (per the property's schema) otherwise, which is what mlx-lm's qwen3_coder
-    parser converts back by the property's declared type.
-    """
-
-    name = "qwen3_coder"
-    OPEN, CLOSE = "<tool_call>", "</tool_call>"
-    _END = "\n</parameter>\n"
-
-    def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
-        opening, closing, newline = marker(self.OPEN), marker(self.CLOSE), _lark_string("\n")
-        lines = [
-            f"start: {opening} {newline} call {closing}",
-            "call: " + " | ".join(f"tool{i}" for i in range(len(tools))),
-        ]
-        for i, (name, schema) in enumerate(tools):
-            _check_xml_name(name, "tool")
-            items = []
-            for j, (key, sub, required) in enumerate(_parameters(name, schema)):
-                _check_xml_name(key, f"parameter of tool {name!r}:")
-                rule = f"t{i}p{j}"
-                items.append(rule if required else f"{rule}?")
-                opener = _lark_string(f"<parameter={key}>\n")
-                lines.append(f"{rule}: {opener} {self._value(sub, rule.upper())}")
-                if (terminal := self._terminal(sub, rule.upper())) is not None:
-                    lines.append(terminal)
-            head, tail = _lark_string(f"<function={name}>\n"), _lark_string("</function>\n")
-            lines.append(f"tool{i}: {head} {' '.join(items)} {tail}")
-        return "\n".join(lines)
-
-    def _value(self, schema: dict, terminal: str) -> str:
-        literals = _string_literals(schema)
-        if literals is not None:
-            allowed = [s for s in literals if _raw_ok(s)]
-            if not allowed:
-                return "%json {\"not\": {}}"  # nothing can be written
-            return "(" + " | ".join(_lark_string(s + self._END) for s in allowed) + ")"
-        if _is_string(schema):
-            return terminal
-        return f"%json {json.dumps(schema, ensure_ascii=False)} {_lark_string(self._END)}"
-
-    def _terminal(self, schema: dict, terminal: str) -> str | None:
-        if _string_literals(schema) is not None or not _is_string(schema):
-            return None
-        # Raw text the parser gives back unchanged: no `</parameter>` (its end), no
-        # `</tool_call>` (the call's end), and not "null" in any case (read as None).
-        body = r"/(?s:.*)/ & ~/(?s:.*<\/parameter>.*)/ & ~/(?s:.*<\/tool_call>.*)/ & ~/(?i:null)/"
-        least = schema.get("minLength")
-        if isinstance(least, int) and 0 < least <= 64:
-            body += f" & /(?s:.{{{least},}})/"
-        return f"{terminal}: ({body}) {_lark_string(self._END)}"
-
-    def render(self, name: str, arguments: dict) -> str:
-        params = "".join(
-            f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}\n</parameter>\n"
-            for k, v in arguments.items()
-        )
-        return f"{self.OPEN}\n<function={name}>\n{params}</function>\n{self.CLOSE}"
-
-    def parse(self, text: str, tools: list[dict] | None = None) -> tuple[str, dict]:
-        """The call as mlx-lm's qwen3_coder parser reads it; `tools` (OpenAI-style) give
-        the property types it converts values by (without them every value is text)."""
-        from mlx_lm.tool_parsers import qwen3_coder
-
-        body = text.strip()
-        if not (body.startswith(self.OPEN) and body.endswith(self.CLOSE)):
-            raise ValueError("not a Qwen3-Coder tool call")
-        call = qwen3_coder.parse_tool_call(body[len(self.OPEN) : -len(self.CLOSE)].strip(), tools)
-        return call["name"], call["arguments"]
-
-
-def _check_xml_name(name: str, what: str) -> None:
-    # The parser reads a name as the run of characters up to whitespace, `<` or `>`.
-    if not name or any(c.isspace() or c in "<>" for c in name):
-        raise ConstraintError(f"{what} name {name!r} cannot be written in a Qwen3-Coder call")
-
-
-def _parameters(name: str, schema: dict) -> list[tuple[str, dict, bool]]:
-    """(key, schema, required) for each parameter of an object schema, in order.
-
-    Each sub-schema carries the tool's `$defs`/`definitions` (so `$ref`s resolve) and
-    its `x-guidance` layout. Keys only in `required` come after, with any value."""
-    if schema.get("type") not in ("object", None) or any(k in schema for k in ("anyOf", "oneOf", "allOf", "$ref")):
-        raise ConstraintError(f"the input_schema of tool {name!r} is not a plain object schema")
-    shared = {k: schema[k] for k in ("$defs", "definitions", "x-guidance") if k in schema}
-    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-    required = [k for k in schema.get("required") or [] if isinstance(k, str)]
-    out = []
-    for key in [*properties, *(k for k in required if k not in properties)]:
-        sub = properties.get(key, {})
-        sub = {"not": {}} if sub is False else {} if sub is True else sub
-        out.append((key, shared | sub, key in required))
-    return out
-
-
-def _is_string(schema: dict) -> bool:
-    return schema.get("type") == "string"
-
-
-def _string_literals(schema: Any) -> list[str] | None:
-    """The strings a schema allows if it is a finite set of strings (const, enum, or
-    anyOf/oneOf of those), else None."""
-    if not isinstance(schema, dict) or schema.get("type", "string") != "string":
-        return None
-    if "const" in schema:
-        return [schema["const"]] if isinstance(schema["const"], str) else None
-    if isinstance(schema.get("enum"), list):
-        return schema["enum"] if all(isinstance(v, str) for v in schema["enum"]) else None
-    for key in ("anyOf", "oneOf"):
-        if isinstance(schema.get(key), list) and schema[key]:
-            parts = [_string_literals(branch) for branch in schema[key]]
-            if any(p is None for p in parts):
-                return None
-            return list(dict.fromkeys(s for p in parts for s in p))
-    return None
-
-
-def _raw_ok(text: str) -> bool:
-    return "</parameter>" not in text and "</tool_call>" not in text and text.lower() != "null"
-
-
-def _lark_string(text: str) -> str:
-    # A JSON string literal is a valid llguidance Lark string literal.
-    return json.dumps(text, ensure_ascii=False)
-
-
-FORMATS: dict[str, CallFormat] = {
-    "hermes": JsonCall("hermes", "<tool_call>\n", "\n</tool_call>", markers=("<tool_call>", "</tool_call>")),
-    "qwen3_coder": Qwen3Coder(),
-    # Llama 3.1-3.3 write a custom tool's call as bare JSON, and their templates render
-    # one back the same way (with no `<|python_tag|>`, which is for built-in tools).
-    "llama3": JsonCall("llama3", "", "", key="parameters"),
-    "mistral": MistralHeader(),
-    # Mistral's v3 templates write a JSON list: after a space (Mistral 7B v0.3) or right
-    # after the marker (Nemo); the call must be the one the template renders back.
-    "mistral_list": JsonCall("mistral_list", "[TOOL_CALLS] [", "]", markers=("[TOOL_CALLS]",)),
-    "mistral_list_unspaced": JsonCall("mistral_list_unspaced", "[TOOL_CALLS][", "]", markers=("[TOOL_CALLS]",)),
-}
-# `toolcalls.Format` names whose calls are written as one of FORMATS.
-_ALIASES = {"generic": "hermes"}
-
-
-def supports(format_name: str) -> bool:
-    """Whether calls in the `toolcalls.Format` named `format_name` can be forced."""
-    return _ALIASES.get(format_name, format_name) in FORMATS
-
-
-def format_for(tokenizer: Any, format_name: str) -> CallFormat:
-    """The CallFormat for a `toolcalls.Format` name: the one the model's chat template
-    renders calls back in, so that a forced call is next turn's prompt, token for token."""
-    name = _ALIASES.get(format_name, format_name)
-    template = toolcalls.template_text(tokenizer)
-    if name == "mistral" and "[ARGS]" not in template:
-        name = "mistral_list_unspaced" if "[TOOL_CALLS][" in template else "mistral_list"
-    if name not in FORMATS:
-        raise ConstraintError(f"unknown call format {format_name!r}")
-    return FORMATS[name]
+def format_for(tokenizer: Any, fmt: Format) -> CallFormat:
+    """The CallFormat a forced call in `fmt` is written in: the one the model's chat
+    template renders calls back in, so that a forced call is next turn's prompt, token
+    for token."""
+    calls = families.of(fmt).call_format(fmt, families.template_text(tokenizer))
+    if calls is None:
+        raise ConstraintError(f"calls in the {fmt.name} format cannot be forced")
+    return calls
 
 
 # --- the public entry point --------------------------------------------------------
 
 
-def forced_call(
-    tokenizer: Any, tools: list[dict], name: str | None, *, call_format: str = "hermes"
-) -> Callable[[mx.array, mx.array], mx.array]:
+def forced_call(tokenizer: Any, tools: list[dict], name: str | None, fmt: Format = hermes.FORMAT) -> Callable[[mx.array, mx.array], mx.array]:
     """A logits processor that forces one call to tool `name` (or any of `tools` if None).
 
     `tokenizer` is the model's mlx-lm TokenizerWrapper; `tools` are OpenAI-style
@@ -345,9 +88,9 @@ def forced_call(
     set, name and format, and kept in an LRU cache. Raises ConstraintError if `name` is
     not among the tools or a schema cannot be compiled.
     """
-    fmt = format_for(tokenizer, call_format)
+    calls = format_for(tokenizer, fmt)
     chosen = _choose(tools, name)
-    compiled = _compiled(tokenizer, fmt, chosen)
+    compiled = _compiled(tokenizer, calls, chosen)
     return ForcedCall(compiled.matcher.deep_copy(), compiled.vocab_size, compiled.eos)
 
 
@@ -553,4 +296,4 @@ def _marker(lltokenizer: llguidance.LLTokenizer, text: str) -> str:
     ids = lltokenizer.tokenize_str(text, parse_special=True)
     if len(ids) == 1 and lltokenizer.is_special_token(ids[0]):
         return f"<[{ids[0]}]>"
-    return _lark_string(text)
+    return lark_string(text)

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import string
 from typing import Any
 
 import numpy as np
 from msgspec import Struct
 
-from . import toolcalls, wire
+from . import families, wire
+from .families.base import Format
 from .cache import common_prefix
 from .errors import InvalidRequest
 
@@ -28,9 +28,7 @@ class Rendered(Struct, frozen=True):
     ids: list[int]
     # The tools as function definitions, and the call format the model will write.
     tools: list[dict]
-    format: toolcalls.Format
-    # Whether the tools went into the system prompt in the generic format below.
-    generic_tools: bool
+    format: Format
     # Whether the prompt ends inside an opened reasoning block.
     thinking_open: bool
     # Tokens of the leading system turn (system prompt and tools): the prefix that
@@ -40,11 +38,10 @@ class Rendered(Struct, frozen=True):
 
 def render(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_header: bool = False) -> Rendered:
     """The prompt for a request, as text and as token ids."""
-    fmt = toolcalls.format_for(tokenizer)
-    messages, tools, generic = template_inputs(request, fmt, keep_billing_header=keep_billing_header)
-    template_tools = tools if tools and not generic else None
-    thinking = thinking_wanted(request)
-    text = _apply(tokenizer, messages, template_tools, thinking)
+    fmt = families.detect(tokenizer)
+    messages, tools, template_tools = template_inputs(request, fmt, keep_billing_header=keep_billing_header)
+    template = _Template(tokenizer, families.of(fmt), thinking_wanted(request), _effort(request))
+    text = template.apply(messages, template_tools)
     ids = list(tokenizer.encode(text, add_special_tokens=False))
     thinking_open = bool(fmt.think_start) and text.rstrip().endswith(fmt.think_start)
     return Rendered(
@@ -52,42 +49,70 @@ def render(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_hea
         ids=ids,
         tools=tools,
         format=fmt,
-        generic_tools=generic,
         thinking_open=thinking_open,
-        checkpoint=_system_prefix(tokenizer, messages, template_tools, thinking, text, ids),
+        checkpoint=_system_prefix(template, messages, template_tools, text, ids),
     )
 
 
-def template_inputs(request: wire.CountTokensRequest, fmt: toolcalls.Format, *, keep_billing_header: bool = False) -> tuple[list[dict], list[dict], bool]:
-    """What the chat template of a model whose tool format is `fmt` is given for a request:
-    the chat messages, the tools as OpenAI-style functions, and whether those went into the
-    system prompt instead, in the generic format (a template whose own tool syntax anyclaude
-    cannot parse)."""
+def template_inputs(
+    request: wire.CountTokensRequest, fmt: Format, *, keep_billing_header: bool = False
+) -> tuple[list[dict], list[dict], list[dict] | None]:
+    """What the chat template of a model whose format is `fmt` is given for a request:
+    the chat messages, and the tools as OpenAI-style functions, all of them and those
+    passed as the template's `tools` (None when the family writes them into the
+    messages, as the generic format does for templates that know no tools)."""
     tools = [_function(t) for t in request.tools or [] if t.type in (None, "custom")]
     messages = chat_messages(request, keep_billing_header=keep_billing_header)
-    generic = bool(tools) and fmt.name == "generic"
-    if generic:
-        return _generic_tools(messages, tools), tools, generic
-    if fmt.name == "qwen3_coder":
-        messages = _json_values(messages)
-    return messages, tools, generic
+    messages, template_tools = families.of(fmt).inputs(messages, tools)
+    return messages, tools, template_tools
+
+
+class _Template:
+    """A model's chat template, as its family uses it for one request."""
+
+    def __init__(self, tokenizer: Any, family: families.Family, thinking: bool, effort: str | None):
+        self.tokenizer, self.family = tokenizer, family
+        # Templates with a reasoning switch read `enable_thinking`; the others ignore it.
+        self.kwargs = {"enable_thinking": thinking} | family.template_kwargs(effort)
+
+    def render(self, messages: list[dict], tools: list[dict] | None, **kwargs: Any) -> str:
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **self.kwargs, **kwargs)
+        return self.family.rendered(text)
+
+    def apply(self, messages: list[dict], tools: list[dict] | None) -> str:
+        """The whole prompt: ready for the reply, or continuing a final assistant turn."""
+        continue_final = bool(messages) and messages[-1]["role"] == "assistant"
+        kwargs = dict(add_generation_prompt=not continue_final, continue_final_message=continue_final)
+        try:
+            return self.render(messages, tools, **kwargs)
+        except Exception as first:
+            # Many templates refuse a system turn after the first message; give them
+            # the same text as a reminder inside the user turn instead of dropping it.
+            # Mistral's v3 templates refuse tool-call ids that are not 9 alphanumerics.
+            adapted = _short_ids(_fold_system(messages))
+            if adapted == messages:
+                raise InvalidRequest(f"the model's chat template cannot render this conversation: {first}") from None
+            try:
+                return self.render(adapted, tools, **kwargs)
+            except Exception as exc:
+                raise InvalidRequest(f"the model's chat template cannot render this conversation: {exc}") from None
 
 
 # The user turn of the probe that finds where a template's system+tools prefix ends.
 _PROBE = "\u2063anyclaude checkpoint probe\u2063"
 
 
-def _system_prefix(tokenizer, messages: list[dict], tools, thinking: bool, text: str, ids: list[int]) -> int:
+def _system_prefix(template: _Template, messages: list[dict], tools, text: str, ids: list[int]) -> int:
     if len(messages) < 2 or messages[0]["role"] != "system":
         return 0
-    shared = _shared_prefix(tokenizer, messages[0], tools, thinking, text)
+    shared = _shared_prefix(template, messages[0], tools, text)
     if not shared:
         return 0
     # Tokens can merge across the boundary; the checkpoint stops where they agree.
-    return common_prefix(_encode(tokenizer, shared), np.asarray(ids))
+    return common_prefix(_encode(template.tokenizer, shared), np.asarray(ids))
 
 
-def _shared_prefix(tokenizer, system: dict, tools, thinking: bool, text: str) -> str:
+def _shared_prefix(template: _Template, system: dict, tools, text: str) -> str:
     """The text every request with this system prompt and these tools starts with.
 
     The system turn alone, rendered, where it holds the system prompt and the tools.
@@ -98,9 +123,7 @@ def _shared_prefix(tokenizer, system: dict, tools, thinking: bool, text: str) ->
 
     def rendered(messages: list[dict], tools) -> str:
         try:
-            return tokenizer.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=False, enable_thinking=thinking
-            )
+            return template.render(messages, tools, add_generation_prompt=False)
         except Exception:  # a template that wants more than a system turn
             return ""
 
@@ -120,13 +143,16 @@ def _encode(tokenizer, text: str) -> np.ndarray:
     return np.asarray(tokenizer.encode(text, add_special_tokens=False))
 
 
+def _effort(request: wire.CountTokensRequest) -> str | None:
+    return request.output_config.effort if request.output_config else None
+
+
 def thinking_wanted(request: wire.CountTokensRequest) -> bool:
     """Whether to switch the template's reasoning on: `enabled`, or `adaptive` unless effort is low."""
     thinking = request.thinking
     if thinking is None or thinking.type == "disabled":
         return False
-    effort = request.output_config.effort if request.output_config else None
-    return thinking.type == "enabled" or effort != "low"
+    return thinking.type == "enabled" or _effort(request) != "low"
 
 
 def chat_messages(request: wire.CountTokensRequest, *, keep_billing_header: bool = False) -> list[dict]:
@@ -138,12 +164,12 @@ def chat_messages(request: wire.CountTokensRequest, *, keep_billing_header: bool
     for i, message in enumerate(request.messages):
         blocks = wire.blocks(message.content, f"messages.{i}.content")
         if message.role == "assistant":
-            _add(out, _assistant(blocks))
+            merge(out, _assistant(blocks))
         elif message.role == "system":
-            _add(out, {"role": "system", "content": _text(blocks)})
+            merge(out, {"role": "system", "content": _text(blocks)})
         else:
             for turn in _user(blocks):
-                _add(out, turn)
+                merge(out, turn)
     return out
 
 
@@ -185,10 +211,13 @@ def _document(block: wire.DocumentBlock) -> str:
 
 
 def _assistant(blocks: list[wire.Block]) -> dict:
-    # Thinking from earlier turns is dropped, always the same way, so that the
-    # rendered history stays stable from turn to turn.
     text = _text([b for b in blocks if isinstance(b, wire.TextBlock)])
     turn: dict = {"role": "assistant", "content": text}
+    # Reasoning goes back as `reasoning_content`: the templates that keep it within a
+    # tool loop (Qwen3, GLM, MiniMax; gpt-oss's family renames it) render it as the model
+    # wrote it, so the prompt stays the generated tokens; the others ignore it.
+    if reasoning := "\n\n".join(b.thinking for b in blocks if isinstance(b, wire.ThinkingBlock) and b.thinking):
+        turn["reasoning_content"] = reasoning
     calls = [
         {"type": "function", "id": b.id, "function": {"name": b.name, "arguments": b.input}}
         for b in blocks
@@ -227,7 +256,7 @@ def _tool_result(block: wire.ToolResultBlock) -> str:
     return f"Error: {text}" if block.is_error else text
 
 
-def _add(out: list[dict], turn: dict) -> None:
+def merge(out: list[dict], turn: dict) -> None:
     """Append a turn, combining it with the previous one when the roles are the same."""
     last = out[-1] if out else None
     if last and last["role"] == turn["role"] and turn["role"] in ("user", "assistant", "system"):
@@ -246,94 +275,6 @@ def _function(tool: wire.Tool) -> dict:
     # `$schema` and `$comment` confuse some templates; `$defs` is kept, `$ref`s point into it.
     schema = {k: v for k, v in tool.input_schema.items() if k not in ("$schema", "$comment")}
     return {"type": "function", "function": {"name": tool.name, "description": tool.description, "parameters": schema}}
-
-
-# The generic tool format (Hermes style), for chat templates that know no tools.
-GENERIC_TOOLS_HEADER = (
-    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-)
-GENERIC_TOOLS_FOOTER = (
-    "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
-    "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
-)
-
-
-def _generic_tools(messages: list[dict], tools: list[dict]) -> list[dict]:
-    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    section = GENERIC_TOOLS_HEADER + listing + GENERIC_TOOLS_FOOTER
-    out = [dict(m) for m in messages]
-    if out and out[0]["role"] == "system":
-        out[0]["content"] = f"{out[0]['content']}\n\n{section}"
-    else:
-        out.insert(0, {"role": "system", "content": section})
-    for m in out:
-        if calls := m.pop("tool_calls", None):
-            rendered = "\n".join(
-                "<tool_call>\n"
-                + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
-                + "\n</tool_call>"
-                for c in calls
-            )
-            m["content"] = f"{m['content']}\n{rendered}" if m["content"] else rendered
-        if m["role"] == "tool":
-            m["role"] = "user"
-            m["content"] = f"<tool_response>\n{m['content']}\n</tool_response>"
-            m.pop("tool_call_id", None)
-    merged: list[dict] = []
-    for m in out:
-        _add(merged, m)
-    return merged
-
-
-def _json_values(messages: list[dict]) -> list[dict]:
-    """Qwen3-Coder's (and Qwen3.5's) template prints a non-container argument with
-    `| string`, so a boolean comes out as Python's `True` and null as `None`, where the
-    model (and the forced-call grammar) wrote `true` and `null`: the history would part
-    from the generated tokens at the first such argument. Every non-string value goes to
-    the template already written as JSON, the way the model writes it (containers too:
-    the template's `tojson` gives the same text, and then no template variant can differ)."""
-    out = []
-    for m in messages:
-        if calls := m.get("tool_calls"):
-            m = m | {"tool_calls": [_json_call(c) for c in calls]}
-        out.append(m)
-    return out
-
-
-def _json_call(call: dict) -> dict:
-    function = call["function"]
-    arguments = function["arguments"]
-    if not isinstance(arguments, dict):
-        return call
-    written = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for k, v in arguments.items()}
-    return call | {"function": function | {"arguments": written}}
-
-
-def _apply(tokenizer: Any, messages: list[dict], tools: list[dict] | None, thinking: bool) -> str:
-    continue_final = bool(messages) and messages[-1]["role"] == "assistant"
-    kwargs = dict(
-        tools=tools,
-        tokenize=False,
-        add_generation_prompt=not continue_final,
-        continue_final_message=continue_final,
-        # Templates with a reasoning switch read it; the others ignore it.
-        enable_thinking=thinking,
-    )
-    try:
-        return tokenizer.apply_chat_template(messages, **kwargs)
-    except Exception as first:
-        # Many templates refuse a system turn after the first message; give them
-        # the same text as a reminder inside the user turn instead of dropping it.
-        # Mistral's v3 templates refuse tool-call ids that are not 9 alphanumerics.
-        adapted = _short_ids(_fold_system(messages))
-        if adapted == messages:
-            raise InvalidRequest(f"the model's chat template cannot render this conversation: {first}") from None
-        try:
-            return tokenizer.apply_chat_template(adapted, **kwargs)
-        except Exception as exc:
-            raise InvalidRequest(f"the model's chat template cannot render this conversation: {exc}") from None
 
 
 def _short_ids(messages: list[dict]) -> list[dict]:
@@ -359,5 +300,5 @@ def _fold_system(messages: list[dict]) -> list[dict]:
     for i, m in enumerate(messages):
         if m["role"] == "system" and i > 0:
             m = {"role": "user", "content": f"<system-reminder>\n{m['content']}\n</system-reminder>"}
-        _add(out, dict(m))
+        merge(out, dict(m))
     return out

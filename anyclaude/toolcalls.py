@@ -5,17 +5,9 @@ The model's output arrives as the pieces an incremental detokenizer gives, and a
 `Text`, `Thinking`, a complete and validated `ToolCall`, or a `BadCall` that the
 daemon shows as text and logs as `tool_parse_error`.
 
-Families, chosen by `format_for` from the tokenizer as mlx-lm infers it:
-- Hermes / Qwen2.5 / Qwen3 and `GENERIC`: `<tool_call>{"name": .., "arguments": {..}}</tool_call>`.
-- Llama 3.x: `{"name": .., "parameters": {..}}` at the start of the reply (or of
-  the text after thinking or a call), or after `<|python_tag|>`; several calls
-  may be separated by `;`. The call ends where its JSON value does.
-- Mistral: `[TOOL_CALLS]` then a JSON list `[{"name": .., "arguments": ..}]` or
-  `NAME[ARGS]{..}` (also `NAME[CALL_ID]ID[ARGS]{..}`); the call ends where the JSON does.
-- Every other mlx-lm tool parser (Qwen3-Coder XML, GLM, Kimi, Gemma, MiniMax,
-  pythonic, ...): its own `tool_call_start`/`tool_call_end` markers, the body
-  between them handed to its `parse_tool_call`, which converts values by schema.
-Thinking sits between `<think>` and `</think>`, or the tokenizer's own markers.
+Each family's markers are a `families.Format`, and its module in `anyclaude.families`
+reads a call's body (`Family.parse`) and, for formats whose messages open with headers
+(gpt-oss's harmony), what a header opens (`Family.route`).
 
 Segment rules. Text and reasoning are emitted as soon as they cannot be the
 start of a marker. Each run of text or reasoning (between the start, markers and
@@ -48,17 +40,16 @@ holds several calls (a Mistral list) and only some fail, the good ones are
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 from typing import Any
 
-import msgspec
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, best_match
 from msgspec import Struct
 from referencing.exceptions import Unresolvable
 
-from . import repair
+from . import families, repair
+from .families.base import Format
 
 
 class Text(Struct):
@@ -90,82 +81,7 @@ class BadCall(Struct):
 Segment = Text | Thinking | ToolCall | BadCall
 
 
-class Format(Struct, frozen=True):
-    """The markers a model family writes, and how a call's body is parsed.
-
-    `syntax` is "json" (one call object or a list of them), "mistral" (a JSON
-    list or NAME[ARGS]{...}) or "mlx:<module>" (that mlx_lm.tool_parsers
-    module's parse_tool_call). With no `call_end`, a call ends where its JSON
-    value does. `bare_json`: a text run that starts with "{" is a call (Llama 3).
-    `drop`: markers removed from text (mlx-lm's structural markers).
-    """
-
-    name: str
-    call_start: tuple[str, ...] = ()
-    call_end: str = ""
-    syntax: str = "json"
-    bare_json: bool = False
-    think_start: str = "<think>"
-    think_end: str = "</think>"
-    drop: tuple[str, ...] = ()
-
-
-GENERIC = Format(name="generic", call_start=("<tool_call>",), call_end="</tool_call>")
-_HERMES = msgspec.structs.replace(GENERIC, name="hermes")
-_LLAMA3 = Format(name="llama3", call_start=("<|python_tag|>",), bare_json=True)
-_MISTRAL = Format(name="mistral", call_start=("[TOOL_CALLS]",), syntax="mistral")
-
-
-def format_for(tokenizer: Any) -> Format:
-    """The format of the model behind an mlx-lm TokenizerWrapper.
-
-    mlx-lm's own inference (tokenizer.tool_parser, tool_call_start/end,
-    think_start/end) decides where it knows the family; Llama 3.x templates,
-    which it does not know, are recognised here; anything else is GENERIC.
-    """
-    parser = getattr(tokenizer, "tool_parser", None)
-    module = getattr(parser, "__module__", "") or ""
-    module = module.rsplit(".", 1)[-1] if module.startswith("mlx_lm.tool_parsers.") else None
-    template = template_text(tokenizer)
-    if module == "json_tools":
-        base = _HERMES
-    elif module == "mistral":
-        base = _MISTRAL
-    elif module is not None:
-        base = Format(
-            name=module,
-            call_start=(tokenizer.tool_call_start,),
-            call_end=tokenizer.tool_call_end or "",
-            syntax=f"mlx:{module}",
-        )
-    elif _is_llama3(template):
-        base = _LLAMA3
-    else:
-        base = GENERIC
-    start, end = getattr(tokenizer, "think_start", None), getattr(tokenizer, "think_end", None)
-    if not (isinstance(start, str) and isinstance(end, str) and start and end):
-        start, end = base.think_start, base.think_end
-    drop = tuple(getattr(tokenizer, "structural_markers", None) or ())
-    return msgspec.structs.replace(base, think_start=start, think_end=end, drop=drop)
-
-
-def template_text(tokenizer: Any) -> str:
-    """The tokenizer's chat template source ("" if none; named templates joined)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates, e.g. "default" and "tool_use"
-        template = "\n".join(t for t in template.values() if isinstance(t, str))
-    return template if isinstance(template, str) else ""
-
-
-def _is_llama3(template: str) -> bool:
-    # Llama 3.1-3.3 templates render tool calls as {"name": .., "parameters": ..}
-    # and know <|python_tag|>; mlx-lm infers no parser for them.
-    if "<|python_tag|>" in template:
-        return True
-    return "<|start_header_id|>" in template and "tools" in template and '"parameters"' in template
-
-
-_TEXT, _THINK, _CALL = "text", "think", "call"
+_TEXT, _THINK, _CALL, _HEAD = "text", "think", "call", "head"
 
 
 class Parser:
@@ -173,13 +89,14 @@ class Parser:
 
     def __init__(self, fmt: Format, tools: list[dict] | None, *, thinking: bool = False):
         self.fmt = fmt
+        self._family = families.of(fmt)
         self._tool_list = list(tools or [])
         self._tools = {f["name"]: f for f in map(_function, self._tool_list) if f}
         # Without tools a reply that is JSON is an answer, not a Llama call.
         self._bare = fmt.bare_json and bool(self._tools)
         # The markers that end a text or reasoning run, and the state after each;
         # a marker that keeps the state is dropped from the run.
-        calls = [(m, _CALL) for m in fmt.call_start]
+        calls = [(m, _CALL) for m in fmt.call_start] + [(m, _HEAD) for m in fmt.headers]
         text_drops = [(m, _TEXT) for m in fmt.drop]
         think_drops = [(m, _THINK) for m in fmt.drop]
         self._moves = {
@@ -224,7 +141,7 @@ class Parser:
             self._ws = ""
         if self._state == _CALL:
             raw = self._marker + self._body
-            if not self.fmt.call_end and self.fmt.syntax.startswith("mlx:"):
+            if not self.fmt.call_end and not self.fmt.json_body:
                 out.extend(self._calls(raw, self._body))
             else:
                 out.append(BadCall(raw=raw, reason="truncated"))
@@ -236,6 +153,8 @@ class Parser:
     def _step(self, out: list[Segment], final: bool) -> bool:
         if self._state == _CALL:
             return self._call_step(out)
+        if self._state == _HEAD:
+            return self._head_step(final)
         if self._state == _TEXT and not self._started and self._run_starts_call():
             return True
         kind = Text if self._state == _TEXT else Thinking
@@ -257,7 +176,25 @@ class Parser:
             self._new_run(after_call=False)
         if state == _CALL:
             self._open(marker)
+        elif state == _HEAD:
+            self._marker = marker
         self._state = state
+        return True
+
+    def _head_step(self, final: bool) -> bool:
+        """A message header (harmony): read to its end, then go where it says."""
+        i = self._buf.find(self.fmt.header_end)
+        if i < 0:
+            if final:  # a header cut off by the end of generation says nothing
+                self._buf, self._state = "", _TEXT
+            return False
+        header = self._marker + self._buf[:i]
+        self._buf = self._buf[i + len(self.fmt.header_end) :]
+        route, opening = self._family.route(header)
+        if route == "call":
+            self._open(opening + self.fmt.header_end)
+        else:
+            self._state = _THINK if route == "think" else _TEXT
         return True
 
     def _run_starts_call(self) -> bool:
@@ -297,7 +234,7 @@ class Parser:
 
     def _open(self, marker: str) -> None:
         self._state, self._marker, self._body, self._searched = _CALL, marker, "", 0
-        self._scan = _Scan() if self.fmt.syntax in ("json", "mistral") else None
+        self._scan = _Scan() if self.fmt.json_body else None
 
     def _call_step(self, out: list[Segment]) -> bool:
         self._body += self._buf
@@ -352,25 +289,7 @@ class Parser:
         return out
 
     def _parse(self, body: str) -> list[Any]:
-        syntax = self.fmt.syntax
-        if syntax == "mistral" and not body.lstrip().startswith("["):
-            return [_mistral_header(body)]
-        if syntax in ("json", "mistral"):
-            parsed = repair.loads(body)
-            if not parsed:
-                raise ValueError("no call in the body")
-            return parsed if isinstance(parsed, list) else [parsed]
-        module = importlib.import_module(f"mlx_lm.tool_parsers.{syntax.removeprefix('mlx:')}")
-        try:
-            parsed = module.parse_tool_call(body.strip(), self._tool_list)
-        except Exception:
-            # Its schema-typed conversion can refuse a value; read every value
-            # as given and let the schema repair below decide.
-            try:
-                parsed = module.parse_tool_call(body.strip(), None)
-            except Exception as e:
-                raise ValueError(f"{type(e).__name__}: {e}") from None
-        return parsed if isinstance(parsed, list) else [parsed]
+        return self._family.parse(self.fmt, self._marker, body, self._tool_list)
 
     def _check(self, name: str, arguments: Any) -> ToolCall | str:
         function = self._tools.get(name)
@@ -503,12 +422,3 @@ class _Scan:
             self.depth -= 1
         if not c.isspace():
             self.last = c
-
-
-def _mistral_header(body: str) -> dict:
-    """NAME[ARGS]{...} or NAME[CALL_ID]ID[ARGS]{...}."""
-    head, sep, arguments = body.partition("[ARGS]")
-    if not sep:
-        raise ValueError("no [ARGS] after the tool name")
-    name = head.split("[", 1)[0].strip()
-    return {"name": name, "arguments": repair.loads(arguments)}

@@ -163,10 +163,10 @@ def openai_messages(body: dict, tokenizer) -> tuple[list[dict], list[dict] | Non
     anyclaude writes them into the system turn in its generic tool format for such
     templates; we ask it for the same messages so both servers prefill the same tokens.
     """
-    from anyclaude import prompt, toolcalls, wire
+    from anyclaude import families, prompt, wire
 
-    messages, tools, generic = prompt.template_inputs(wire.decode_request(json.dumps(body).encode()), toolcalls.format_for(tokenizer))
-    if not tools or generic:
+    messages, _, tools = prompt.template_inputs(wire.decode_request(json.dumps(body).encode()), families.detect(tokenizer))
+    if not tools:
         return messages, None
     for m in messages:  # OpenAI sends tool-call arguments as JSON text
         for call in m.get("tool_calls", []):

@@ -17,8 +17,10 @@ from mlx_lm.sample_utils import make_sampler
 from test_roundtrip import LLAMA3, MISTRAL, MISTRAL_V3, QWEN3_CODER, family_tokenizer
 
 from anyclaude import constrain, toolcalls
+from anyclaude.families import all_families, detect, hermes, qwen3_coder
+from anyclaude.families.base import Format
 
-HERMES = constrain.FORMATS["hermes"]
+HERMES = hermes.CALLS
 
 
 def function(name: str, parameters: dict, description: str = "") -> dict:
@@ -255,7 +257,7 @@ def test_forced_any_calls_one_of_the_tools(tiny, prefilled):
 
 # --- Qwen3-Coder's XML calls -----------------------------------------------------------
 
-XML = constrain.FORMATS["qwen3_coder"]
+XML = qwen3_coder.CALLS
 OPEN_READ = "<tool_call>\n<function=Read>\n"
 CLOSE_CALL = "</function>\n</tool_call>"
 
@@ -268,19 +270,18 @@ def xml(name: str, arguments: dict) -> str:
 def qwen3_coder(tiny_model):
     """The tiny model's tokenizer with the Qwen3-Coder template, as test_roundtrip makes it."""
     tokenizer = family_tokenizer(tiny_model, "qwen3_coder", QWEN3_CODER)
-    assert toolcalls.format_for(tokenizer).name == "qwen3_coder"
+    assert detect(tokenizer).name == "qwen3_coder"
     return tokenizer
 
 
 def parsed(tokenizer, text: str) -> list:
     """`text` through the daemon's own parser for the tokenizer's format."""
-    parser = toolcalls.Parser(toolcalls.format_for(tokenizer), TOOLS)
+    parser = toolcalls.Parser(detect(tokenizer), TOOLS)
     return parser.feed(text) + parser.finish()
 
 
-def test_call_formats_are_known_by_family_name():
-    assert all(constrain.supports(name) for name in ("generic", "hermes", "qwen3_coder", "llama3", "mistral"))
-    assert not constrain.supports("glm47")
+def test_every_family_but_mlx_lm_s_other_parsers_can_force_a_call():
+    assert {f.name for f in all_families() if f.call_format(Format(name=""), "") is None} == {"mlx"}
 
 
 @pytest.mark.parametrize(
@@ -298,7 +299,7 @@ def test_call_formats_are_known_by_family_name():
 )
 def test_xml_canonical_calls_are_accepted_and_round_trip(qwen3_coder, name, arguments):
     text = xml(name, arguments)
-    assert fed(constrain.forced_call(qwen3_coder, TOOLS, None, call_format="qwen3_coder"), qwen3_coder, text)
+    assert fed(constrain.forced_call(qwen3_coder, TOOLS, None, detect(qwen3_coder)), qwen3_coder, text)
     assert parsed(qwen3_coder, text) == [toolcalls.ToolCall(name, arguments)]
     assert XML.parse(text, TOOLS) == (name, arguments)
     assert XML.render(name, arguments) == text
@@ -325,7 +326,7 @@ def test_xml_canonical_calls_are_accepted_and_round_trip(qwen3_coder, name, argu
     ],
 )
 def test_xml_other_texts_are_refused(qwen3_coder, text):
-    assert not fed(constrain.forced_call(qwen3_coder, TOOLS, "Read", call_format="qwen3_coder"), qwen3_coder, text)
+    assert not fed(constrain.forced_call(qwen3_coder, TOOLS, "Read", detect(qwen3_coder)), qwen3_coder, text)
 
 
 def test_xml_literal_strings_and_json_values(qwen3_coder):
@@ -342,9 +343,9 @@ def test_xml_literal_strings_and_json_values(qwen3_coder):
     }
     tools = [function("T", schema)]
     good = {"s": "done", "e": "y", "l": ["a", "b"], "b": False, "p": "x"}
-    forced = lambda: constrain.forced_call(qwen3_coder, tools, "T", call_format="qwen3_coder")  # noqa: E731
+    forced = lambda: constrain.forced_call(qwen3_coder, tools, "T", detect(qwen3_coder))  # noqa: E731
     assert fed(forced(), qwen3_coder, xml("T", good))
-    parser = toolcalls.Parser(toolcalls.format_for(qwen3_coder), tools)
+    parser = toolcalls.Parser(detect(qwen3_coder), tools)
     assert parser.feed(xml("T", good)) + parser.finish() == [toolcalls.ToolCall("T", good)]
     for bad in ({"s": "other"}, {"e": "z"}, {"l": ["a", "b", "c"]}, {"l": "a"}, {"b": "yes"}, {"p": ""}):
         assert not fed(forced(), qwen3_coder, xml("T", good | bad)), bad
@@ -368,7 +369,7 @@ def xml_prefilled(tiny, qwen3_coder):
 
 def test_xml_forced_read_from_a_prompt(tiny, qwen3_coder, xml_prefilled):
     model, _ = tiny
-    processor = constrain.forced_call(qwen3_coder, TOOLS, "Read", call_format="qwen3_coder")
+    processor = constrain.forced_call(qwen3_coder, TOOLS, "Read", detect(qwen3_coder))
     text, ended = generate((model, qwen3_coder), xml_prefilled, processor, 0.0)
     assert ended and processor.done, text
     assert parsed(qwen3_coder, text) == [toolcalls.ToolCall("Read", {"file_path": "/tmp/notes.txt"})]
@@ -389,16 +390,16 @@ def families(tiny_model):
 
 
 def forced(tokenizer, name: str | None, tools: list[dict] = TOOLS):
-    return constrain.forced_call(tokenizer, tools, name, call_format=toolcalls.format_for(tokenizer).name)
+    return constrain.forced_call(tokenizer, tools, name, detect(tokenizer))
 
 
 def rendered(tokenizer, name: str, arguments: dict) -> str:
-    return constrain.format_for(tokenizer, toolcalls.format_for(tokenizer).name).render(name, arguments)
+    return constrain.format_for(tokenizer, detect(tokenizer)).render(name, arguments)
 
 
 def test_the_variant_is_the_one_the_template_renders_back(families):
-    assert {f: toolcalls.format_for(t).name for f, t in families.items()} == {"llama3": "llama3", "mistral": "mistral", "mistral_list": "mistral"}
-    assert {f: constrain.format_for(t, toolcalls.format_for(t).name).name for f, t in families.items()} == {
+    assert {f: detect(t).name for f, t in families.items()} == {"llama3": "llama3", "mistral": "mistral", "mistral_list": "mistral"}
+    assert {f: constrain.format_for(t, detect(t)).name for f, t in families.items()} == {
         "llama3": "llama3",
         "mistral": "mistral",
         "mistral_list": "mistral_list",
@@ -423,7 +424,7 @@ def test_json_family_calls_are_accepted_and_parsed_back(families, family, name, 
     text = rendered(tokenizer, name, arguments)
     assert fed(forced(tokenizer, None), tokenizer, text)
     assert parsed(tokenizer, text) == [toolcalls.ToolCall(name, arguments)]
-    assert constrain.format_for(tokenizer, toolcalls.format_for(tokenizer).name).parse(text) == (name, arguments)
+    assert constrain.format_for(tokenizer, detect(tokenizer)).parse(text) == (name, arguments)
 
 
 @pytest.mark.parametrize("family", ["mistral", "mistral_list"])

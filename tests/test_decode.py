@@ -122,6 +122,7 @@ def test_a_forced_call_continues_a_cached_prefix(tiny):
     from claude_code import READ_SCHEMA
 
     from anyclaude import constrain
+    from anyclaude.families import hermes
 
     model, tokenizer = tiny
     read = {"type": "function", "function": {"name": "Read", "description": "Reads a file.", "parameters": READ_SCHEMA}}
@@ -137,5 +138,5 @@ def test_a_forced_call_continues_a_cached_prefix(tiny):
             break
         out.append(token)
     assert processor.done
-    name, arguments = constrain.FORMATS["hermes"].parse(tokenizer.decode(out))
+    name, arguments = hermes.CALLS.parse(tokenizer.decode(out))
     assert name == "Read" and isinstance(arguments["file_path"], str)

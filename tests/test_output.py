@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from anyclaude import toolcalls
+from anyclaude.families import generic
 from anyclaude.output import Output
 
 
@@ -12,7 +13,7 @@ def texts(segments) -> str:
 
 
 def run(tokenizer, text: str, stops: list[str]) -> tuple[list[str], str, str | None]:
-    output = Output(tokenizer, toolcalls.Parser(toolcalls.GENERIC, []), stops)
+    output = Output(tokenizer, toolcalls.Parser(generic.FORMAT, []), stops)
     pieces = [texts(output.add(t)) for t in tokenizer.encode(text, add_special_tokens=False)]
     pieces.append(texts(output.finish()))
     return pieces, "".join(pieces), output.stop_sequence
@@ -54,7 +55,7 @@ def test_a_call_cut_short_is_dropped_and_a_whole_one_is_kept(tokenizer):
         ("Reading." + whole[:30], True, [toolcalls.Text("Reading.")]),
         ("Reading." + whole[:30], False, [toolcalls.Text("Reading."), toolcalls.BadCall(whole[:30], "truncated")]),
     ]:
-        output = Output(tokenizer, toolcalls.Parser(toolcalls.GENERIC, [read]))
+        output = Output(tokenizer, toolcalls.Parser(generic.FORMAT, [read]))
         segments = [s for t in tokenizer.encode(text, add_special_tokens=False) for s in output.add(t)]
         segments += output.finish(cut=cut)
         merged = []

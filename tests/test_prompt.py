@@ -52,7 +52,7 @@ def test_tools_go_into_the_system_prompt_for_a_template_without_tools(tokenizer)
     tool = {"name": "Read", "description": "Read a file", "input_schema": {"$schema": "x", "type": "object", "properties": {"p": {"type": "string"}}}}
     one = prompt.render(req(tools=[tool]), tokenizer)
     two = prompt.render(req(tools=[tool, dict(tool, name="Write")]), tokenizer)
-    assert one.generic_tools and '"name": "Read"' in one.text and "$schema" not in one.text
+    assert one.format.name == "generic" and '"name": "Read"' in one.text and "$schema" not in one.text
     assert len(two.ids) > len(one.ids) > len(prompt.render(req(), tokenizer).ids)
 
 

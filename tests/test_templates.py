@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from anyclaude import constrain, prompt, toolcalls, wire
+from anyclaude.families import qwen3_coder
 from anyclaude.output import Output
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -144,10 +145,9 @@ CASES = [
     case("glm-4.7", "GLM-4.7-Flash.jinja", "glm47", GLM, end="<|observation|>", call=_glm47),
     # No tool syntax of its own: tools go in the system prompt in the generic format.
     case("gemma3", "google-gemma-3-it.jinja", "generic", GEMMA, end="<end_of_turn>"),
-    case(
-        "gpt-oss", "openai-gpt-oss-120b.jinja", "harmony", HARMONY, end="<|call|>", call=_harmony,
-        xfail="gpt-oss: harmony format not supported yet (issue 12 item 3)",
-    ),
+    # The template writes a call's recipient in the role part; the model (and harmony's
+    # own renderer) in the channel part, with `<|constrain|>`: the family writes it back so.
+    case("gpt-oss", "openai-gpt-oss-120b.jinja", "harmony", HARMONY, end="<|call|>", call=_harmony),
 ]
 
 
@@ -169,8 +169,8 @@ def family_tokenizer(tiny_model: Path, template: str, special: tuple[str, ...], 
     return made
 
 
-def request(messages: list[dict], *, system: bool = True) -> wire.MessagesRequest:
-    body = {"model": "m", "max_tokens": 64, "tools": [BASH], "messages": messages}
+def request(messages: list[dict], *, system: bool = True, **fields) -> wire.MessagesRequest:
+    body = {"model": "m", "max_tokens": 64, "tools": [BASH], "messages": messages} | fields
     if system:
         body["system"] = "You run commands."
     return wire.decode_request(json.dumps(body).encode())
@@ -187,7 +187,7 @@ def history(arguments: dict, tool_use_id: str = "toolu_01") -> list[dict]:
 def generated_call(tok, fmt: toolcalls.Format, c: Case) -> str:
     if c.call is not None:
         return c.call("Bash", ARGS)
-    return constrain.format_for(tok, fmt.name).render("Bash", ARGS)
+    return constrain.format_for(tok, fmt).render("Bash", ARGS)
 
 
 def parsed(tok, first: prompt.Rendered, ids: list[int]) -> list:
@@ -201,7 +201,7 @@ def grammar_writes(tok, first: prompt.Rendered, text: str) -> bool:
     import mlx.core as mx
     import numpy as np
 
-    processor = constrain.forced_call(tok, first.tools, "Bash", call_format=first.format.name)
+    processor = constrain.forced_call(tok, first.tools, "Bash", first.format)
     logits = mx.zeros((1, len(tok.vocab)))
     seen = list(first.ids)
     for token in tok.encode(text, add_special_tokens=False):
@@ -223,7 +223,7 @@ def test_a_generated_call_renders_back_to_the_generated_tokens(tiny_model, c: Ca
     first = prompt.render(request(ASK, system=c.system), tok)
     assert first.format.name == c.format
     call = generated_call(tok, first.format, c)
-    if constrain.supports(first.format.name):
+    if constrain.supports(first.format, tok):
         assert grammar_writes(tok, first, call)
     out_ids = tok.encode(call, add_special_tokens=False)
     out_ids.append(tok.convert_tokens_to_ids(c.end) if c.end else tok.eos_token_id)
@@ -260,4 +260,42 @@ def test_qwen3_coder_history_writes_every_value_as_the_model_does(tiny_model, te
         "empty": [], "text": "true", "spaced": " two\nlines ",
     }
     second = prompt.render(request(history(values)), tok)
-    assert constrain.format_for(tok, "qwen3_coder").render("Bash", values) in second.text
+    assert qwen3_coder.CALLS.render("Bash", values) in second.text
+
+
+# The reasoning before a call, as each family writes it (from the start of the reply;
+# the part the generation prompt already opened is left out below).
+REASONING = {
+    "qwen3": lambda r: f"<think>\n{r}\n</think>\n\n",
+    "qwen3.5": lambda r: f"<think>\n{r}\n</think>\n\n",
+    "glm-4.6": lambda r: f"\n<think>{r}</think>",
+    "glm-4.7": lambda r: f"<think>{r}</think>",
+    "gpt-oss": lambda r: f"<|channel|>analysis<|message|>{r}<|end|><|start|>assistant",
+}
+
+
+@pytest.mark.parametrize("family,c", [pytest.param(p.id, p.values[0], id=p.id) for p in CASES if p.id in REASONING])
+def test_reasoning_within_a_tool_loop_renders_back_to_the_generated_tokens(tiny_model, family: str, c: Case):
+    """Families whose templates keep the reasoning of the current tool loop get it back
+    as generated, so the next turn's prompt is still the first prompt and the reply."""
+    tok = family_tokenizer(tiny_model, c.template, c.special, c.pre_tokenizer)
+    thinking = {"thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2048}
+    first = prompt.render(request(ASK, system=c.system, **thinking), tok)
+    full = REASONING[family]("I should list the files.")
+    # What the generation prompt already opened (Qwen3.5's and GLM-4.7's `<think>`).
+    reply = full[max((n for n in range(len(full) + 1) if first.text.endswith(full[:n])), default=0) :]
+    reply += generated_call(tok, first.format, c)
+    out_ids = tok.encode(reply, add_special_tokens=False)
+    out_ids.append(tok.convert_tokens_to_ids(c.end) if c.end else tok.eos_token_id)
+    output = Output(tok, toolcalls.Parser(first.format, first.tools, thinking=first.thinking_open))
+    segments: list = []
+    for s in [s for t in out_ids[:-1] for s in output.add(t)] + output.finish():
+        if segments and type(s) is type(segments[-1]) and isinstance(s, (toolcalls.Text, toolcalls.Thinking)):
+            s = type(s)(segments.pop().text + s.text)  # the pieces of one streamed run
+        segments.append(s)
+    assert segments == [toolcalls.Thinking("I should list the files."), toolcalls.ToolCall("Bash", ARGS)]
+    turn = [{"type": "thinking", "thinking": "I should list the files.", "signature": "s"}, {"type": "tool_use", "id": "toolu_01", "name": "Bash", "input": ARGS}]
+    messages = ASK + [{"role": "assistant", "content": turn}, {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "a.txt"}]}]
+    second = prompt.render(request(messages, system=c.system, **thinking), tok)
+    want = first.ids + (tok.encode(c.kept(reply), add_special_tokens=False) if c.kept else out_ids)
+    assert second.ids[: len(want)] == want, where_they_part(tok, second.ids, want)

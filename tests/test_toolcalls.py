@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from anyclaude.toolcalls import GENERIC, BadCall, Parser, Text, Thinking, ToolCall, format_for
+from anyclaude.families import detect as format_for
+from anyclaude.families.generic import FORMAT as GENERIC
+from anyclaude.toolcalls import BadCall, Parser, Text, Thinking, ToolCall
 
 
 def function(name: str, parameters: dict) -> dict:
@@ -508,17 +510,17 @@ def test_mistral_list_with_one_bad_call(fmt):
     assert segments == [ToolCall(*READ), BadCall("[TOOL_CALLS]" + body, "unknown tool 'Nope'")]
 
 
-# -- format_for --
+# -- detection --
 
 
 def test_format_for_follows_mlx_lm(tokenizers):
     chosen = {family: format_for(tokenizers(family)) for family in FAMILIES}
     assert chosen["generic"] == GENERIC
     assert chosen["hermes"].name == "hermes" and chosen["hermes"].call_start == ("<tool_call>",)
-    assert chosen["qwen3_coder"].syntax == "mlx:qwen3_coder" and chosen["qwen3_coder"].call_end == "</tool_call>"
+    assert chosen["qwen3_coder"].name == "qwen3_coder" and not chosen["qwen3_coder"].json_body and chosen["qwen3_coder"].call_end == "</tool_call>"
     assert chosen["llama3"].name == "llama3" and chosen["llama3"].bare_json
     assert chosen["mistral"].name == "mistral" and chosen["mistral"].call_start == ("[TOOL_CALLS]",)
-    assert chosen["glm47"].syntax == "mlx:glm47"
+    assert (chosen["glm47"].name, chosen["glm47"].family) == ("glm47", "glm")
     pythonic = chosen["pythonic"]
     assert pythonic.call_start == ("<|tool_call_start|>",) and pythonic.call_end == "<|tool_call_end|>"
     assert (chosen["glm47"].think_start, chosen["glm47"].think_end) == ("<longcat_think>", "</longcat_think>")
