@@ -225,11 +225,23 @@ class Exchange:
         record.tools = len(request.tools or [])
         record.system_chars = len(prompt.system_text(request.system))
         record.session_id = self._session_id(request)
+        record.request_class = self._header(b"x-claude-code-request-class")
+        record.agent_id = self._header(b"x-claude-code-agent-id")
+        record.parent_agent_id = self._header(b"x-claude-code-parent-agent-id")
+
+    def _header(self, name: bytes) -> str | None:
+        value = dict(self.scope["headers"]).get(name)
+        return value.decode(errors="replace") if value else None
+
+    def _side(self, request: wire.MessagesRequest) -> bool:
+        """Whether a request is a side request (a title, a classifier): Claude Code says
+        so in its hint header; without one, its haiku model is what it uses for them."""
+        kind = self._header(b"x-claude-code-request-class")
+        return kind == "auxiliary" if kind else "haiku" in request.model
 
     def _session_id(self, request: wire.CountTokensRequest) -> str | None:
-        header = dict(self.scope["headers"]).get(b"x-claude-code-session-id")
-        if header:
-            return header.decode(errors="replace")
+        if header := self._header(b"x-claude-code-session-id"):
+            return header
         user_id = getattr(getattr(request, "metadata", None), "user_id", None)
         if user_id and user_id.startswith("{"):
             try:
@@ -335,7 +347,7 @@ class Exchange:
                 repetition_penalty=defaults.repetition_penalty,
             ),
             processors=_forced_call(request.tool_choice, rendered, loaded.tokenizer),
-            side="haiku" in request.model,
+            side=self._side(request),
         )
         return request, rendered, scheduler, engine, job
 

@@ -113,11 +113,19 @@ def auth_token(profile: profiles.Profile) -> str:
 
 
 def family_names(profile: profiles.Profile) -> dict[str, str]:
-    """For opus, sonnet and haiku, the listed model name Claude Code should send."""
+    """For opus, sonnet and haiku, the listed model name that picks their model."""
     listed = profile.listed_names()
     if not listed:
         raise profiles.ProfileError("the profile lists no model names: add a claude-style name under [aliases]")
     return {family: next((n for n in listed if family in n.lower()), listed[0]) for family in FAMILIES}
+
+
+def model_ids(profile: profiles.Profile) -> dict[str, str]:
+    """For opus, sonnet and haiku, the id Claude Code sends: `anyclaude-<model>`. Not a
+    `claude-` id, for which Claude Code would take its own idea of the context window
+    over CLAUDE_CODE_MAX_CONTEXT_TOKENS; still one with "claude" in it, which its model
+    discovery keeps."""
+    return {family: profiles.model_id(profile.resolve(name)) for family, name in family_names(profile).items()}
 
 
 def context_window(profile: profiles.Profile, health: dict | None = None, served: dict[str, int] | None = None) -> int:
@@ -128,27 +136,35 @@ def context_window(profile: profiles.Profile, health: dict | None = None, served
     for name in family_names(profile).values():
         key = profile.resolve(name)
         size = profile.models[key].context_length or (reported.get(key) or {}).get("context_length")
-        sizes.append(size or (served or {}).get(name) or FALLBACK_CONTEXT)
+        sizes.append(size or (served or {}).get(profiles.model_id(key)) or (served or {}).get(name) or FALLBACK_CONTEXT)
     return min(sizes)
+
+
+def output_limit(profile: profiles.Profile, context: int) -> int:
+    """The output limit Claude Code asks for. It reserves about 13K tokens plus this limit
+    before it compacts, so a limit near the window would leave no room for a conversation:
+    at most an eighth of the window (and never more than the models give)."""
+    models = [profile.models[profile.resolve(n)] for n in family_names(profile).values()]
+    return min(min(m.max_tokens for m in models), max(1024, context // 8))
 
 
 def claude_env(profile: profiles.Profile, url: str, context: int) -> dict[str, str]:
     """The variables that point Claude Code at the daemon and fit it to the local model."""
-    names = family_names(profile)
-    models = [profile.models[profile.resolve(n)] for n in names.values()]
     timeouts = profile.timeouts
     return {
         "ANTHROPIC_BASE_URL": url,
         "ANTHROPIC_AUTH_TOKEN": auth_token(profile),
-        **{f"ANTHROPIC_DEFAULT_{family.upper()}_MODEL": name for family, name in names.items()},
+        **{f"ANTHROPIC_DEFAULT_{family.upper()}_MODEL": name for family, name in model_ids(profile).items()},
         # The billing header changes per request and would break the prefix cache.
         "CLAUDE_CODE_ATTRIBUTION_HEADER": "0",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        # Claude Code assumes 200K (or 1M) for claude-* names; compact within the real window.
-        "CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(context),
+        # The model's window (honoured for ids that do not start with claude-).
         "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(context),
         "CLAUDE_CODE_DISABLE_1M_CONTEXT": "1",
-        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(min(m.max_tokens for m in models)),
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(output_limit(profile, context)),
+        # What kind of request each is (main, subagent, auxiliary...), and the models listed.
+        "CLAUDE_CODE_GATEWAY_HINT_HEADERS": "1",
+        "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",
         "API_TIMEOUT_MS": str(math.ceil(timeouts.total * 1000)),
         # Claude Code's stream watchdog (5 min at least) must outlast the daemon's own
         # prefill budget, so that the daemon, which ends the stream properly, gives up first.

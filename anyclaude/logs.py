@@ -29,6 +29,11 @@ class Record(Struct, omit_defaults=True):
     path: str = ""
     status: int = 0
     session_id: str | None = None
+    # Claude Code's hint headers: main, subagent, workflow, compaction or auxiliary;
+    # the subagent's own id and its parent's.
+    request_class: str | None = None
+    agent_id: str | None = None
+    parent_agent_id: str | None = None
     model: str | None = None
     resolved_model: str | None = None
     model_path: str | None = None

@@ -115,14 +115,26 @@ class Profile(_Section):
         name = requested.removesuffix("[1m]")
         if name in self.models:
             return name
+        if name.startswith(MODEL_ID_PREFIX) and (key := name.removeprefix(MODEL_ID_PREFIX)) in self.models:
+            return key
         for pattern, target in self.aliases.items():
             if fnmatch.fnmatchcase(name, pattern):
                 return target
         return None
 
     def listed_names(self) -> list[str]:
-        """Concrete model names to list in /v1/models: aliases without glob characters."""
-        return [name for name in self.aliases if not any(c in name for c in "*?[")]
+        """Concrete model names to list in /v1/models: aliases without glob characters,
+        then each model's id (`model_id`)."""
+        names = [name for name in self.aliases if not any(c in name for c in "*?[")]
+        return names + [model_id(key) for key in self.models if model_id(key) not in names]
+
+
+MODEL_ID_PREFIX = "anyclaude-"
+
+
+def model_id(key: str) -> str:
+    """The name a model of the profile always answers to, whatever the aliases say."""
+    return MODEL_ID_PREFIX + key
 
 
 class Loaded(Struct, frozen=True):

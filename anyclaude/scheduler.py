@@ -1,8 +1,8 @@
 """Admission and order: which request an engine runs next, and which are turned away.
 
 One engine runs one generation at a time; the others wait here, in this order:
-1. requests for the main models before side requests (model names with "haiku":
-   Claude Code's titles, summaries and classifiers), so that its background chatter
+1. main requests before side requests (Claude Code's titles, summaries and classifiers:
+   its `auxiliary` request class, or its haiku model), so that its background chatter
    never holds up the conversation the user is waiting for;
 2. oldest first within each class;
 3. except that a side request waiting longer than SIDE_MAX_WAIT seconds goes first,

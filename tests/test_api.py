@@ -56,9 +56,11 @@ def test_count_tokens_equals_message_start_input_tokens(client, daemon):
 
 def test_models_list_terminates_and_retrieve(client):
     ids = [m.id for m in client.models.list()]
-    assert ids == ["claude-opus-4-8", "claude-sonnet-4-6", "claude-haiku-4-5"]
+    # The aliases, then the id each model always answers to (what `anyclaude claude` sends).
+    assert ids == ["claude-opus-4-8", "claude-sonnet-4-6", "claude-haiku-4-5", "anyclaude-smollm2"]
     info = client.models.retrieve("claude-haiku-4-5")
     assert info.id == "claude-haiku-4-5" and info.type == "model"
+    assert client.models.retrieve("anyclaude-smollm2").max_input_tokens == 8192
     with pytest.raises(anthropic.NotFoundError):
         client.models.retrieve("gpt-4o")
 

@@ -70,15 +70,17 @@ def test_env_points_claude_code_at_the_profile_and_fits_the_model():
     assert env == {
         "ANTHROPIC_BASE_URL": "http://127.0.0.1:8421",
         "ANTHROPIC_AUTH_TOKEN": launcher.PLACEHOLDER_TOKEN,
-        "ANTHROPIC_DEFAULT_OPUS_MODEL": "claude-opus-4-8",
-        "ANTHROPIC_DEFAULT_SONNET_MODEL": "claude-sonnet-4-6",
-        "ANTHROPIC_DEFAULT_HAIKU_MODEL": "claude-haiku-4-5",
+        # Not claude- ids: for those Claude Code ignores CLAUDE_CODE_MAX_CONTEXT_TOKENS.
+        "ANTHROPIC_DEFAULT_OPUS_MODEL": "anyclaude-smollm2",
+        "ANTHROPIC_DEFAULT_SONNET_MODEL": "anyclaude-smollm2",
+        "ANTHROPIC_DEFAULT_HAIKU_MODEL": "anyclaude-smollm2",
         "CLAUDE_CODE_ATTRIBUTION_HEADER": "0",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "CLAUDE_CODE_AUTO_COMPACT_WINDOW": "8192",
         "CLAUDE_CODE_MAX_CONTEXT_TOKENS": "8192",
         "CLAUDE_CODE_DISABLE_1M_CONTEXT": "1",
         "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(profiles.load("tiny").profile.models["smollm2"].max_tokens),
+        "CLAUDE_CODE_GATEWAY_HINT_HEADERS": "1",
+        "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",
         "API_TIMEOUT_MS": "600000",  # timeouts.total = 600 s
         "CLAUDE_STREAM_IDLE_TIMEOUT_MS": "300000",  # first_token 120 s: Claude Code's 5 min minimum
     }
@@ -108,6 +110,10 @@ def test_names_contexts_and_timeouts_from_a_profile_with_two_models():
     assert launcher.family_names(profile) == dict.fromkeys(("opus", "sonnet", "haiku"), "claude-sonnet-4-6")
     assert launcher.context_window(profile) == 65536  # from the profile
     env = launcher.claude_env(profile, "http://h:1", 65536)
+    assert env["ANTHROPIC_DEFAULT_HAIKU_MODEL"] == "anyclaude-big"
+    # Claude Code keeps ~13K tokens plus the output limit free before it compacts.
+    assert env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "8192"
+    assert launcher.output_limit(profile, 16384) == 2048
     assert env["API_TIMEOUT_MS"] == "1200500"
     assert env["CLAUDE_STREAM_IDLE_TIMEOUT_MS"] == "630000"  # outlasts the daemon's 600 s prefill budget
 
@@ -117,9 +123,9 @@ def test_context_window_from_the_daemon_else_small():
     assert launcher.family_names(profile)["haiku"] == "claude-haiku-4-5"
     # small has no context_length: the smallest window wins, from /health, /v1/models, or the fallback.
     assert launcher.context_window(profile) == launcher.FALLBACK_CONTEXT
-    assert launcher.context_window(profile, served={"claude-haiku-4-5": 32768}) == 32768
+    assert launcher.context_window(profile, served={"anyclaude-small": 32768}) == 32768
     health = {"models": {"small": {"state": "ready", "context_length": 16384}}}
-    assert launcher.context_window(profile, health, served={"claude-haiku-4-5": 32768}) == 16384
+    assert launcher.context_window(profile, health, served={"anyclaude-small": 32768}) == 16384
     assert launcher.claude_env(profile, "http://h:1", 16384)["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "2048"
 
 
@@ -150,7 +156,7 @@ def test_env_command_prints_exports_and_the_same_as_settings(capsys):
     exported = dict(line.split("=", 1) for line in shell.stdout.splitlines())
     settings = json.loads(outputs["--settings"])["env"]
     assert {key: exported.get(key) for key in settings} == settings
-    assert settings["ANTHROPIC_DEFAULT_OPUS_MODEL"] == "claude-opus-4-8"
+    assert settings["ANTHROPIC_DEFAULT_OPUS_MODEL"] == "anyclaude-smollm2"
     assert outputs[None].index(outputs["--shell"]) < outputs[None].index(outputs["--settings"])
 
 
@@ -167,15 +173,12 @@ def test_claude_runs_against_the_running_daemon(daemon, stand_in):
     assert env["ANTHROPIC_BASE_URL"] == daemon.url
     assert env["ANTHROPIC_AUTH_TOKEN"] == launcher.PLACEHOLDER_TOKEN
     assert "ANTHROPIC_API_KEY" not in env
-    assert (env["ANTHROPIC_DEFAULT_OPUS_MODEL"], env["ANTHROPIC_DEFAULT_SONNET_MODEL"], env["ANTHROPIC_DEFAULT_HAIKU_MODEL"]) == (
-        "claude-opus-4-8",
-        "claude-sonnet-4-6",
-        "claude-haiku-4-5",
-    )
+    assert {env[f"ANTHROPIC_DEFAULT_{f}_MODEL"] for f in ("OPUS", "SONNET", "HAIKU")} == {"anyclaude-smollm2"}
     assert env["CLAUDE_CODE_ATTRIBUTION_HEADER"] == "0" and env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
     # The tiny profile sets no context_length: the window is the one the daemon serves.
     served = {m["id"]: m["max_input_tokens"] for m in seen["models"]["data"]}
-    assert env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == str(served["claude-opus-4-8"])
+    assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == str(served["anyclaude-smollm2"])
+    assert "CLAUDE_CODE_AUTO_COMPACT_WINDOW" not in env  # Claude Code clamps it to 100K
     assert env["API_TIMEOUT_MS"] == "600000"
     assert env["PATH"] == stand_in["PATH"]  # the rest of the environment passes through
     assert daemon.process.poll() is None
