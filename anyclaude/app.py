@@ -349,6 +349,7 @@ class Exchange:
             processors=_forced_call(request.tool_choice, rendered, loaded.tokenizer),
             side=self._side(request),
         )
+        self.record.side = job.side or None
         return request, rendered, scheduler, engine, job
 
     async def _off_loop(self, function, *args):

@@ -52,3 +52,16 @@ def test_a_session_turn_reuses_the_last_one_and_a_changed_system_prompt_is_named
     turn[1]["content"][0]["text"] += " (edited)"
     fourth = client.messages.create(model=MODEL, max_tokens=4, system=system + " Today is Tuesday.", messages=turn, extra_headers=session, **GREEDY)
     assert record(daemon, fourth._request_id)["cache_miss"]["part"] == "message 1"
+
+
+def test_claude_code_s_request_class_decides_what_is_a_side_request(client, daemon):
+    def logged(model: str, headers: dict) -> dict:
+        reply = client.messages.create(model=model, max_tokens=2, messages=[{"role": "user", "content": "Hi"}], extra_headers=headers, **GREEDY)
+        return record(daemon, reply._request_id)
+
+    agent = {"x-claude-code-agent-id": "a1", "x-claude-code-parent-agent-id": "a0"}
+    title = logged("anyclaude-smollm2", {"x-claude-code-request-class": "auxiliary"} | agent)
+    assert (title["side"], title["request_class"], title["agent_id"], title["parent_agent_id"]) == (True, "auxiliary", "a1", "a0")
+    assert "side" not in logged("claude-haiku-4-5", {"x-claude-code-request-class": "main"})
+    assert logged("claude-haiku-4-5", {})["side"] is True  # no hint: the haiku model is for side requests
+    assert "side" not in logged("anyclaude-smollm2", {})
