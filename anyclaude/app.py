@@ -329,8 +329,11 @@ class Exchange:
         rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=server.profile.prompt.keep_billing_header)
         self.record.prompt_tokens = len(rendered.ids)
         context = loaded.context_length
-        if len(rendered.ids) >= context:
-            raise prompt_too_long(len(rendered.ids), context)
+        # A prompt that leaves less room than this for the answer is refused, with the
+        # error Claude Code compacts on, rather than answered in a handful of tokens.
+        room = min(ANSWER_FLOOR, request.max_tokens)
+        if len(rendered.ids) > context - room:
+            raise prompt_too_long(len(rendered.ids), context - room)
         # Claude Code asks for 32-64K tokens whatever the model: clamp, don't refuse.
         max_tokens = min(request.max_tokens, model.max_tokens, context - len(rendered.ids))
         defaults = server.profile.sampling
@@ -516,6 +519,9 @@ def _forced_call(choice: wire.ToolChoice | None, rendered: prompt.Rendered, toke
         raise InvalidRequest(f"tools: {exc}") from None
     return lambda tokenizer: [processor]
 
+
+# The fewest tokens a prompt must leave for its answer (or max_tokens, if smaller).
+ANSWER_FLOOR = 1024
 
 # Rendering and tokenizing: threads of their own, so that large requests wait for each
 # other, never for the threads other work uses.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 
 import pytest
@@ -14,6 +15,10 @@ from sse_grammar import check
 def post(daemon, body, path="/v1/messages?beta=true", headers=HEADERS):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return request(daemon.port, "POST", path, data, headers)
+
+
+def long_prompt(words: int) -> dict:
+    return {"model": "claude-opus-4-8", "max_tokens": 64, "messages": [{"role": "user", "content": "Summarise:" + " word" * words}]}
 
 
 def count(daemon, body) -> int:
@@ -41,8 +46,30 @@ def test_claude_code_first_turn_too_long_for_the_window(daemon):
     assert reply.status == 400
     assert reply.json()["error"] == {
         "type": "invalid_request_error",
-        "message": f"prompt is too long: {tokens} tokens > 8192 maximum",
+        "message": f"prompt is too long: {tokens} tokens > {8192 - 1024} maximum",
     }
+
+
+@pytest.mark.parametrize("max_tokens,refused", [(2048, True), (300, False)])
+def test_a_prompt_that_leaves_too_little_room_for_an_answer_is_too_long(daemon, max_tokens, refused):
+    """Within the window but less than 1,024 tokens (or max_tokens) from its end: Claude
+    Code gets the error it compacts on, not an answer cut to a few tokens."""
+    overhead = count(daemon, long_prompt(0))
+    body = long_prompt(8192 - 1024 + 200 - overhead)  # one token a word
+    tokens = count(daemon, body)
+    assert 8192 - 1024 < tokens < 8192 - 300
+    if refused:
+        reply = post(daemon, body | {"max_tokens": max_tokens})
+        assert reply.status == 400 and reply.json()["error"]["message"] == f"prompt is too long: {tokens} tokens > {8192 - 1024} maximum"
+        return
+    # Accepted: the stream starts (and the hang-up right after cancels its long prefill).
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
+    try:
+        conn.request("POST", "/v1/messages", json.dumps(body | {"max_tokens": max_tokens, "stream": True}), HEADERS)
+        reply = conn.getresponse()
+        assert reply.status == 200 and reply.getheader("content-type") == "text/event-stream"
+    finally:
+        conn.close()
 
 
 def test_billing_header_is_not_rendered(daemon):
