@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from msgspec import Struct
 
-from . import families, wire
+from . import families, signature, wire
 from .families.base import Format
 from .cache import common_prefix
 from .errors import InvalidRequest
@@ -215,8 +215,10 @@ def _assistant(blocks: list[wire.Block]) -> dict:
     turn: dict = {"role": "assistant", "content": text}
     # Reasoning goes back as `reasoning_content`: the templates that keep it within a
     # tool loop (Qwen3, GLM, MiniMax; gpt-oss's family renames it) render it as the model
-    # wrote it, so the prompt stays the generated tokens; the others ignore it.
-    if reasoning := "\n\n".join(b.thinking for b in blocks if isinstance(b, wire.ThinkingBlock) and b.thinking):
+    # wrote it, so the prompt stays the generated tokens; the others ignore it. A block
+    # sent without its text (display "omitted") has it in its signature.
+    thoughts = (b.thinking or signature.unseal(b.signature) for b in blocks if isinstance(b, wire.ThinkingBlock))
+    if reasoning := "\n\n".join(t for t in thoughts if t):
         turn["reasoning_content"] = reasoning
     calls = [
         {"type": "function", "id": b.id, "function": {"name": b.name, "arguments": b.input}}

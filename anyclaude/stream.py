@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
-from . import wire
+from . import signature, wire
 from .engine import Done, Failed, Generation, Prefilled, Token
 from .errors import AnthropicError, ApiError, ErrorEnvelope, Overloaded
 from .output import Output
@@ -25,7 +25,6 @@ from .toolcalls import BadCall, Text, Thinking, ToolCall
 _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
-SIGNATURE = "anyclaude-local"
 _JSON_PIECE = 64  # characters of tool input per input_json_delta
 
 
@@ -47,6 +46,7 @@ class MessageStream:
         )
         self.output_tokens = 0
         self.show_thinking = show_thinking
+        self._omitted = ""  # the open thinking block's text, when it is not shown
         self.tool_uses = 0
         self._usage_changed = False
         self._index = -1
@@ -70,8 +70,10 @@ class MessageStream:
         if not text or self.finished:
             return []
         events = self._switch("thinking", wire.ThinkingContent())
-        if self.show_thinking:  # display "omitted": the block and its signature, not the text
+        if self.show_thinking:
             events.append(wire.ContentBlockDelta(index=self._index, delta=wire.ThinkingDelta(thinking=text)))
+        else:  # display "omitted": the block and its signature, which carries the text
+            self._omitted += text
         return events
 
     def tool_use(self, name: str, arguments: dict) -> list[wire.Event]:
@@ -122,8 +124,10 @@ class MessageStream:
             return []
         events: list[wire.Event] = []
         if self._open == "thinking":
-            # Clients expect a signature; nothing checks a local one, so any opaque string does.
-            events.append(wire.ContentBlockDelta(index=self._index, delta=wire.SignatureDelta(signature=SIGNATURE)))
+            # Clients expect a signature; nothing checks a local one.
+            sealed = signature.seal(self._omitted) if self._omitted else signature.PLAIN
+            events.append(wire.ContentBlockDelta(index=self._index, delta=wire.SignatureDelta(signature=sealed)))
+            self._omitted = ""
         self._open = None
         events.append(wire.ContentBlockStop(index=self._index))
         return events

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from anyclaude import constrain, prompt, toolcalls, wire
+from anyclaude import constrain, prompt, signature, toolcalls, wire
 from anyclaude.families import qwen3_coder
 from anyclaude.output import Output
 
@@ -274,10 +274,12 @@ REASONING = {
 }
 
 
+@pytest.mark.parametrize("omitted", [False, True], ids=["shown", "omitted"])
 @pytest.mark.parametrize("family,c", [pytest.param(p.id, p.values[0], id=p.id) for p in CASES if p.id in REASONING])
-def test_reasoning_within_a_tool_loop_renders_back_to_the_generated_tokens(tiny_model, family: str, c: Case):
+def test_reasoning_within_a_tool_loop_renders_back_to_the_generated_tokens(tiny_model, family: str, c: Case, omitted: bool):
     """Families whose templates keep the reasoning of the current tool loop get it back
-    as generated, so the next turn's prompt is still the first prompt and the reply."""
+    as generated, so the next turn's prompt is still the first prompt and the reply; with
+    display "omitted" (Claude Code's default) the text comes back in the signature."""
     tok = family_tokenizer(tiny_model, c.template, c.special, c.pre_tokenizer)
     thinking = {"thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2048}
     first = prompt.render(request(ASK, system=c.system, **thinking), tok)
@@ -294,7 +296,8 @@ def test_reasoning_within_a_tool_loop_renders_back_to_the_generated_tokens(tiny_
             s = type(s)(segments.pop().text + s.text)  # the pieces of one streamed run
         segments.append(s)
     assert segments == [toolcalls.Thinking("I should list the files."), toolcalls.ToolCall("Bash", ARGS)]
-    turn = [{"type": "thinking", "thinking": "I should list the files.", "signature": "s"}, {"type": "tool_use", "id": "toolu_01", "name": "Bash", "input": ARGS}]
+    thought = {"thinking": "", "signature": signature.seal("I should list the files.")} if omitted else {"thinking": "I should list the files.", "signature": "s"}
+    turn = [{"type": "thinking"} | thought, {"type": "tool_use", "id": "toolu_01", "name": "Bash", "input": ARGS}]
     messages = ASK + [{"role": "assistant", "content": turn}, {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "a.txt"}]}]
     second = prompt.render(request(messages, system=c.system, **thinking), tok)
     want = first.ids + (tok.encode(c.kept(reply), add_special_tokens=False) if c.kept else out_ids)
