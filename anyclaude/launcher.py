@@ -165,6 +165,8 @@ def claude_env(profile: profiles.Profile, url: str, context: int) -> dict[str, s
         # What kind of request each is (main, subagent, auxiliary...), and the models listed.
         "CLAUDE_CODE_GATEWAY_HINT_HEADERS": "1",
         "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",
+        # MCP tools stay out of the prompt until the model searches for them.
+        "ENABLE_TOOL_SEARCH": "true",
         "API_TIMEOUT_MS": str(math.ceil(timeouts.total * 1000)),
         # Claude Code's stream watchdog (5 min at least) must outlast the daemon's own
         # prefill budget, so that the daemon, which ends the stream properly, gives up first.

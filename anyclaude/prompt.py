@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import string
 from typing import Any
 
@@ -61,9 +62,12 @@ def template_inputs(
     the chat messages, and the tools as OpenAI-style functions, all of them and those
     passed as the template's `tools` (None when the family writes them into the
     messages, as the generic format does for templates that know no tools)."""
-    tools = [_function(t) for t in request.tools or [] if t.type in (None, "custom")]
+    custom = [t for t in request.tools or [] if t.type in (None, "custom")]
     messages = chat_messages(request, keep_billing_header=keep_billing_header)
-    messages, template_tools = families.of(fmt).inputs(messages, tools)
+    messages, template_tools = families.of(fmt).inputs(messages, [_function(t) for t in custom if not t.defer_loading])
+    # Deferred tools are callable once a tool_reference has defined them.
+    referenced = _referenced(request)
+    tools = [_function(t) for t in custom if not t.defer_loading or t.name in referenced]
     return messages, tools, template_tools
 
 
@@ -158,6 +162,7 @@ def thinking_wanted(request: wire.CountTokensRequest) -> bool:
 def chat_messages(request: wire.CountTokensRequest, *, keep_billing_header: bool = False) -> list[dict]:
     """The conversation as chat-template messages (system, user, assistant, tool)."""
     out: list[dict] = []
+    tools = {t.name: t for t in request.tools or []}
     system = system_text(request.system, keep_billing_header=keep_billing_header)
     if system:
         out.append({"role": "system", "content": system})
@@ -168,7 +173,7 @@ def chat_messages(request: wire.CountTokensRequest, *, keep_billing_header: bool
         elif message.role == "system":
             merge(out, {"role": "system", "content": _text(blocks)})
         else:
-            for turn in _user(blocks):
+            for turn in _user(blocks, tools):
                 merge(out, turn)
     return out
 
@@ -230,7 +235,7 @@ def _assistant(blocks: list[wire.Block]) -> dict:
     return turn
 
 
-def _user(blocks: list[wire.Block]) -> list[dict]:
+def _user(blocks: list[wire.Block], tools: dict[str, wire.Tool]) -> list[dict]:
     """A user message as turns: tool results become tool turns, in order, text around them user turns."""
     turns: list[dict] = []
     pending: list[wire.Block] = []
@@ -243,7 +248,7 @@ def _user(blocks: list[wire.Block]) -> list[dict]:
     for block in blocks:
         if isinstance(block, wire.ToolResultBlock):
             flush()
-            turns.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": _tool_result(block)})
+            turns.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": _tool_result(block, tools)})
         elif isinstance(block, wire.MidConversationSystemBlock):
             flush()
             turns.append({"role": "system", "content": _text([block])})
@@ -253,9 +258,36 @@ def _user(blocks: list[wire.Block]) -> list[dict]:
     return turns
 
 
-def _tool_result(block: wire.ToolResultBlock) -> str:
-    text = _text(wire.blocks(block.content, "tool_result.content"))
+def _tool_result(block: wire.ToolResultBlock, tools: dict[str, wire.Tool]) -> str:
+    content = wire.blocks(block.content, "tool_result.content")
+    text = _text(content)
+    if found := [b.tool_name for b in content if isinstance(b, wire.ToolReferenceBlock)]:
+        text = "\n\n".join(p for p in (text, _definitions(found, tools)) if p)
     return f"Error: {text}" if block.is_error else text
+
+
+def _definitions(names: list[str], tools: dict[str, wire.Tool]) -> str:
+    """Tools a search found, defined where it found them: rendered there, not with the
+    other tools, so that the prompt before them (and its cache) stays as it was."""
+    known = [tools[n] for n in dict.fromkeys(names) if n in tools]
+    lines = [json.dumps(_function(t), ensure_ascii=False) for t in known]
+    missing = [n for n in names if n not in tools]
+    parts = ["These tools can be called from now on, like the others:\n<tools>\n" + "\n".join(lines) + "\n</tools>"] if lines else []
+    if missing:
+        parts.append("No tool is named " + ", ".join(missing) + ".")
+    return "\n\n".join(parts)
+
+
+def _referenced(request: wire.CountTokensRequest) -> set[str]:
+    """The tools that tool_reference blocks in the conversation name."""
+    names: set[str] = set()
+    for i, message in enumerate(request.messages):
+        if message.role != "user" or isinstance(message.content, str):
+            continue
+        for block in wire.blocks(message.content, f"messages.{i}.content"):
+            if isinstance(block, wire.ToolResultBlock) and isinstance(block.content, list):
+                names.update(b.tool_name for b in wire.blocks(block.content, "tool_result.content") if isinstance(b, wire.ToolReferenceBlock))
+    return names
 
 
 def merge(out: list[dict], turn: dict) -> None:

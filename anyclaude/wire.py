@@ -54,6 +54,12 @@ class MidConversationSystemBlock(Struct, tag="mid_conv_system", tag_field="type"
     content: str | list[Raw] = ""
 
 
+class ToolReferenceBlock(Struct, tag="tool_reference", tag_field="type"):
+    """Tool search's answer, in a tool_result: the tool named is defined from here on."""
+
+    tool_name: str
+
+
 Block = Union[
     TextBlock,
     ImageBlock,
@@ -63,6 +69,7 @@ Block = Union[
     ToolUseBlock,
     ToolResultBlock,
     MidConversationSystemBlock,
+    ToolReferenceBlock,
 ]
 
 
@@ -76,6 +83,8 @@ class Tool(Struct):
     description: str = ""
     input_schema: dict[str, Any] = {}
     type: str | None = None
+    # Tool search: kept out of the prompt until a tool_reference names it.
+    defer_loading: bool = False
 
 
 class ToolChoice(Struct):

@@ -81,6 +81,7 @@ def test_env_points_claude_code_at_the_profile_and_fits_the_model():
         "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(profiles.load("tiny").profile.models["smollm2"].max_tokens),
         "CLAUDE_CODE_GATEWAY_HINT_HEADERS": "1",
         "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",
+        "ENABLE_TOOL_SEARCH": "true",
         "API_TIMEOUT_MS": "600000",  # timeouts.total = 600 s
         "CLAUDE_STREAM_IDLE_TIMEOUT_MS": "300000",  # first_token 120 s: Claude Code's 5 min minimum
     }

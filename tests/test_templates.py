@@ -195,13 +195,13 @@ def parsed(tok, first: prompt.Rendered, ids: list[int]) -> list:
     return [s for t in ids for s in output.add(t)] + output.finish()
 
 
-def grammar_writes(tok, first: prompt.Rendered, text: str) -> bool:
+def grammar_writes(tok, first: prompt.Rendered, text: str, name: str = "Bash") -> bool:
     """Whether the forced-call grammar lets the model write `text`, token by token as
     generate_step feeds it, and then only end the generation."""
     import mlx.core as mx
     import numpy as np
 
-    processor = constrain.forced_call(tok, first.tools, "Bash", first.format)
+    processor = constrain.forced_call(tok, first.tools, name, first.format)
     logits = mx.zeros((1, len(tok.vocab)))
     seen = list(first.ids)
     for token in tok.encode(text, add_special_tokens=False):
