@@ -222,7 +222,7 @@ async def drive(
     tool call (disable_parallel_tool_use).
     """
     outcome = Outcome()
-    started = time.monotonic()
+    started = sent_at = time.monotonic()
     first = last = None
     try:
         if not await emit(stream.start()):
@@ -242,6 +242,7 @@ async def drive(
             if event is None:
                 if now >= deadline:
                     return await _time_out(kind, stream, output, emit, outcome, timeouts)
+                sent_at = now
                 if not await emit([wire.Ping()]):
                     outcome.outcome = "cancelled"
                     return outcome
@@ -255,7 +256,14 @@ async def drive(
                 last = now
                 stream.output_tokens += 1
                 outcome.tokens.append(event.id)
-                sent = await emit(_events(stream, output.add(event.id)))
+                events = _events(stream, output.add(event.id))
+                # Tokens that show nothing yet (a call being written) are silence to the
+                # client, whose watchdog counts bytes: a ping fills it.
+                if not events and now - sent_at >= timeouts.ping_interval:
+                    events = [wire.Ping()]
+                if events:
+                    sent_at = now
+                sent = await emit(events)
                 if output.stop_sequence is not None:
                     return await _finish(stream, output, emit, outcome, "stop_sequence")
                 if single_call and stream.tool_uses:

@@ -56,6 +56,16 @@ class ScriptedEngine:
         elif script == "stall-mid-tool-call":
             generation.put(Prefilled(len(job.prompt), 0.0))
             emit('Let me read it.\n<tool_call>\n{"name": "Read", "arguments": {"file_')
+        elif script == "slow-tool-call":
+            # A long call generated at a steady pace: no token shows anything until its end.
+            generation.put(Prefilled(len(job.prompt), 0.0))
+            call = '<tool_call>\n{"name": "Write", "arguments": {"file_path": "/tmp/a.txt", "content": "' + "lorem ipsum " * 12 + '"}}\n</tool_call>'
+            for token in tokenizer.encode(call, add_special_tokens=False):
+                if generation.wait_cancelled(timeout=0.05):
+                    break
+                generation.put(Token(token))
+            generation.put(Done("stop"))
+            return
         elif script == "think":
             emit("<think>The user wants a number.</think>Forty-two.")
             generation.put(Done("stop"))

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from bench.harness import Daemon, profile_file, request
-from sse_grammar import check
+from sse_grammar import check, parse
 
 from anyclaude import signature
 
@@ -66,6 +66,17 @@ def test_stall_mid_text_ends_the_message_as_max_tokens(fake):
     assert took < TIMEOUTS["idle"] + STEP
     r = record(fake, reply.headers["request-id"])
     assert r["outcome"] == "timeout_idle" and r["ended"] == "message_stop" and r["stop_reason"] == "max_tokens"
+
+
+def test_a_long_tool_call_keeps_the_stream_alive_with_pings(fake):
+    """Tokens of a call being written send nothing: Claude Code's byte watchdog would see
+    silence. A ping goes out whenever nothing has been sent for ping_interval."""
+    write = {"name": "Write", "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}, "content": {"type": "string"}}}}
+    reply, took = ask(fake, "slow-tool-call", max_tokens=1000, tools=[write])
+    assert check(reply.body)[-2]["delta"]["stop_reason"] == "tool_use"
+    assert took > 3 * TIMEOUTS["ping_interval"]  # the call took longer than a ping interval, tokens flowing all along
+    names = [name for name, _ in parse(reply.body)]
+    assert names[: names.index("content_block_start")].count("ping") >= 2
 
 
 def test_stall_mid_tool_call_drops_the_half_call(fake):
