@@ -328,6 +328,11 @@ class Exchange:
         loaded = engine.loaded
         rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=server.profile.prompt.keep_billing_header)
         self.record.prompt_tokens = len(rendered.ids)
+        if unseen := prompt.images(request):
+            self.record.images_unseen = unseen
+            if key not in server.warned_images:  # once per model, in the daemon's output
+                server.warned_images.add(key)
+                print(f"anyclaude: model {key!r} cannot see images; they reach it as a note saying so", file=sys.stderr, flush=True)
         context = loaded.context_length
         # A prompt that leaves less room than this for the answer is refused, with the
         # error Claude Code compacts on, rather than answered in a handful of tokens.

@@ -44,6 +44,8 @@ class Record(Struct, omit_defaults=True):
     tools: int | None = None
     messages: int | None = None
     prompt_tokens: int | None = None
+    # Images the model could not see (given to it as a note).
+    images_unseen: int | None = None
     cached_tokens: int | None = None
     # The kind of prefix-cache entry they came from: conversation or checkpoint.
     cache_source: str | None = None

@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 from msgspec import Struct
 
-from . import families, signature, wire
+from . import families, pdf, signature, wire
 from .families.base import Format
 from .cache import common_prefix
 from .errors import InvalidRequest
 
 BILLING_HEADER = "x-anthropic-billing-header:"
-IMAGE_NOTE = "[image omitted: this model reads text only]"
-DOCUMENT_NOTE = "[document omitted: only text documents can be read]"
+IMAGE_NOTE = "[the user attached an image, which this model cannot see]"
+DOCUMENT_NOTE = "[the user attached a document that cannot be read as text: {why}]"
 
 
 class Rendered(Struct, frozen=True):
@@ -209,10 +209,20 @@ def _text(blocks: list[wire.Block]) -> str:
 
 def _document(block: wire.DocumentBlock) -> str:
     source = block.source or {}
-    if source.get("type") == "text" and isinstance(source.get("data"), str):
-        title = f"{block.title}\n\n" if block.title else ""
-        return title + source["data"]
-    return DOCUMENT_NOTE
+    title = f"{block.title}\n\n" if block.title else ""
+    kind, data = source.get("type"), source.get("data")
+    if kind == "text" and isinstance(data, str):
+        return title + data
+    if kind == "base64" and source.get("media_type") == "application/pdf" and isinstance(data, str):
+        try:
+            return title + pdf.text(data)
+        except ValueError as e:
+            return DOCUMENT_NOTE.format(why=f"a PDF, but {e}")
+    if kind == "content":  # a list of text blocks (or a string)
+        content = source.get("content")
+        parts = [content] if isinstance(content, str) else [b.get("text", "") for b in content or [] if isinstance(b, dict)]
+        return title + "\n\n".join(p for p in parts if isinstance(p, str) and p)
+    return DOCUMENT_NOTE.format(why=source.get("media_type") or kind or "no source")
 
 
 def _assistant(blocks: list[wire.Block]) -> dict:
@@ -276,6 +286,19 @@ def _definitions(names: list[str], tools: dict[str, wire.Tool]) -> str:
     if missing:
         parts.append("No tool is named " + ", ".join(missing) + ".")
     return "\n\n".join(parts)
+
+
+def images(request: wire.CountTokensRequest) -> int:
+    """How many images the conversation holds (tool results included): this model sees
+    none of them."""
+
+    def count(blocks: list[wire.Block]) -> int:
+        return sum(
+            1 if isinstance(b, wire.ImageBlock) else count(wire.blocks(b.content, "tool_result.content")) if isinstance(b, wire.ToolResultBlock) else 0
+            for b in blocks
+        )
+
+    return sum(count(wire.blocks(m.content, f"messages.{i}.content")) for i, m in enumerate(request.messages))
 
 
 def _referenced(request: wire.CountTokensRequest) -> set[str]:

@@ -36,6 +36,7 @@ class Server:
         self.engines: dict[str, Engine] = {}
         self.schedulers: dict[str, Scheduler] = {}
         self.sessions = misses.Sessions()
+        self.warned_images: set[str] = set()  # models whose image warning was given
         self.log = _request_log(loaded.profile)
         self.reload_error: str | None = None
         self.reloading: str | None = None

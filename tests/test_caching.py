@@ -65,3 +65,11 @@ def test_claude_code_s_request_class_decides_what_is_a_side_request(client, daem
     assert "side" not in logged("claude-haiku-4-5", {"x-claude-code-request-class": "main"})
     assert logged("claude-haiku-4-5", {})["side"] is True  # no hint: the haiku model is for side requests
     assert "side" not in logged("anyclaude-smollm2", {})
+
+
+def test_images_a_model_cannot_see_are_counted_and_warned_of_once(client, daemon):
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    for _ in range(2):
+        reply = client.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [image, image, {"type": "text", "text": "What is this?"}]}], **GREEDY)
+        assert record(daemon, reply._request_id)["images_unseen"] == 2
+    assert daemon.output().count("cannot see images") == 1
