@@ -53,6 +53,20 @@ def tiny_net(tiny_model):
     return model, tokenizer
 
 
+_REPORT: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def report() -> list[str]:
+    """Lines for the end of the test run's output (what ran, e.g. the Claude Code version)."""
+    return _REPORT
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _REPORT:
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def daemon(tmp_path_factory, model_cache, tiny_model):
     d = Daemon("tiny", model_cache, tmp_path_factory.mktemp("daemon") / "daemon.log")
