@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,21 @@ def test_housekeeping_routes(daemon, method, path, status):
     assert reply.headers["request-id"].startswith("req_")
     if status >= 400:
         assert reply.json()["type"] == "error"
+
+
+CAPTURED = json.loads((Path(__file__).parent / "fixtures" / "claude_code_2.1.332.json").read_text())
+
+
+def test_claude_code_2_1_332_s_default_request_is_understood(daemon):
+    """Its whole default request (12 tools, one deferred; adaptive thinking shown as
+    omitted; context management): counted, and too long for the tiny model's window in
+    the words Claude Code compacts on. Its deferred tool costs nothing."""
+    body, headers = CAPTURED["body"], CAPTURED["headers"] | {"content-type": "application/json"}
+    assert body["model"] == "anyclaude-smollm2" and headers["x-claude-code-request-class"] == "main"
+    tokens = count(daemon, body)
+    room = min(1024, body["max_tokens"])  # the launcher's output limit for the tiny model
+    assert tokens > 8192 - room
+    reply = post(daemon, body, CAPTURED["path"], headers)
+    assert reply.status == 400 and reply.json()["error"]["message"] == f"prompt is too long: {tokens} tokens > {8192 - room} maximum"
+    undeferred = body | {"tools": [{k: v for k, v in t.items() if k != "defer_loading"} for t in body["tools"]]}
+    assert count(daemon, undeferred) > tokens
