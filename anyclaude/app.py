@@ -268,7 +268,11 @@ class Exchange:
         )
         choice = request.tool_choice or wire.ToolChoice()
         # tool_choice none: the tools stay in the prompt, but no call is made.
-        parser = toolcalls.Parser(rendered.format, [] if choice.type == "none" else rendered.tools, thinking=rendered.thinking_open)
+        # A forced call's grammar makes its arguments valid as they come: they stream.
+        forced = choice.type in ("any", "tool") and constrain.supports(rendered.format, engine.loaded.tokenizer)
+        parser = toolcalls.Parser(
+            rendered.format, [] if choice.type == "none" else rendered.tools, thinking=rendered.thinking_open, stream_calls=forced
+        )
         output = Output(engine.loaded.tokenizer, parser, request.stop_sequences)
         single_call = choice.disable_parallel_tool_use
         # Admission before any headers: a full queue is a plain 529 the SDKs retry.

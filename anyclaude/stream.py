@@ -20,7 +20,7 @@ from . import signature, wire
 from .engine import Done, Failed, Generation, Prefilled, Token
 from .errors import AnthropicError, ApiError, ErrorEnvelope, Overloaded
 from .output import Output
-from .toolcalls import BadCall, Text, Thinking, ToolCall
+from .toolcalls import BadCall, CallDelta, CallStart, Text, Thinking, ToolCall
 
 _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
@@ -47,6 +47,7 @@ class MessageStream:
         self.output_tokens = 0
         self.show_thinking = show_thinking
         self._omitted = ""  # the open thinking block's text, when it is not shown
+        self._streamed_call = False  # the open tool_use block's input is being streamed
         self.tool_uses = 0
         self._usage_changed = False
         self._index = -1
@@ -76,10 +77,27 @@ class MessageStream:
             self._omitted += text
         return events
 
-    def tool_use(self, name: str, arguments: dict) -> list[wire.Event]:
-        """A whole tool_use block: its input as one JSON object, in input_json_delta pieces."""
+    def call_start(self, name: str) -> list[wire.Event]:
+        """A tool_use block whose input follows in `call_delta` pieces."""
         if self.finished:
             return []
+        self._streamed_call = True
+        return self._switch("tool_use", wire.ToolUseContent(id=new_id("toolu_"), name=name), always_new=True)
+
+    def call_delta(self, json: str) -> list[wire.Event]:
+        if self.finished or not self._streamed_call:
+            return []
+        return [wire.ContentBlockDelta(index=self._index, delta=wire.InputJsonDelta(partial_json=json))]
+
+    def tool_use(self, name: str, arguments: dict) -> list[wire.Event]:
+        """A whole tool_use block: its input as one JSON object, in input_json_delta pieces
+        (or the end of the block `call_start` opened, its input sent already)."""
+        if self.finished:
+            return []
+        if self._streamed_call:
+            self._streamed_call = False
+            self.tool_uses += 1
+            return self._close()
         events = self._switch("tool_use", wire.ToolUseContent(id=new_id("toolu_"), name=name), always_new=True)
         text = wire.encoder.encode(arguments).decode()
         if text != "{}":
@@ -301,6 +319,10 @@ def _events(stream: MessageStream, segments: list) -> list[wire.Event]:
             events += stream.thinking(segment.text)
         elif isinstance(segment, ToolCall):
             events += stream.tool_use(segment.name, segment.arguments)
+        elif isinstance(segment, CallStart):
+            events += stream.call_start(segment.name)
+        elif isinstance(segment, CallDelta):
+            events += stream.call_delta(segment.json)
         elif isinstance(segment, BadCall):
             # Never a broken tool_use: the model's words are shown as they were written.
             events += stream.text(("\n" if stream.open_block == "text" else "") + segment.raw)

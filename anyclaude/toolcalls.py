@@ -71,6 +71,18 @@ class ToolCall(Struct):
     arguments: dict[str, Any]
 
 
+class CallStart(Struct):
+    """A call whose arguments follow as `CallDelta`s (streamed calls only)."""
+
+    name: str
+
+
+class CallDelta(Struct):
+    """The next piece of a streamed call's arguments, as JSON text."""
+
+    json: str
+
+
 class BadCall(Struct):
     """A call that could not be made valid: its generated text, and why (for the log)."""
 
@@ -78,7 +90,7 @@ class BadCall(Struct):
     reason: str
 
 
-Segment = Text | Thinking | ToolCall | BadCall
+Segment = Text | Thinking | ToolCall | BadCall | CallStart | CallDelta
 
 
 _TEXT, _THINK, _CALL, _HEAD = "text", "think", "call", "head"
@@ -87,9 +99,14 @@ _TEXT, _THINK, _CALL, _HEAD = "text", "think", "call", "head"
 class Parser:
     """Cuts one response's generated text into segments, incrementally."""
 
-    def __init__(self, fmt: Format, tools: list[dict] | None, *, thinking: bool = False):
+    def __init__(self, fmt: Format, tools: list[dict] | None, *, thinking: bool = False, stream_calls: bool = False):
         self.fmt = fmt
         self._family = families.of(fmt)
+        # Send a call's arguments as they come: only where they are certain to end up
+        # valid (a forced call's grammar), since what was sent cannot be taken back.
+        self._stream_calls = stream_calls
+        self._args: _Scan | None = None  # the streamed call's arguments, read so far
+        self._sent = 0  # how much of the body has gone out as CallDelta
         self._tool_list = list(tools or [])
         self._tools = {f["name"]: f for f in map(_function, self._tool_list) if f}
         # Without tools a reply that is JSON is an answer, not a Llama call.
@@ -234,11 +251,14 @@ class Parser:
 
     def _open(self, marker: str) -> None:
         self._state, self._marker, self._body, self._searched = _CALL, marker, "", 0
+        self._args = None
         self._scan = _Scan() if self.fmt.json_body else None
 
     def _call_step(self, out: list[Segment]) -> bool:
         self._body += self._buf
         self._buf = ""
+        if self._stream_calls and self.fmt.json_body:
+            out.extend(self._stream())
         end = self._find_end()
         if end is None:
             return False
@@ -248,6 +268,27 @@ class Parser:
         self._state, self._body = _TEXT, ""
         self._new_run(after_call=True)
         return True
+
+    def _stream(self) -> list[Segment]:
+        """The start and the new part of a call's arguments, once its name is known."""
+        out: list[Segment] = []
+        if self._args is None:
+            if (found := self._family.stream_start(self._marker, self._body)) is None:
+                return out
+            name, start = found
+            self._args, self._sent = _Scan(), start
+            self._args.pos = start
+            out.append(CallStart(name))
+        args = self._args
+        if not args.done:
+            if not args.begun:
+                args.begun = self._body[args.pos : args.pos + 1] in ("{", "[")
+            if args.begun and args.value(self._body) is not None:
+                args.done = True
+        if args.pos > self._sent:
+            out.append(CallDelta(self._body[self._sent : args.pos]))
+            self._sent = args.pos
+        return out
 
     def _find_end(self) -> tuple[int, int] | None:
         """Where the call's body stops and the text after it resumes."""
@@ -362,6 +403,7 @@ class _Scan:
     def __init__(self) -> None:
         self.pos = 0
         self.begun = False
+        self.done = False  # a value read by `value` is complete
         self.depth = 0
         self.quote = ""
         self.escape = False

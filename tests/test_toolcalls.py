@@ -525,3 +525,18 @@ def test_format_for_follows_mlx_lm(tokenizers):
     assert pythonic.call_start == ("<|tool_call_start|>",) and pythonic.call_end == "<|tool_call_end|>"
     assert (chosen["glm47"].think_start, chosen["glm47"].think_end) == ("<longcat_think>", "</longcat_think>")
     assert all((f.think_start, f.think_end) == ("<think>", "</think>") for n, f in chosen.items() if n != "glm47")
+
+
+@pytest.mark.parametrize("family", ["generic", "llama3", "mistral"])
+def test_a_streamed_call_sends_its_name_then_its_arguments_as_written(fmt, family):
+    from anyclaude.toolcalls import CallDelta, CallStart
+
+    args = {"file_path": "/tmp/{a}.txt", "offset": 3}
+    text = ("<|python_tag|>" if family == "llama3" else "") + call_text(family, "Read", args) + "\nDone."
+    parser = Parser(fmt(family), TOOLS, stream_calls=True)
+    out = [s for c in text for s in parser.feed(c)] + parser.finish()
+    call = out.index(ToolCall("Read", args))
+    assert out[0] == CallStart("Read") and all(isinstance(s, CallDelta) for s in out[1:call])
+    assert "".join(s.text for s in out[call + 1 :]) == "Done."
+    deltas = [s.json for s in out[1:call]]
+    assert len(deltas) > 5 and json.loads("".join(deltas)) == args

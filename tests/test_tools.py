@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jsonschema
 import pytest
 
@@ -67,3 +69,22 @@ def test_a_claude_code_shaped_second_turn_is_served(client):
     assert message.usage.input_tokens + message.usage.cache_read_input_tokens > 100
     for block in message.content:
         assert block.type != "text" or block.text.strip()
+
+
+def test_a_forced_call_streams_its_arguments_as_they_are_written(client):
+    """The tool_use block starts once the call's name is written, and its input follows in
+    pieces as generated (the grammar keeps every prefix valid): Claude Code shows a long
+    Write while it is written."""
+    write = {"name": "Write", "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}, "content": {"type": "string"}}, "required": ["file_path", "content"]}}
+    ask = [{"role": "user", "content": "Write the word hello to /tmp/hello.txt."}]
+    with client.messages.stream(model=MODEL, max_tokens=250, tools=[write], tool_choice={"type": "tool", "name": "Write"}, messages=ask, **GREEDY) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    kinds = [e.type for e in events]
+    start = kinds.index("content_block_start")
+    assert events[start].content_block.type == "tool_use" and events[start].content_block.name == "Write"
+    pieces = [e.delta.partial_json for e in events if e.type == "content_block_delta" and e.delta.type == "input_json_delta"]
+    assert len(pieces) >= 8  # about one a token, not one at the end
+    assert final.stop_reason == "tool_use"
+    (call,) = [b for b in final.content if b.type == "tool_use"]
+    assert json.loads("".join(pieces)) == call.input and set(call.input) == {"file_path", "content"}

@@ -68,6 +68,12 @@ class Family:
         `fmt`; `marker` is what opened it. Raises ValueError if there are none."""
         raise ValueError(f"{self.name} writes no calls")
 
+    def stream_start(self, marker: str, body: str) -> tuple[str, int] | None:
+        """For calls whose arguments are JSON as written: once the call's name is known,
+        the name and where in `body` the arguments' JSON value starts; None until then,
+        and always for families whose arguments are not written as JSON."""
+        return None
+
     def route(self, header: str) -> tuple[str, str]:
         """For formats with `headers`: what a message header opens: ("text", ""),
         ("think", "") or ("call", the opening marker the parser keeps for `parse`)."""

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from .base import Family, Format, Hints, with_markers
-from .hermes import CALLS, parse_json
+from .hermes import CALLS, json_start, parse_json
 
 FORMAT = Format(name="generic", family="generic", call_start=("<tool_call>",), call_end="</tool_call>")
 
@@ -35,6 +35,9 @@ class Generic(Family):
 
     def parse(self, fmt: Format, marker: str, body: str, tools: list[dict]) -> list[Any]:
         return parse_json(body)
+
+    def stream_start(self, marker: str, body: str) -> tuple[str, int] | None:
+        return json_start(body)
 
     def inputs(self, messages: list[dict], tools: list[dict]) -> tuple[list[dict], None]:
         return (with_tools(messages, tools) if tools else messages), None

@@ -94,6 +94,10 @@ class GptOss(Family):
             raise ValueError("a call with no recipient")
         return [{"name": recipient.group(1).removeprefix("functions."), "arguments": repair.loads(body)}]
 
+    def stream_start(self, marker: str, body: str) -> tuple[str, int] | None:
+        recipient = _RECIPIENT.search(marker)  # the body is the arguments
+        return (recipient.group(1).removeprefix("functions."), 0) if recipient else None
+
     def inputs(self, messages: list[dict], tools: list[dict]) -> tuple[list[dict], list[dict] | None]:
         return _one_call_each(messages), tools or None
 

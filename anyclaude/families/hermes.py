@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from .. import repair
@@ -11,6 +13,13 @@ from .grammar import JsonCall
 
 FORMAT = Format(name="hermes", family="hermes", call_start=("<tool_call>",), call_end="</tool_call>")
 CALLS = JsonCall("hermes", "<tool_call>\n", "\n</tool_call>", markers=("<tool_call>", "</tool_call>"))
+
+
+def json_start(body: str, key: str = "arguments") -> tuple[str, int] | None:
+    """Where the arguments start in a body laid out as the forced-call grammar writes it:
+    `{"name": NAME, KEY: ` then the arguments."""
+    found = re.match(r'\s*\{"name": ("(?:[^"\\]|\\.)*"), "' + key + '": ', body)
+    return (json.loads(found.group(1)), found.end()) if found else None
 
 
 def parse_json(body: str) -> list[Any]:
@@ -33,6 +42,9 @@ class Hermes(Family):
 
     def parse(self, fmt: Format, marker: str, body: str, tools: list[dict]) -> list[Any]:
         return parse_json(body)
+
+    def stream_start(self, marker: str, body: str) -> tuple[str, int] | None:
+        return json_start(body)
 
 
 FAMILY = Hermes()

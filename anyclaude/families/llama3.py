@@ -9,7 +9,7 @@ from typing import Any
 
 from .base import Family, Format, Hints, with_markers
 from .grammar import JsonCall
-from .hermes import parse_json
+from .hermes import json_start, parse_json
 
 FORMAT = Format(name="llama3", family="llama3", call_start=("<|python_tag|>",), bare_json=True)
 # Their templates render a custom tool's call back as bare JSON too (with no
@@ -31,6 +31,9 @@ class Llama3(Family):
 
     def parse(self, fmt: Format, marker: str, body: str, tools: list[dict]) -> list[Any]:
         return parse_json(body)
+
+    def stream_start(self, marker: str, body: str) -> tuple[str, int] | None:
+        return json_start(body, "parameters")
 
 
 def _is_llama3(template: str) -> bool:

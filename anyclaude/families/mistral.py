@@ -70,6 +70,11 @@ class Mistral(Family):
             return parse_json(body)
         return [_header(body)]
 
+    def stream_start(self, marker: str, body: str) -> tuple[str, int] | None:
+        # NAME[ARGS]{...}; a JSON list can hold several calls, and is sent whole.
+        head, sep, _ = body.partition("[ARGS]")
+        return (head, len(head) + len(sep)) if sep and re.fullmatch(r"[\w-]+", head) else None
+
 
 def _header(body: str) -> dict:
     """NAME[ARGS]{...} or NAME[CALL_ID]ID[ARGS]{...}."""
