@@ -194,6 +194,7 @@ class Engine:
         self.loaded: Loaded | None = None
         self.load_error: str | None = None
         self.warning: str | None = None  # a setting this model cannot have, turned off
+        self.stream = None  # the MLX stream the engine thread computes on, once it runs
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -231,6 +232,15 @@ class Engine:
     # --- the engine thread -------------------------------------------------
 
     def _run(self) -> None:
+        import mlx.core as mx
+
+        # All of this thread's work on a stream of its own, as mlx-lm's server runs its
+        # generation thread (Metal streams belong to the thread that makes them).
+        self.stream = mx.new_stream(mx.default_device())
+        with mx.stream(self.stream):
+            self._serve()
+
+    def _serve(self) -> None:
         try:
             self.loaded = self._loader()
             if self._quantize is not None:
