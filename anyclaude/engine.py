@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from msgspec import Struct
 
+from . import metal
 from .cache import CHECKPOINT, PrefixCache, prefix_copy, trimmable
 
 
@@ -183,9 +184,11 @@ class Engine:
         persist: bool = False,
         name: str = "engine",
         kv_quantization: KVQuantization | None = None,
+        wired: metal.WiredLimit = metal.WIRED,
     ):
         self._loader = loader
         self._prefill_step = prefill_step
+        self._wired = wired
         self._quantize = kv_quantization
         self.cache = cache
         self._persist = persist  # save the cache's checkpoints, and load them at start
@@ -193,7 +196,10 @@ class Engine:
         self._ready = threading.Event()
         self.loaded: Loaded | None = None
         self.load_error: str | None = None
-        self.warning: str | None = None  # a setting this model cannot have, turned off
+        # A setting this model cannot have (turned off); weights close to Metal's working set.
+        self.warning: str | None = None
+        # Metal's wired limit in bytes while this engine's model is loaded (None: not on Metal).
+        self.wired_limit: int | None = None
         self.stream = None  # the MLX stream the engine thread computes on, once it runs
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -243,6 +249,9 @@ class Engine:
     def _serve(self) -> None:
         try:
             self.loaded = self._loader()
+            self.wired_limit = self._wired.hold()
+            if too_large := metal.size_warning(self.loaded.weight_bytes, self.wired_limit):
+                self._warn(too_large)
             if self._quantize is not None:
                 self._check_quantization()
             if self.cache is not None and self._persist:
@@ -283,8 +292,11 @@ class Engine:
             mx.eval(self.loaded.model(mx.array([[0]]), cache=kv))
         except (ValueError, NotImplementedError, RuntimeError) as exc:
             self._quantize = None
-            self.warning = f"[engine] kv_bits is off for this model: {exc}"
-            print(f"anyclaude: {self.warning}", file=sys.stderr, flush=True)
+            self._warn(f"[engine] kv_bits is off for this model: {exc}")
+
+    def _warn(self, warning: str) -> None:
+        self.warning = f"{self.warning}; {warning}" if self.warning else warning
+        print(f"anyclaude: {warning}", file=sys.stderr, flush=True)
 
     def _release(self) -> None:
         import gc
@@ -294,6 +306,10 @@ class Engine:
         self.loaded = None
         self.cache = None
         gc.collect()
+        if self.wired_limit is not None:
+            mx.synchronize()  # the wired limit must not change during an evaluation
+            self.wired_limit = None
+            self._wired.release()
         mx.clear_cache()  # give the freed weights and KV caches back to the system
 
     def _send(self, work: _Work, event: EngineEvent) -> None:

@@ -1,6 +1,7 @@
-"""What the engine does on Metal (issue 12): a stream per engine thread. This machine has
-no GPU: the real engine runs on the CPU. The model: a tiny random-weight Llama
-(tests/families.py), quick to prefill a long prompt with."""
+"""What the engine does on Metal (issue 12): the wired limit, a stream per engine thread.
+This machine has no GPU: the real engine runs on the CPU, and where Metal itself would
+answer (the device's working set, `mx.set_wired_limit`) a fake answers behind the same
+small interface. The model: a tiny random-weight Llama (tests/families.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import mlx.core as mx
 import pytest
 
+from anyclaude import metal
 from anyclaude.engine import Done, Engine, Generation, Job, Loaded, Sampling
 from families import build
 
@@ -59,6 +61,52 @@ def stop(*engines: Engine) -> None:
     for engine in engines:
         engine.stop()
         engine.wait_stopped()
+
+
+class FakeMetal:
+    """The device's info and `mx.set_wired_limit`, as Metal would answer them."""
+
+    def __init__(self, working_set: int, limit: int = 0):
+        self.working_set, self.limit, self.calls = working_set, limit, []
+
+    def info(self) -> dict:
+        return {"max_recommended_working_set_size": self.working_set, "device_name": "Apple M4 Max"}
+
+    def set_wired_limit(self, limit: int) -> int:
+        self.calls.append(limit)
+        previous, self.limit = self.limit, limit
+        return previous
+
+
+def test_the_wired_limit_is_raised_while_models_are_loaded_and_put_back_after_the_last(net, tokenizer):
+    working_set = 48 * 2**30  # a 64 GB Mac's
+    device = FakeMetal(working_set, limit=7)
+    wired = metal.WiredLimit(info=device.info, set_limit=device.set_wired_limit)
+    large, _ = engine_on(net, tokenizer, weight_bytes=46 * 2**30, wired=wired)
+    small, _ = engine_on(net, tokenizer, weight_bytes=2**30, wired=wired)
+    try:
+        assert large.wired_limit == small.wired_limit == working_set == device.limit
+        assert device.calls == [working_set]  # raised once for both
+        assert "47104 MB, close to or above Metal's recommended working set of 49152 MB" in large.warning
+        assert small.warning is None
+    finally:
+        stop(large)
+        assert device.limit == working_set and large.wired_limit is None  # the other model is still loaded
+        stop(small)
+    assert device.calls == [working_set, 7] and device.limit == 7
+    assert small.wired_limit is None
+
+
+def test_on_the_cpu_the_wired_limit_is_left_alone(net, tokenizer):
+    calls = []
+    wired = metal.WiredLimit(set_limit=calls.append)  # the real device info: no Metal here
+    engine, _ = engine_on(net, tokenizer, weight_bytes=10**12, wired=wired)
+    try:
+        assert engine.wired_limit is None and engine.warning is None
+    finally:
+        stop(engine)
+    assert calls == []
+    assert metal.size_warning(10**12, None) is None
 
 
 def test_each_engine_thread_computes_on_a_stream_of_its_own(net, tokenizer):
