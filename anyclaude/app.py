@@ -530,6 +530,7 @@ def _model_health(engine, scheduler, model: profiles.Model) -> dict:
         "cache_peak_bytes": cache.peak_bytes if cache else 0,
         "cache_budget_bytes": cache.max_bytes if cache else 0,
         "cache_entries": cache.entries if cache else 0,
+        "prefill_step": getattr(engine, "prefill_step", None),
         # Metal's wired limit while the model is loaded, in bytes (None: not on Metal).
         "wired_limit_bytes": getattr(engine, "wired_limit", None),
         "error": engine.load_error,

@@ -179,7 +179,7 @@ class Engine:
         self,
         loader: Callable[[], Loaded],
         *,
-        prefill_step: int = 512,
+        prefill_step: int | None = None,
         cache: PrefixCache | None = None,
         persist: bool = False,
         name: str = "engine",
@@ -187,7 +187,8 @@ class Engine:
         wired: metal.WiredLimit = metal.WIRED,
     ):
         self._loader = loader
-        self._prefill_step = prefill_step
+        self._prefill_step = prefill_step  # None: the device's default, known on the engine thread
+        self._device_step = metal.CPU_PREFILL_STEP
         self._wired = wired
         self._quantize = kv_quantization
         self.cache = cache
@@ -221,7 +222,12 @@ class Engine:
         """Block until a stopped engine has let go of its model (a thread other than the loop's)."""
         self._thread.join(timeout)
 
-    def set_prefill_step(self, tokens: int) -> None:
+    @property
+    def prefill_step(self) -> int:
+        """Prompt tokens per prefill step: the profile's, or the device's default."""
+        return self._device_step if self._prefill_step is None else self._prefill_step
+
+    def set_prefill_step(self, tokens: int | None) -> None:
         self._prefill_step = tokens
 
     def configure_cache(self, max_bytes: int, persist: bool) -> None:
@@ -247,6 +253,7 @@ class Engine:
             self._serve()
 
     def _serve(self) -> None:
+        self._device_step = metal.default_prefill_step()
         try:
             self.loaded = self._loader()
             self.wired_limit = self._wired.hold()
@@ -355,7 +362,7 @@ class Engine:
                 max_tokens=job.max_tokens,
                 sampler=sampler,
                 processors=self._processors(job),
-                prefill_step=self._prefill_step,
+                prefill_step=self.prefill_step,
                 check=check,
                 history=job.prompt[:done],
                 quantize=self._quantize,
@@ -412,7 +419,7 @@ class Engine:
         while tokens:
             if work.generation.cancelled:
                 raise Cancelled
-            n = min(self._prefill_step, len(tokens), chunk_end(self._quantize, model.count) - model.count)
+            n = min(self.prefill_step, len(tokens), chunk_end(self._quantize, model.count) - model.count)
             model(mx.array(tokens[:n])[None], cache=kv)
             quantize_due(kv, self._quantize, model.count)
             mx.eval([c.state for c in kv])

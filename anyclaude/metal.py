@@ -1,11 +1,16 @@
-"""What the engine does differently on Metal: the wired limit while models are loaded.
-On the CPU, nothing changes."""
+"""What the engine does differently on Metal: the wired limit while models are loaded,
+and the prefill chunk when the profile does not set one. On the CPU, nothing changes."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
 
+# mlx-lm's own default on Metal (`generate_step(prefill_step_size=2048)`): fewer, larger
+# passes keep the GPU busy. On the CPU, 512 bounds the attention scores of a chunk and
+# the time a cancelled request waits for its chunk to end.
+METAL_PREFILL_STEP = 2048
+CPU_PREFILL_STEP = 512
 # As mlx-lm: past this share of the recommended working set, generating is slow.
 CLOSE_TO_LIMIT = 0.9
 
@@ -23,6 +28,14 @@ def metal_info() -> dict | None:
         return dict(device_info())
     except (RuntimeError, TypeError, ValueError):  # informative only
         return {}
+
+
+def default_prefill_step() -> int:
+    """Prompt tokens per prefill step when `[engine] prefill_step` is not set: mlx-lm's
+    2048 on Metal, 512 on the CPU."""
+    import mlx.core as mx
+
+    return METAL_PREFILL_STEP if mx.metal.is_available() else CPU_PREFILL_STEP
 
 
 class WiredLimit:

@@ -1,7 +1,8 @@
-"""What the engine does on Metal (issue 12): the wired limit, a stream per engine thread.
-This machine has no GPU: the real engine runs on the CPU, and where Metal itself would
-answer (the device's working set, `mx.set_wired_limit`) a fake answers behind the same
-small interface. The model: a tiny random-weight Llama (tests/families.py)."""
+"""What the engine does on Metal (issue 12): the wired limit, a stream per engine thread,
+the prefill step by device. This machine has no GPU: the real engine runs on the CPU,
+and where Metal itself would answer (`mx.metal.is_available`, the device's working set,
+`mx.set_wired_limit`) a fake answers behind the same small interface. The model: a tiny
+random-weight Llama (tests/families.py), quick to prefill a long prompt with."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import asyncio
 import mlx.core as mx
 import pytest
 
-from anyclaude import metal
+from anyclaude import metal, profiles
 from anyclaude.engine import Done, Engine, Generation, Job, Loaded, Sampling
 from families import build
 
@@ -61,6 +62,36 @@ def stop(*engines: Engine) -> None:
     for engine in engines:
         engine.stop()
         engine.wait_stopped()
+
+
+def test_the_prefill_step_is_mlx_lms_on_metal_and_512_on_the_cpu_unless_the_profile_sets_one(net, tokenizer, monkeypatch):
+    assert profiles.Engine().prefill_step is None  # unset: the device decides
+    prompt = PROMPT
+    cpu, cpu_model = engine_on(net, tokenizer)
+    set_, set_model = engine_on(net, tokenizer, prefill_step=100)
+    try:
+        assert cpu.prefill_step == 512 and set_.prefill_step == 100
+        generate(cpu, prompt)
+        generate(set_, prompt)
+    finally:
+        stop(cpu, set_)
+    # Chunks of the step, then the rest with the first token (one pass, as it is short).
+    assert cpu_model.passes[:3] == [512, 700 - 512, 1]
+    assert set_model.passes[:8] == [100] * 7 + [1]
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    assert metal.default_prefill_step() == 2048
+    gpu, gpu_model = engine_on(net, tokenizer, wired=metal.WiredLimit(info=lambda: {}))
+    try:
+        assert gpu.prefill_step == 2048
+        generate(gpu, prompt)
+        gpu.set_prefill_step(128)  # an edited profile
+        assert gpu.prefill_step == 128
+        gpu.set_prefill_step(None)  # the key removed again
+        assert gpu.prefill_step == 2048
+    finally:
+        stop(gpu)
+    # One chunk: all the prompt but its last token, whose pass gives the first token.
+    assert gpu_model.passes[:2] == [699, 1]
 
 
 class FakeMetal:
