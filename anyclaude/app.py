@@ -89,6 +89,8 @@ class Exchange:
         self.disconnected = asyncio.Event()
         self.clock = time.monotonic()
         self.logged = False
+        self.written = False
+        self.generation = None  # the engine's work for this request, once submitted
         # The request log line, filled in as the request goes.
         self.record = logs.Record(
             ts=logs.now(),
@@ -115,7 +117,12 @@ class Exchange:
 
     def _log(self) -> None:
         """Write the request's log line, once: just before the response's last byte, so
-        that a client that has read the whole response can find its line."""
+        that a client that has read the whole response can find its line.
+
+        When the response ends before the engine does (a hang-up, a timeout, a stop
+        sequence), the line waits for the engine, which stops within a step, to say what
+        became of the request's cache entry; it is written as /health shows the engine
+        free (or after the idle timeout, should the engine not stop)."""
         if self.logged or self.scope["path"] in _UNLOGGED or self.scope["path"].startswith("/api/"):
             return
         self.logged = True
@@ -123,6 +130,26 @@ class Exchange:
         record.status = self.status
         record.ended = self.last_event if record.stream else None
         record.duration_s = round(time.monotonic() - self.clock, 3)
+        generation = self.generation
+        # (Work cancelled before an engine took it is never handed to one.)
+        if generation is None or generation.ended or generation.started_at is None:
+            self._write()
+            return
+        late = asyncio.get_running_loop().call_later(self.server.profile.timeouts.idle, self._write)
+
+        def ended() -> None:
+            late.cancel()
+            self._write()
+
+        generation.when_ended(ended)
+
+    def _write(self) -> None:
+        if self.written:
+            return
+        self.written = True
+        record = self.record
+        if self.generation is not None:
+            record.cache_store = self.generation.cache_store
         try:
             self.server.log.write(record)
         except OSError as exc:  # a full disk must not take the response down with it
@@ -276,7 +303,7 @@ class Exchange:
         output = Output(engine.loaded.tokenizer, parser, request.stop_sequences)
         single_call = choice.disable_parallel_tool_use
         # Admission before any headers: a full queue is a plain 529 the SDKs retry.
-        generation = scheduler.submit(job)
+        generation = self.generation = scheduler.submit(job)
         located = None
         if session and (position := server.sessions.check(session, rendered.ids)) is not None:
             # Finding the part renders the request several times: in a thread, while
@@ -386,6 +413,7 @@ class Exchange:
         record.output_tokens = outcome.output_tokens
         record.cached_tokens = outcome.cached_tokens
         record.cache_source = outcome.cache_source
+        record.cache_lookup = outcome.cache_lookup
         record.prefill_s = None if outcome.prefill_seconds is None else round(outcome.prefill_seconds, 3)
         if outcome.first_token_seconds is not None:
             record.ttft_s = round(outcome.first_token_seconds, 3)
@@ -557,6 +585,9 @@ def _model_health(engine, scheduler, model: profiles.Model) -> dict:
         "cache_peak_bytes": cache.peak_bytes if cache else 0,
         "cache_budget_bytes": cache.max_bytes if cache else 0,
         "cache_entries": cache.entries if cache else 0,
+        "prefill_step": getattr(engine, "prefill_step", None),
+        # Metal's wired limit while the model is loaded, in bytes (None: not on Metal).
+        "wired_limit_bytes": getattr(engine, "wired_limit", None),
         "error": engine.load_error,
         "warning": getattr(engine, "warning", None),
         "path": model.path,

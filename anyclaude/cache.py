@@ -40,6 +40,20 @@ CONVERSATION = "conversation"
 CHECKPOINT = "checkpoint"
 KEEP_ON_DISK = 4
 
+# What became of an entry offered to `store` (the request log's `cache_store`):
+STORED = "stored"
+TOO_LARGE = "too_large"  # larger than the whole budget, `[cache] max_gb`
+OVER_BUDGET = "over_budget"  # evicted at once: the entries kept before it (checkpoints) fill the budget
+MISCOUNTED = "miscounted"  # its layers hold another number of tokens than were given to the model
+EMPTY = "empty"  # no tokens: nothing was computed
+FAILED = "failed"  # not offered (the engine's): a forward pass failed, its layers may disagree
+
+# Why a lookup reused no more than it did (the request log's `cache_lookup`):
+HIT = "hit"  # all that any entry shares with the prompt
+NO_ENTRIES = "no_entries"
+NO_PREFIX = "no_prefix"  # no entry begins as the prompt does
+NOT_TRIMMABLE = "not_trimmable"  # an entry shares more, but its layers cannot be cut back to it
+
 
 class Entry(Struct):
     tokens: np.ndarray
@@ -60,6 +74,7 @@ class Reuse(Struct):
     tokens: int
     # What the tokens came from: a conversation, a checkpoint, or "" (nothing).
     kind: str = ""
+    lookup: str = HIT
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -135,10 +150,14 @@ class PrefixCache:
         """The best entry for a prompt, as a cache the request may extend (engine thread)."""
         prompt = np.asarray(tokens)
         with self._lock:
-            best = max(self._entries, key=lambda e: self._usable(e, prompt), default=None)
-            reuse = self._usable(best, prompt) if best is not None else 0
+            if not self._entries:
+                return Reuse(None, 0, lookup=NO_ENTRIES)
+            best = max(self._entries, key=lambda e: self._usable(e, prompt))
+            reuse = self._usable(best, prompt)
+            shared = max(self._shared(e, prompt) for e in self._entries)
+            lookup = NO_PREFIX if shared == 0 else HIT if reuse == shared else NOT_TRIMMABLE
             if reuse == 0:
-                return Reuse(None, 0)
+                return Reuse(None, 0, lookup=lookup)
             best.used = time.monotonic()
             cut = len(best.tokens) - reuse
             # A prompt that shares a conversation's whole prompt continues it, even where
@@ -150,16 +169,19 @@ class PrefixCache:
 
                 self._entries = [e for e in self._entries if e is not best]
                 trim_prompt_cache(best.cache, cut)
-                return Reuse(best.cache, reuse, best.kind)
-        return Reuse(prefix_copy(best.cache, reuse), reuse, best.kind)
+                return Reuse(best.cache, reuse, best.kind, lookup)
+        return Reuse(prefix_copy(best.cache, reuse), reuse, best.kind, lookup)
 
-    def store(self, tokens: list[int], cache: list, kind: str = CONVERSATION, *, prompt: int | None = None, side: bool = False) -> None:
+    def store(self, tokens: list[int], cache: list, kind: str = CONVERSATION, *, prompt: int | None = None, side: bool = False) -> str:
         """Keep a cache holding exactly `tokens` (the first `prompt` of them the request's
         prompt, by default all; `side`: a side request's), then evict down to the budget
-        (engine thread)."""
+        (engine thread). Returns what became of it: STORED, TOO_LARGE, OVER_BUDGET,
+        MISCOUNTED or EMPTY."""
+        if not tokens:
+            return EMPTY
         held = length(cache)
-        if not tokens or (held is not None and held != len(tokens)):
-            return  # a cache we cannot account for is not reused
+        if held is not None and held != len(tokens):
+            return MISCOUNTED  # a cache we cannot account for is not reused
         entry = Entry(np.asarray(tokens), cache, nbytes(cache), kind, time.monotonic(), len(tokens) if prompt is None else prompt, side)
         with self._lock:
             # An entry that is a prefix of the new one (same kind) is redundant when caches trim.
@@ -171,8 +193,11 @@ class PrefixCache:
             self._entries.append(entry)
             self._evict()
             self.peak_bytes = max(self.peak_bytes, self.bytes)
+            if not any(e is entry for e in self._entries):
+                return TOO_LARGE if entry.nbytes > self.max_bytes else OVER_BUDGET
         if kind == CHECKPOINT and self.persist_dir is not None:
             self._unsaved.append(entry)
+        return STORED
 
     def save(self) -> None:
         """Write the checkpoints stored since the last call to disk (engine thread).
@@ -221,10 +246,13 @@ class PrefixCache:
             self._evict()
             self.peak_bytes = max(self.peak_bytes, self.bytes)
 
-    def _usable(self, entry: Entry, prompt: np.ndarray) -> int:
+    def _shared(self, entry: Entry, prompt: np.ndarray) -> int:
         # At least one prompt token must be left to compute the first logits.
-        common = min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
-        if common <= 0:
+        return max(0, min(common_prefix(entry.tokens, prompt), len(prompt) - 1))
+
+    def _usable(self, entry: Entry, prompt: np.ndarray) -> int:
+        common = self._shared(entry, prompt)
+        if common == 0:
             return 0
         if common < len(entry.tokens) and not trimmable(entry.cache):
             return 0  # sliding-window and linear-attention caches only extend

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from . import launcher, logs, profiles
-from .models import ModelError, disk_size, gguf_directory, memory_budget, metal_info, model_files
+from .metal import metal_info
+from .models import ModelError, disk_size, gguf_directory, memory_budget, model_files
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 MISSING = "-"  # a field this daemon's /health does not report

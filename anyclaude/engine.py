@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 
 from msgspec import Struct
 
-from .cache import CHECKPOINT, PrefixCache, prefix_copy, trimmable
+from . import metal
+from .cache import CHECKPOINT, FAILED, PrefixCache, prefix_copy, trimmable
 
 
 class Sampling(Struct, frozen=True):
@@ -63,6 +64,8 @@ class Prefilled(Struct, frozen=True):
     # the kind of entry they came from (conversation, checkpoint; "" for none).
     cached: int = 0
     source: str = ""
+    # Why no more came from it (cache.HIT and the other lookup reasons; "": no cache).
+    lookup: str = ""
 
 
 class Token(Struct, frozen=True):
@@ -72,11 +75,15 @@ class Token(Struct, frozen=True):
 class Done(Struct, frozen=True):
     # "stop" (end of sequence), "length" (max_tokens) or "cancelled".
     reason: str
+    # What became of the request's prefix-cache entry (cache.STORED and the other
+    # store outcomes; "": no cache, or nothing computed).
+    store: str = ""
 
 
 class Failed(Struct, frozen=True):
     message: str
     retry: bool = False  # not the engine's fault (the daemon is stopping): worth a retry
+    store: str = ""  # as Done's
 
 
 EngineEvent = Prefilled | Token | Done | Failed
@@ -117,6 +124,9 @@ class Generation:
         # Monotonic times, for the request log: queued, and handed to the engine.
         self.submitted_at: float | None = None
         self.started_at: float | None = None
+        # What became of its prefix-cache entry, once the engine has ended it (see Done.store).
+        self.cache_store: str | None = None
+        self._ended_callbacks: list[Callable[[], None]] = []
 
     async def next(self, timeout: float | None = None) -> EngineEvent | None:
         """The next event, or None if `timeout` seconds pass first or the work is cancelled."""
@@ -145,6 +155,13 @@ class Generation:
         """Block (an engine thread) until the work is cancelled."""
         return self._cancel.wait(timeout)
 
+    def when_ended(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on the loop once the engine has ended the work (now, if it has)."""
+        if self.ended:
+            callback()
+        else:
+            self._ended_callbacks.append(callback)
+
     def put(self, event: EngineEvent) -> None:
         """Deliver an event from any thread (the engine's, or a test's fake engine)."""
         try:
@@ -154,10 +171,15 @@ class Generation:
 
     def _deliver(self, event: EngineEvent) -> None:
         self._events.put_nowait(event)
+        if isinstance(event, (Done, Failed)) and event.store:
+            self.cache_store = event.store
         if isinstance(event, (Done, Failed)) and not self.ended:
             self.ended = True
             if self._on_end is not None:
                 self._on_end(self)
+            callbacks, self._ended_callbacks = self._ended_callbacks, []
+            for callback in callbacks:
+                callback()
 
 
 _WAKE = object()  # not an engine event: wakes a `next` waiting on cancelled work
@@ -166,6 +188,7 @@ _WAKE = object()  # not an engine event: wakes a `next` waiting on cancelled wor
 class _Work(Struct):
     job: Job
     generation: Generation
+    store: str = ""  # what became of its cache entry, for its last event
 
 
 _STOP = object()
@@ -178,14 +201,17 @@ class Engine:
         self,
         loader: Callable[[], Loaded],
         *,
-        prefill_step: int = 512,
+        prefill_step: int | None = None,
         cache: PrefixCache | None = None,
         persist: bool = False,
         name: str = "engine",
         kv_quantization: KVQuantization | None = None,
+        wired: metal.WiredLimit = metal.WIRED,
     ):
         self._loader = loader
-        self._prefill_step = prefill_step
+        self._prefill_step = prefill_step  # None: the device's default, known on the engine thread
+        self._device_step = metal.CPU_PREFILL_STEP
+        self._wired = wired
         self._quantize = kv_quantization
         self.cache = cache
         self._persist = persist  # save the cache's checkpoints, and load them at start
@@ -193,7 +219,11 @@ class Engine:
         self._ready = threading.Event()
         self.loaded: Loaded | None = None
         self.load_error: str | None = None
-        self.warning: str | None = None  # a setting this model cannot have, turned off
+        # A setting this model cannot have (turned off); weights close to Metal's working set.
+        self.warning: str | None = None
+        # Metal's wired limit in bytes while this engine's model is loaded (None: not on Metal).
+        self.wired_limit: int | None = None
+        self.stream = None  # the MLX stream the engine thread computes on, once it runs
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -214,7 +244,12 @@ class Engine:
         """Block until a stopped engine has let go of its model (a thread other than the loop's)."""
         self._thread.join(timeout)
 
-    def set_prefill_step(self, tokens: int) -> None:
+    @property
+    def prefill_step(self) -> int:
+        """Prompt tokens per prefill step: the profile's, or the device's default."""
+        return self._device_step if self._prefill_step is None else self._prefill_step
+
+    def set_prefill_step(self, tokens: int | None) -> None:
         self._prefill_step = tokens
 
     def configure_cache(self, max_bytes: int, persist: bool) -> None:
@@ -231,8 +266,21 @@ class Engine:
     # --- the engine thread -------------------------------------------------
 
     def _run(self) -> None:
+        import mlx.core as mx
+
+        # All of this thread's work on a stream of its own, as mlx-lm's server runs its
+        # generation thread (Metal streams belong to the thread that makes them).
+        self.stream = mx.new_stream(mx.default_device())
+        with mx.stream(self.stream):
+            self._serve()
+
+    def _serve(self) -> None:
+        self._device_step = metal.default_prefill_step()
         try:
             self.loaded = self._loader()
+            self.wired_limit = self._wired.hold()
+            if too_large := metal.size_warning(self.loaded.weight_bytes, self.wired_limit):
+                self._warn(too_large)
             if self._quantize is not None:
                 self._check_quantization()
             if self.cache is not None and self._persist:
@@ -251,12 +299,17 @@ class Engine:
                 self._send(work, Failed(f"the model failed to load: {self.load_error}"))
                 continue
             try:
-                self._generate(work)
+                ending: EngineEvent = Done(self._generate(work), work.store)
             except Cancelled:
-                self._send(work, Done("cancelled"))
+                ending = Done("cancelled", work.store)
             except Exception as exc:
                 _reset_random_state()
-                self._send(work, Failed(f"{type(exc).__name__}: {exc}"))
+                ending = Failed(f"{type(exc).__name__}: {exc}", store=work.store)
+            self._send(work, ending)
+            if self.cache is not None:
+                # Once the request has its end: a large model's checkpoint is gigabytes,
+                # and writing it must not hold the answer up.
+                self.cache.save()
 
     def _check_quantization(self) -> None:
         # Some attention layers cannot run on quantized keys (gpt-oss's attention sinks):
@@ -273,8 +326,11 @@ class Engine:
             mx.eval(self.loaded.model(mx.array([[0]]), cache=kv))
         except (ValueError, NotImplementedError, RuntimeError) as exc:
             self._quantize = None
-            self.warning = f"[engine] kv_bits is off for this model: {exc}"
-            print(f"anyclaude: {self.warning}", file=sys.stderr, flush=True)
+            self._warn(f"[engine] kv_bits is off for this model: {exc}")
+
+    def _warn(self, warning: str) -> None:
+        self.warning = f"{self.warning}; {warning}" if self.warning else warning
+        print(f"anyclaude: {warning}", file=sys.stderr, flush=True)
 
     def _release(self) -> None:
         import gc
@@ -284,12 +340,17 @@ class Engine:
         self.loaded = None
         self.cache = None
         gc.collect()
+        if self.wired_limit is not None:
+            mx.synchronize()  # the wired limit must not change during an evaluation
+            self.wired_limit = None
+            self._wired.release()
         mx.clear_cache()  # give the freed weights and KV caches back to the system
 
     def _send(self, work: _Work, event: EngineEvent) -> None:
         work.generation.put(event)
 
-    def _generate(self, work: _Work) -> None:
+    def _generate(self, work: _Work) -> str:
+        """Run a job; its ending ("stop", "length"), once its cache entry is stored."""
         from mlx_lm.models.cache import make_prompt_cache
         from mlx_lm.sample_utils import make_sampler
 
@@ -329,7 +390,7 @@ class Engine:
                 max_tokens=job.max_tokens,
                 sampler=sampler,
                 processors=self._processors(job),
-                prefill_step=self._prefill_step,
+                prefill_step=self.prefill_step,
                 check=check,
                 history=job.prompt[:done],
                 quantize=self._quantize,
@@ -337,20 +398,20 @@ class Engine:
             try:
                 for token in steps:
                     if not generated:
-                        self._send(work, Prefilled(len(job.prompt), time.perf_counter() - started, cached, reuse.kind if reuse else ""))
+                        took = time.perf_counter() - started
+                        self._send(work, Prefilled(len(job.prompt), took, cached, reuse.kind if reuse else "", reuse.lookup if reuse else ""))
                     generated.append(token)
                     if work.generation.cancelled:
                         raise Cancelled
                     if token in loaded.eos_ids:
-                        self._send(work, Done("stop"))
-                        return
+                        return "stop"
                     self._send(work, Token(token))
                     if len(generated) == 1 and self.cache and not trimmable(kv):
                         # The prompt alone, before its answer: the next turn re-renders
                         # the answer and may part from it right there, and a cache that
                         # cannot be trimmed is reused by exact prefix only.
                         self.cache.store(job.prompt, prefix_copy(kv, len(job.prompt)), side=job.side)
-                self._send(work, Done("length"))
+                return "length"
             finally:
                 steps.close()
         except Cancelled:
@@ -362,9 +423,11 @@ class Engine:
             # Whatever the KV cache holds now (all of it, or the prefill done before a
             # cancel or a timeout) is kept, so the next turn, or a retry, resumes from it.
             # Not after a failure: a forward pass cut short leaves its layers disagreeing.
-            if self.cache and not failed:
-                self.cache.store((job.prompt + generated)[: fed.count], kv, prompt=len(job.prompt), side=job.side)
-                self.cache.save()
+            # (Before the last event goes out, so that it says what became of the entry.)
+            if self.cache and failed:
+                work.store = FAILED
+            elif self.cache:
+                work.store = self.cache.store((job.prompt + generated)[: fed.count], kv, prompt=len(job.prompt), side=job.side)
 
     def _processors(self, job: Job) -> list | None:
         from mlx_lm.sample_utils import make_logits_processors
@@ -386,7 +449,7 @@ class Engine:
         while tokens:
             if work.generation.cancelled:
                 raise Cancelled
-            n = min(self._prefill_step, len(tokens), chunk_end(self._quantize, model.count) - model.count)
+            n = min(self.prefill_step, len(tokens), chunk_end(self._quantize, model.count) - model.count)
             model(mx.array(tokens[:n])[None], cache=kv)
             quantize_due(kv, self._quantize, model.count)
             mx.eval([c.state for c in kv])

@@ -49,6 +49,12 @@ class Record(Struct, omit_defaults=True):
     cached_tokens: int | None = None
     # The kind of prefix-cache entry they came from: conversation or checkpoint.
     cache_source: str | None = None
+    # Why no more came from the cache: hit (all any entry shares), no_entries, no_prefix,
+    # not_trimmable (an entry shares more, but can only be extended).
+    cache_lookup: str | None = None
+    # What became of the request's own entry: stored, too_large (over [cache] max_gb
+    # alone), over_budget (the checkpoints kept fill it), miscounted, empty, failed.
+    cache_store: str | None = None
     queue_wait_s: float | None = None
     prefill_s: float | None = None
     ttft_s: float | None = None

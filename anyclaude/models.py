@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import blas
 from .engine import Loaded
+from .metal import metal_info
 from .profiles import Engine as EngineSettings
 from .profiles import Model
 
@@ -88,21 +89,6 @@ def size_on_disk(model: Model, relative_to: Path) -> int | None:
     except ModelError:
         return None
     return None if path is None else disk_size(path)
-
-
-def metal_info() -> dict | None:
-    """MLX's Metal device info, or None where MLX has no Metal (or does not import)."""
-    try:
-        import mlx.core as mx
-    except ImportError:
-        return None
-    if not mx.metal.is_available():
-        return None
-    device_info = getattr(mx, "device_info", None) or mx.metal.device_info
-    try:
-        return dict(device_info())
-    except (RuntimeError, TypeError, ValueError):  # informative only
-        return {}
 
 
 def memory_budget() -> tuple[int, str]:

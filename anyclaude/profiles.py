@@ -66,7 +66,8 @@ class Engine(_Section):
     # On a CPU-only machine, run a quantized model dequantized (several times faster).
     cpu_dequantize: bool = True
     # Prompt tokens per prefill step; a cancelled request stops between steps.
-    prefill_step: int = 512
+    # Default: 2048 on Metal (mlx-lm's), 512 on the CPU.
+    prefill_step: int | None = None
     # Requests that may wait for a busy engine; more are refused with 529.
     queue_size: int = 8
     # Quantize attention layers' keys and values to 4 or 8 bits (fits 4x or 2x the

@@ -207,6 +207,7 @@ class Outcome(Struct):
     tool_parse_errors: list[str] = []
     cached_tokens: int | None = None
     cache_source: str | None = None
+    cache_lookup: str | None = None
     # The generated token ids (for the session's miss diagnostics).
     tokens: list[int] = []
 
@@ -268,6 +269,7 @@ async def drive(
                 outcome.prefill_seconds = event.seconds
                 outcome.cached_tokens = event.cached
                 outcome.cache_source = event.source or None
+                outcome.cache_lookup = event.lookup or None
                 stream.cached(event.cached)
             elif isinstance(event, Token):
                 first = first or now

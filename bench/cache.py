@@ -578,12 +578,12 @@ def model_directory() -> str:
 def run(turns: int, max_tokens: int, max_gb: float) -> dict:
     from mlx_lm.utils import load_tokenizer
 
-    from anyclaude import blas, profiles
+    from anyclaude import blas, metal, profiles
 
     model_dir = model_directory()
     # The reference prefills in the same chunks as the daemon, so that the ratio shows what
     # the daemon adds; mlx_lm.server keeps its own default (2048).
-    prefill_step = profiles.load("tiny").profile.engine.prefill_step
+    prefill_step = profiles.load("tiny").profile.engine.prefill_step or metal.default_prefill_step()
     tokenizer = load_tokenizer(Path(model_dir))
     dequantize = blas.loaded()
     reference = Reference(model_dir, prefill_step)

@@ -473,13 +473,13 @@ def main() -> int:
     import mlx.core as mx
     from mlx_lm.utils import load_tokenizer
 
-    from anyclaude import models, profiles
+    from anyclaude import metal, models, profiles
 
     started = time.monotonic()
     profile = profiles.load("tiny").profile
     (model,) = profile.models.values()
     tokenizer = load_tokenizer(Path(models.prepare(model)))
-    prefill_step = profile.engine.prefill_step  # the daemon's chunks
+    prefill_step = profile.engine.prefill_step or metal.default_prefill_step()  # the daemon's chunks
     work = workload(tokenizer, args.turns)
     results = [run_architecture(a, tokenizer, work, prefill_step, args.repeat) for a in args.only or WIDER]
 

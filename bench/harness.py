@@ -99,9 +99,10 @@ class Daemon:
             self._out.close()
 
 
-def serving(directory: Path, cache: Path, name: str, **sections):
+def serving(directory: Path, cache: Path, name: str, /, **sections):
     """A daemon on a copy of the tiny profile with `sections` changed, ready, and stopped
-    (cleanly, or the caller hears of it) once the generator is closed: for fixtures."""
+    (cleanly, or the caller hears of it) once the generator is closed: for fixtures.
+    (Positional parameters: a `cache` section is one of `sections`.)"""
     daemon = Daemon(str(profile_file(directory, name, **sections)), cache, directory / "daemon.log")
     try:
         daemon.wait_ready()

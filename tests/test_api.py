@@ -65,7 +65,7 @@ def test_models_list_terminates_and_retrieve(client):
         client.models.retrieve("gpt-4o")
 
 
-def test_stop_sequence_is_reported_and_cut(client):
+def test_stop_sequence_is_reported_and_cut(client, daemon):
     message = client.messages.create(
         model=MODEL,
         max_tokens=40,
@@ -76,6 +76,11 @@ def test_stop_sequence_is_reported_and_cut(client):
     text = "".join(b.text for b in message.content if b.type == "text")
     assert message.stop_reason == "stop_sequence" and message.stop_sequence == "Paris"
     assert "Paris" not in text
+    # The answer ended before the engine did: the log line follows once it has, and says
+    # what the engine kept.
+    daemon.wait_idle()
+    (logged,) = [r for r in daemon.records() if r["request_id"] == message._request_id]
+    assert logged["outcome"] == "stop_sequence" and logged["cache_store"] == "stored"
 
 
 def test_max_tokens_stop_reason_and_usage(client):

@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from anyclaude.cache import CHECKPOINT, PrefixCache, length, nbytes
+from anyclaude.cache import CHECKPOINT, PrefixCache, Reuse, length, nbytes
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +151,54 @@ def test_settings_apply_to_a_running_cache(model, tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
     cache.configure(0, None)
     assert cache.entries == 0
+
+
+def test_store_says_what_became_of_an_entry(model):
+    shared = ids(model, SYSTEM)
+    checkpoint, _ = prefill(model, shared)
+    conversation = shared + ids(model, "Tell me about the sea.")
+    kv, _ = prefill(model, conversation)
+    assert PrefixCache(2**30).store(conversation, kv) == "stored"
+    alone = PrefixCache(nbytes(kv) - 1)
+    assert alone.store(conversation, kv) == "too_large" and alone.entries == 0
+    # Room for the checkpoint, not for both: the conversation goes first, at once.
+    full = PrefixCache(nbytes(checkpoint) + nbytes(kv) - 1)
+    assert full.store(shared, checkpoint, CHECKPOINT) == "stored"
+    assert full.store(conversation, kv) == "over_budget" and full.entries == 1 and full.has(shared, CHECKPOINT)
+    # Tokens the layers do not hold, or none: nothing that could be reused.
+    assert PrefixCache(2**30).store(conversation[:-1], kv) == "miscounted"
+    assert PrefixCache(2**30).store([], kv) == "empty"
+
+
+def test_a_lookup_says_why_it_reused_no_more(model):
+    cache = PrefixCache(2**30)
+    shared = ids(model, SYSTEM)
+    question = shared + ids(model, "Name a prime number.")
+    assert cache.fetch(question) == Reuse(None, 0, lookup="no_entries")
+    elsewhere = ids(model, "Something else entirely. " + SYSTEM)
+    assert elsewhere[0] != question[0]
+    cache.store(elsewhere, prefill(model, elsewhere)[0])
+    assert cache.fetch(question) == Reuse(None, 0, lookup="no_prefix")
+    cache.store(shared, prefill(model, shared)[0], CHECKPOINT)
+    reuse = cache.fetch(question)
+    assert reuse.tokens == len(shared) and reuse.lookup == "hit"
+
+
+def test_a_cache_that_cannot_be_trimmed_is_reused_by_exact_prefix_and_the_lookup_says_so(tokenizer):
+    from families import build
+
+    net = build("lfm2")  # convolution state: cannot be cut back
+    cache = PrefixCache(2**30)
+    shared = tokenizer.encode(SYSTEM, add_special_tokens=False)
+    long = shared + tokenizer.encode("Tell me about the sea and the sky.", add_special_tokens=False)
+    kv = make_prompt_cache(net)
+    mx.eval(net(mx.array(long)[None], cache=kv))
+    cache.store(long, kv)
+    other = shared + tokenizer.encode("Tell me about a prime number.", add_special_tokens=False)
+    assert cache.fetch(other) == Reuse(None, 0, lookup="not_trimmable")
+    checkpoint = make_prompt_cache(net)
+    mx.eval(net(mx.array(shared)[None], cache=checkpoint))
+    cache.store(shared, checkpoint, CHECKPOINT)
+    # The checkpoint, an exact prefix, is reused; the conversation shares more, in vain.
+    reuse = cache.fetch(other)
+    assert reuse.tokens == len(shared) and reuse.kind == CHECKPOINT and reuse.lookup == "not_trimmable"

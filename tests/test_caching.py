@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from bench.harness import request  # noqa: F401
+import anthropic
+import pytest
+
+from bench.harness import request, serving  # noqa: F401
 
 MODEL = "claude-opus-4-8"
 GREEDY = {"extra_body": {"temperature": 0}}
@@ -32,7 +35,8 @@ def test_usage_agrees_between_count_tokens_message_start_the_body_and_the_log(cl
     assert start.cache_read_input_tokens == final.usage.cache_read_input_tokens == total - 1
     logged = record(daemon, request_id)
     assert logged["prompt_tokens"] == total and logged["cached_tokens"] == total - 1
-    assert logged["cache_source"] == "conversation"
+    assert logged["cache_source"] == "conversation" and logged["cache_lookup"] == "hit"
+    assert logged["cache_store"] == "stored"
 
 
 def test_a_session_turn_reuses_the_last_one_and_a_changed_system_prompt_is_named(client, daemon):
@@ -73,3 +77,20 @@ def test_images_a_model_cannot_see_are_counted_and_warned_of_once(client, daemon
         reply = client.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [image, image, {"type": "text", "text": "What is this?"}]}], **GREEDY)
         assert record(daemon, reply._request_id)["images_unseen"] == 2
     assert daemon.output().count("cannot see images") == 1
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory, model_cache, tiny_model):
+    # About 100 KB: less than the KV cache of the shortest prompt.
+    yield from serving(tmp_path_factory.mktemp("small-cache"), model_cache, "small-cache", cache={"max_gb": 0.0001})
+
+
+def test_an_entry_larger_than_the_budget_is_logged_as_such_and_the_next_turn_as_finding_none(small_cache):
+    client = anthropic.Anthropic(base_url=small_cache.url, api_key="sk-local-test", max_retries=0, timeout=300)
+    body = dict(model=MODEL, max_tokens=4, system="You answer in one word.", messages=[{"role": "user", "content": "Name a fruit."}], **GREEDY)
+    first, second = client.messages.create(**body), client.messages.create(**body)
+    one, two = record(small_cache, first._request_id), record(small_cache, second._request_id)
+    assert one["cache_store"] == two["cache_store"] == "too_large"
+    assert one["cache_lookup"] == two["cache_lookup"] == "no_entries"
+    assert two["cached_tokens"] == 0 and "cache_source" not in two
+    assert second.usage.cache_read_input_tokens == 0

@@ -51,23 +51,25 @@ class Conversation:
             self.model.calls, self.model.generation = cut_after, generation
             engine.submit(Job(prompt=prompt, max_tokens=ANSWER, sampling=GREEDY, checkpoint=checkpoint), generation)
             tokens, cached = [], None
+            self.lookup = None
             while True:
                 event = await generation.next()
                 if isinstance(event, Prefilled):
-                    cached = event.cached
+                    cached, self.lookup = event.cached, event.lookup
                 elif isinstance(event, Token):
                     tokens.append(event.id)
                 elif isinstance(event, (Done, Failed)):
                     self.model.calls = None
                     assert not isinstance(event, Failed), event
+                    self.store = event.store  # what became of the request's cache entry
                     return tokens, cached, event.reason
 
         return asyncio.run(run())
 
     def turn(self, prompt: list[int], checkpoint: int = 0) -> tuple[list[int], int]:
         """The answer with the cache (and what it reused), checked against no cache."""
-        answer, cached, _ = self.ask(self.cached, prompt, checkpoint)
         reference, _, _ = self.ask(self.plain, prompt)
+        answer, cached, _ = self.ask(self.cached, prompt, checkpoint)  # last: its lookup and store stay
         assert answer == reference, "the answer depends on the cache"
         return answer, cached
 
@@ -102,7 +104,7 @@ def test_a_claude_code_conversation_reuses_the_cache_and_answers_as_without_it(a
 
         first = system + user("Read the README and tell me what it says.")
         a1, cached = chat.turn(first, checkpoint=len(system))
-        assert cached == 0
+        assert cached == 0 and chat.lookup == "no_entries" and chat.store == "stored"
         # The next turn: the answer re-rendered, then the user's reply.
         second = first + a1 + end + user("Now run the tests.")
         a2, cached = chat.turn(second, checkpoint=len(system))
@@ -110,13 +112,16 @@ def test_a_claude_code_conversation_reuses_the_cache_and_answers_as_without_it(a
         # A side request (a title, a classifier) shares only the system prompt.
         _, cached = chat.turn(system + user("Write a title for this chat."), checkpoint=len(system))
         assert cached >= len(system)
+        # The conversations share its "<|im_start|>user\n" too; only plain attention is cut back to it.
+        trims = architecture == "llama"
+        assert chat.lookup == ("hit" if trims else "not_trimmable") and (cached > len(system)) is trims
         # A branch: the same history as the second turn, another reply.
         _, cached = chat.turn(first + a1 + end + user("No, show me the diff."), checkpoint=len(system))
         assert cached >= len(first)
         # A prefill cut short (a hang-up), then the retry: it resumes where the cut was.
         long = second + a2 + end + user("Summarise every file in the repository, one line each. " * 12)
         _, _, reason = chat.ask(chat.cached, long, len(system), cut_after=4)
-        assert reason == "cancelled"
+        assert reason == "cancelled" and chat.store == "stored"
         _, cached = chat.turn(long, checkpoint=len(system))
         assert cached >= len(second) + 3 * 32, (cached, len(second))
         assert chat.cached.cache.peak_bytes <= chat.cached.cache.max_bytes

@@ -173,6 +173,8 @@ def test_a_hang_up_during_prefill_frees_the_engine_within_a_chunk(daemon, stream
     assert total > 5 * STEP and reused <= total - 2 * STEP, (total, reused)
     cancelled = [r for r in daemon.records() if r.get("prompt_tokens") == total and r["outcome"] == "cancelled" and r["stream"] is stream]
     assert len(cancelled) == 1
+    # Its line waited for the engine to stop, and says the prefill done so far was kept.
+    assert cancelled[0]["cache_store"] == "stored"
 
 
 def test_a_large_request_does_not_hold_up_the_others(daemon):
@@ -231,9 +233,9 @@ def test_a_sampler_that_fails_leaves_nothing_broken_for_the_next_request(tiny_ne
     try:
         failed = asyncio.run(run(model.args.vocab_size))
         assert isinstance(failed, Failed) and "top_k" in failed.message
-        assert engine.cache.entries == 0  # nothing kept of a request that failed
+        assert engine.cache.entries == 0 and failed.store == "failed"  # nothing kept of a request that failed
         for _ in range(2):
-            assert asyncio.run(run(20)) == Done("length")
+            assert asyncio.run(run(20)) == Done("length", store="stored")
     finally:
         engine.stop()
         engine.wait_stopped()

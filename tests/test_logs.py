@@ -96,6 +96,7 @@ def test_a_client_that_goes_away_is_logged_cancelled_and_frees_the_engine(daemon
     assert daemon.wait_idle(timeout=10) < 5
     (record,) = [r for r in daemon.records() if r["request_id"] == request_id]
     assert record["outcome"] == "cancelled" and record["output_tokens"] < 500
+    assert record["cache_store"] == "stored"  # what it computed is kept, and its line says so
 
 
 # Run in a child, because a file size limit is per process: a record written whole, one

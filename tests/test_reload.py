@@ -57,16 +57,21 @@ def test_edits_apply_and_broken_edits_are_reported_while_a_client_streams(tmp_pa
     try:
         daemon.wait_ready()
         first = health(daemon)["revision"]
+        # Not set in the profile: the CPU's prefill step; no wired limit off Metal.
+        assert health(daemon)["models"]["smollm2"]["prefill_step"] == 512
+        assert health(daemon)["models"]["smollm2"]["wired_limit_bytes"] is None
         traffic.start()
 
         data = tomllib.loads(path.read_text())
         data["sampling"]["temperature"] = 0.5
         data["timeouts"]["idle"] = 25
         data.setdefault("cache", {})["max_gb"] = 0.5
+        data.setdefault("engine", {})["prefill_step"] = 300
         profiles.write(path, data)  # temporary file, then rename: as editors save
         state = until(daemon, lambda h: h["revision"] != first)
         assert state["sampling"]["temperature"] == 0.5 and state["timeouts"]["idle"] == 25
         assert state["models"]["smollm2"]["cache_budget_bytes"] == 2**29
+        assert state["models"]["smollm2"]["prefill_step"] == 300  # the profile's wins
         assert state["reload_error"] is None
         edited = state["revision"]
 
