@@ -1,0 +1,159 @@
+"""The thinking budget (anyclaude.budget) on the tiny model's real tokenizer and model."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from anyclaude import decode, toolcalls
+from anyclaude.budget import Budget, limit
+
+PROMPT = "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def special(tiny_model):
+    """The tiny tokenizer with `<think>` and `</think>` as single special tokens."""
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(tiny_model, {"extra_special_tokens": ["<think>", "</think>"]})
+
+
+@pytest.fixture(params=["multi", "special"])
+def tok(request, tokenizer, special):
+    return tokenizer if request.param == "multi" else special
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def run(processor, tokenizer, prompt: str, script: list[int]) -> tuple[list[int], list[bool]]:
+    """Generate with `processor`: each step takes the one token it allows when it masks
+    all others, or else the next one of `script` (a model free to choose). Returns the
+    tokens and, for each, whether it was forced."""
+    width = len(tokenizer._tokenizer)
+    seen = ids(tokenizer, prompt)
+    out, forced = [], []
+    script = list(script)
+    while script:
+        logits = processor(mx.array(seen), mx.zeros((1, width)))
+        finite = np.flatnonzero(np.isfinite(np.asarray(logits[0])))
+        if finite.size == width:
+            token = script.pop(0)
+        else:
+            assert finite.size == 1
+            token = int(finite[0])
+        out.append(token)
+        forced.append(finite.size == 1)
+        seen.append(token)
+    return out, forced
+
+
+def test_the_format_has_the_markers_as_expected(tokenizer, special):
+    assert toolcalls.format_for(tokenizer).think_end == toolcalls.format_for(special).think_end == "</think>"
+    assert len(ids(tokenizer, "</think>")) == 3 and ids(special, "</think>") == [special.convert_tokens_to_ids("</think>")]
+
+
+def test_open_from_the_prompt_closes_at_the_budget_then_is_free(tok):
+    fmt = toolcalls.format_for(tok)
+    budget = Budget(tok, fmt, 6, open=True)
+    reasoning = ids(tok, " hmm") * 3
+    assert len(reasoning) == 6
+    # After the close the model writes what it likes, markers included.
+    after = ids(tok, " Yes. <think> More. </think> Done.") + ids(tok, " hmm") * 8
+    out, forced = run(budget, tok, PROMPT + "<think>\n", reasoning + after)
+    end = ids(tok, "</think>")
+    assert out[:6] == reasoning and not any(forced[:6])
+    assert out[6 : 6 + len(end)] == end and all(forced[6 : 6 + len(end)])
+    assert out[6 + len(end) :] == after and not any(forced[6 + len(end) :])
+    assert budget.state == "done" and budget.spent == 6
+
+
+def test_counting_starts_when_the_model_opens_reasoning(tok):
+    fmt = toolcalls.format_for(tok)
+    budget = Budget(tok, fmt, 4, open=False)
+    start = ids(tok, "<think>")
+    # Text before the start marker, and the marker itself, are not reasoning.
+    script = ids(tok, "Well, ") + start + ids(tok, " hmm") * 10
+    out, forced = run(budget, tok, PROMPT, script)
+    opened = len(ids(tok, "Well, ")) + len(start)
+    end = ids(tok, "</think>")
+    assert not any(forced[: opened + 4])
+    assert out[opened + 4 : opened + 4 + len(end)] == end and all(forced[opened + 4 : opened + 4 + len(end)])
+
+
+def test_never_opened_means_never_forced(tok):
+    budget = Budget(tok, toolcalls.format_for(tok), 2, open=False)
+    _, forced = run(budget, tok, PROMPT, ids(tok, " The answer is forty-two, as everyone knows.") * 2)
+    assert not any(forced) and budget.spent == 0
+
+
+def test_the_prompt_is_not_output(tok):
+    # A prompt holding a closed reasoning block (an earlier turn) still ends in an open one.
+    budget = Budget(tok, toolcalls.format_for(tok), 3, open=True)
+    _, forced = run(budget, tok, PROMPT + "<think>\nOld.</think>Old answer.<think>\n", ids(tok, " hmm") * 6)
+    assert forced[3] and not any(forced[:3])
+
+
+@pytest.mark.parametrize("close", ["</think>", " </think>", "\n\n</think>\n\n"])
+def test_a_model_that_closes_in_time_is_left_alone(tok, close):
+    budget = Budget(tok, toolcalls.format_for(tok), 12, open=True)
+    # " </think>" is other tokens than the marker's own: the text still closes reasoning.
+    closing = ids(tok, close)
+    _, forced = run(budget, tok, PROMPT + "<think>\n", ids(tok, " hmm") * 3 + closing + ids(tok, " Yes.") * 12)
+    assert not any(forced) and budget.state == "done" and budget.spent < 6 + len(closing)
+
+
+@pytest.mark.parametrize("begun, spaced", [("</", ""), (" </", " "), ("</think", "")])
+def test_a_marker_begun_at_the_budget_is_completed(tokenizer, begun, spaced):
+    begun_ids = ids(tokenizer, begun)
+    budget = Budget(tokenizer, toolcalls.format_for(tokenizer), 6 + len(begun_ids), open=True)
+    answer = ids(tokenizer, " Yes.")
+    out, forced = run(budget, tokenizer, PROMPT + "<think>\n", ids(tokenizer, " hmm") * 3 + begun_ids + answer)
+    assert tokenizer.decode(out) == f" hmm hmm hmm{spaced}</think> Yes."
+    assert out[-len(answer) :] == answer and not any(forced[: 6 + len(begun_ids)]) and not any(forced[-len(answer) :])
+    assert all(forced[6 + len(begun_ids) : -len(answer)])
+
+
+def test_a_call_ends_reasoning(tokenizer):
+    # The parser ends reasoning at a call's start marker: no end marker goes into the call.
+    budget = Budget(tokenizer, toolcalls.format_for(tokenizer), 12, open=True)
+    call = ids(tokenizer, '<tool_call>\n{"name": "Read", "arguments": {"file_path": "/a/long/path/to/some/file.txt"}}\n</tool_call>')
+    _, forced = run(budget, tokenizer, PROMPT + "<think>\n", ids(tokenizer, " hmm") * 2 + call)
+    assert not any(forced) and budget.state == "done"
+
+
+def test_a_zero_budget_closes_at_once(tok):
+    budget = Budget(tok, toolcalls.format_for(tok), 0, open=True)
+    out, forced = run(budget, tok, PROMPT + "<think>\n", ids(tok, " Yes."))
+    end = ids(tok, "</think>")
+    assert out[: len(end)] == end and all(forced[: len(end)]) and not forced[-1]
+
+
+def test_limit():
+    assert limit(1024, 2048, 2048) == 1024  # as asked
+    assert limit(1024, 2048, 64) == 32  # clamped: the same share
+    assert limit(31999, 32000, 4096) == 3072  # clamped: the answer keeps a quarter
+    assert limit(5000, 4000, 4000) == 3000  # more than max_tokens (Anthropic refuses it)
+    assert limit(-1, 100, 100) == 0
+
+
+def test_with_the_real_model_the_answer_follows(tiny_net):
+    """The tiny model never closes `<think>` on its own: the budget does, with the
+    repetition penalty beside it, and the model goes on writing after it."""
+    model, tokenizer = tiny_net
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Think about the number seven."}], add_generation_prompt=True, tokenize=False)
+    prompt += "<think>\n"
+    budget = Budget(tokenizer, toolcalls.format_for(tokenizer), 12, open=True)
+    penalty = make_logits_processors(repetition_penalty=1.2, repetition_context_size=64)
+    out = []
+    for token in decode.tokens(model, ids(tokenizer, prompt), make_prompt_cache(model), max_tokens=24, sampler=make_sampler(temp=0.0), processors=[*penalty, budget]):
+        out.append(token)
+    end = ids(tokenizer, "</think>")
+    assert "</think>" not in tokenizer.decode(out[:12])
+    assert out[12 : 12 + len(end)] == end
+    assert len(out) == 24 and budget.state == "done"
