@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import anthropic
 import mlx.core as mx
+import msgspec
 import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from sse_grammar import check
 
 from anyclaude import decode, toolcalls
 from anyclaude.budget import Budget, limit
+from anyclaude.engine import Engine, Job, Loaded, Sampling
+from bench.harness import request, serving
 
 PROMPT = "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -142,6 +150,15 @@ def test_limit():
     assert limit(-1, 100, 100) == 0
 
 
+def test_the_repetition_penalty_stays_beside_a_budget(tokenizer):
+    # Only a grammar (a forced call) turns the penalty off: it would fight the grammar.
+    engine = Engine(lambda: None)
+    engine.loaded = Loaded(model=None, tokenizer=tokenizer, context_length=8192, eos_ids=frozenset())
+    job = Job(prompt=[1], max_tokens=1, sampling=Sampling(0.0, 1.0, 0, repetition_penalty=1.2), processors=lambda t: ["budget"])
+    assert len(engine._processors(job)) == 2 and engine._processors(job)[-1] == "budget"
+    assert engine._processors(msgspec.structs.replace(job, grammar=True)) == ["budget"]
+
+
 def test_with_the_real_model_the_answer_follows(tiny_net):
     """The tiny model never closes `<think>` on its own: the budget does, with the
     repetition penalty beside it, and the model goes on writing after it."""
@@ -157,3 +174,63 @@ def test_with_the_real_model_the_answer_follows(tiny_net):
     assert "</think>" not in tokenizer.decode(out[:12])
     assert out[12 : 12 + len(end)] == end
     assert len(out) == 24 and budget.state == "done"
+
+
+# --- through the daemon -------------------------------------------------------------
+
+MODEL = "claude-opus-4-8"
+GREEDY = {"extra_body": {"temperature": 0}}
+QUESTION = [{"role": "user", "content": "Think it through step by step: what is 17 times 23?"}]
+ANSWER_CAP = 64  # the profile's max_tokens: every request is clamped to it
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory, model_cache, tiny_model):
+    """A daemon on the tiny model with Qwen3.5's chat template, whose generation prompt
+    opens `<think>` (an ordinary-text marker for this vocabulary)."""
+    directory = tmp_path_factory.mktemp("budget")
+    model = directory / "model"
+    model.mkdir()
+    for f in tiny_model.iterdir():
+        if f.name != "tokenizer_config.json":
+            (model / f.name).symlink_to(f)
+    config = json.loads((tiny_model / "tokenizer_config.json").read_text())
+    config["chat_template"] = (Path(__file__).parent / "templates" / "Qwen3.5-4B.jinja").read_text()
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    yield from serving(directory, model_cache, "budget", models={"smollm2": {"path": str(model), "max_tokens": ANSWER_CAP}})
+
+
+@pytest.fixture(scope="module")
+def thinking_client(thinker) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=thinker.url, api_key="sk-local-test", max_retries=0, timeout=300)
+
+
+def test_without_a_budget_the_tiny_model_only_thinks(thinking_client):
+    # What the budget is for: on its own this model never closes its reasoning (it
+    # ends it with the turn), so it never answers.
+    message = thinking_client.messages.create(model=MODEL, max_tokens=40, thinking={"type": "adaptive"}, messages=QUESTION, **GREEDY)
+    assert [b.type for b in message.content] == ["thinking"] and message.usage.output_tokens > 32
+
+
+def test_the_thinking_block_closes_at_the_budget_and_the_answer_follows(thinking_client, tokenizer):
+    # A request Anthropic accepts; the profile clamps its max_tokens to 64, and the
+    # budget with it, to the same share: 1024 of 2048 -> 32 of 64.
+    message = thinking_client.messages.create(
+        model=MODEL, max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024}, messages=QUESTION, **GREEDY
+    )
+    assert [b.type for b in message.content] == ["thinking", "text"]
+    thinking, text = message.content
+    assert 16 < len(ids(tokenizer, thinking.thinking)) <= limit(1024, 2048, ANSWER_CAP) == 32
+    assert thinking.signature and text.text.strip() and "think>" not in text.text
+    assert message.usage.output_tokens > 32
+
+
+def test_a_streamed_budget_is_a_well_formed_thinking_block_then_text(thinker, tokenizer):
+    body = dict(model=MODEL, max_tokens=40, stream=True, temperature=0, thinking={"type": "enabled", "budget_tokens": 8}, messages=QUESTION)
+    reply = request(thinker.port, "POST", "/v1/messages", json.dumps(body).encode())
+    events = check(reply.body)
+    starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    assert [b["type"] for b in starts] == ["thinking", "text"]
+    thought = "".join(e["delta"].get("thinking", "") for e in events if e["type"] == "content_block_delta")
+    assert 0 < len(ids(tokenizer, thought)) <= 8
+
