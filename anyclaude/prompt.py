@@ -121,9 +121,10 @@ def _encode(tokenizer, text: str) -> np.ndarray:
 
 
 def thinking_wanted(request: wire.CountTokensRequest) -> bool:
-    """Whether to switch the template's reasoning on: `enabled`, or `adaptive` unless effort is low."""
+    """Whether to switch the template's reasoning on: `enabled`, or `adaptive` unless effort
+    is low; never for a forced call (tool_choice any or tool), written from the first token."""
     thinking = request.thinking
-    if thinking is None or thinking.type == "disabled":
+    if thinking is None or thinking.type == "disabled" or (request.tool_choice and request.tool_choice.type in ("any", "tool")):
         return False
     effort = request.output_config.effort if request.output_config else None
     return thinking.type == "enabled" or effort != "low"

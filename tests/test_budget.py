@@ -14,7 +14,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from sse_grammar import check
 
-from anyclaude import decode, toolcalls
+from anyclaude import budget, decode, prompt, toolcalls, wire
 from anyclaude.budget import Budget, limit
 from anyclaude.engine import Engine, Job, Loaded, Sampling
 from bench.harness import request, serving
@@ -68,26 +68,26 @@ def test_the_format_has_the_markers_as_expected(tokenizer, special):
 
 def test_open_from_the_prompt_closes_at_the_budget_then_is_free(tok):
     fmt = toolcalls.format_for(tok)
-    budget = Budget(tok, fmt, 6, open=True)
+    processor = Budget(tok, fmt, 6, open=True)
     reasoning = ids(tok, " hmm") * 3
     assert len(reasoning) == 6
     # After the close the model writes what it likes, markers included.
     after = ids(tok, " Yes. <think> More. </think> Done.") + ids(tok, " hmm") * 8
-    out, forced = run(budget, tok, PROMPT + "<think>\n", reasoning + after)
+    out, forced = run(processor, tok, PROMPT + "<think>\n", reasoning + after)
     end = ids(tok, "</think>")
     assert out[:6] == reasoning and not any(forced[:6])
     assert out[6 : 6 + len(end)] == end and all(forced[6 : 6 + len(end)])
     assert out[6 + len(end) :] == after and not any(forced[6 + len(end) :])
-    assert budget.state == "done" and budget.spent == 6
+    assert processor.state == "done" and processor.spent == 6
 
 
 def test_counting_starts_when_the_model_opens_reasoning(tok):
     fmt = toolcalls.format_for(tok)
-    budget = Budget(tok, fmt, 4, open=False)
+    processor = Budget(tok, fmt, 4, open=False)
     start = ids(tok, "<think>")
     # Text before the start marker, and the marker itself, are not reasoning.
     script = ids(tok, "Well, ") + start + ids(tok, " hmm") * 10
-    out, forced = run(budget, tok, PROMPT, script)
+    out, forced = run(processor, tok, PROMPT, script)
     opened = len(ids(tok, "Well, ")) + len(start)
     end = ids(tok, "</think>")
     assert not any(forced[: opened + 4])
@@ -95,33 +95,33 @@ def test_counting_starts_when_the_model_opens_reasoning(tok):
 
 
 def test_never_opened_means_never_forced(tok):
-    budget = Budget(tok, toolcalls.format_for(tok), 2, open=False)
-    _, forced = run(budget, tok, PROMPT, ids(tok, " The answer is forty-two, as everyone knows.") * 2)
-    assert not any(forced) and budget.spent == 0
+    processor = Budget(tok, toolcalls.format_for(tok), 2, open=False)
+    _, forced = run(processor, tok, PROMPT, ids(tok, " The answer is forty-two, as everyone knows.") * 2)
+    assert not any(forced) and processor.spent == 0
 
 
 def test_the_prompt_is_not_output(tok):
     # A prompt holding a closed reasoning block (an earlier turn) still ends in an open one.
-    budget = Budget(tok, toolcalls.format_for(tok), 3, open=True)
-    _, forced = run(budget, tok, PROMPT + "<think>\nOld.</think>Old answer.<think>\n", ids(tok, " hmm") * 6)
+    processor = Budget(tok, toolcalls.format_for(tok), 3, open=True)
+    _, forced = run(processor, tok, PROMPT + "<think>\nOld.</think>Old answer.<think>\n", ids(tok, " hmm") * 6)
     assert forced[3] and not any(forced[:3])
 
 
 @pytest.mark.parametrize("close", ["</think>", " </think>", "\n\n</think>\n\n"])
 def test_a_model_that_closes_in_time_is_left_alone(tok, close):
-    budget = Budget(tok, toolcalls.format_for(tok), 12, open=True)
+    processor = Budget(tok, toolcalls.format_for(tok), 12, open=True)
     # " </think>" is other tokens than the marker's own: the text still closes reasoning.
     closing = ids(tok, close)
-    _, forced = run(budget, tok, PROMPT + "<think>\n", ids(tok, " hmm") * 3 + closing + ids(tok, " Yes.") * 12)
-    assert not any(forced) and budget.state == "done" and budget.spent < 6 + len(closing)
+    _, forced = run(processor, tok, PROMPT + "<think>\n", ids(tok, " hmm") * 3 + closing + ids(tok, " Yes.") * 12)
+    assert not any(forced) and processor.state == "done" and processor.spent < 6 + len(closing)
 
 
 @pytest.mark.parametrize("begun, spaced", [("</", ""), (" </", " "), ("</think", "")])
 def test_a_marker_begun_at_the_budget_is_completed(tokenizer, begun, spaced):
     begun_ids = ids(tokenizer, begun)
-    budget = Budget(tokenizer, toolcalls.format_for(tokenizer), 6 + len(begun_ids), open=True)
+    processor = Budget(tokenizer, toolcalls.format_for(tokenizer), 6 + len(begun_ids), open=True)
     answer = ids(tokenizer, " Yes.")
-    out, forced = run(budget, tokenizer, PROMPT + "<think>\n", ids(tokenizer, " hmm") * 3 + begun_ids + answer)
+    out, forced = run(processor, tokenizer, PROMPT + "<think>\n", ids(tokenizer, " hmm") * 3 + begun_ids + answer)
     assert tokenizer.decode(out) == f" hmm hmm hmm{spaced}</think> Yes."
     assert out[-len(answer) :] == answer and not any(forced[: 6 + len(begun_ids)]) and not any(forced[-len(answer) :])
     assert all(forced[6 + len(begun_ids) : -len(answer)])
@@ -129,15 +129,15 @@ def test_a_marker_begun_at_the_budget_is_completed(tokenizer, begun, spaced):
 
 def test_a_call_ends_reasoning(tokenizer):
     # The parser ends reasoning at a call's start marker: no end marker goes into the call.
-    budget = Budget(tokenizer, toolcalls.format_for(tokenizer), 12, open=True)
+    processor = Budget(tokenizer, toolcalls.format_for(tokenizer), 12, open=True)
     call = ids(tokenizer, '<tool_call>\n{"name": "Read", "arguments": {"file_path": "/a/long/path/to/some/file.txt"}}\n</tool_call>')
-    _, forced = run(budget, tokenizer, PROMPT + "<think>\n", ids(tokenizer, " hmm") * 2 + call)
-    assert not any(forced) and budget.state == "done"
+    _, forced = run(processor, tokenizer, PROMPT + "<think>\n", ids(tokenizer, " hmm") * 2 + call)
+    assert not any(forced) and processor.state == "done"
 
 
 def test_a_zero_budget_closes_at_once(tok):
-    budget = Budget(tok, toolcalls.format_for(tok), 0, open=True)
-    out, forced = run(budget, tok, PROMPT + "<think>\n", ids(tok, " Yes."))
+    processor = Budget(tok, toolcalls.format_for(tok), 0, open=True)
+    out, forced = run(processor, tok, PROMPT + "<think>\n", ids(tok, " Yes."))
     end = ids(tok, "</think>")
     assert out[: len(end)] == end and all(forced[: len(end)]) and not forced[-1]
 
@@ -165,15 +165,15 @@ def test_with_the_real_model_the_answer_follows(tiny_net):
     model, tokenizer = tiny_net
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Think about the number seven."}], add_generation_prompt=True, tokenize=False)
     prompt += "<think>\n"
-    budget = Budget(tokenizer, toolcalls.format_for(tokenizer), 12, open=True)
+    processor = Budget(tokenizer, toolcalls.format_for(tokenizer), 12, open=True)
     penalty = make_logits_processors(repetition_penalty=1.2, repetition_context_size=64)
     out = []
-    for token in decode.tokens(model, ids(tokenizer, prompt), make_prompt_cache(model), max_tokens=24, sampler=make_sampler(temp=0.0), processors=[*penalty, budget]):
+    for token in decode.tokens(model, ids(tokenizer, prompt), make_prompt_cache(model), max_tokens=24, sampler=make_sampler(temp=0.0), processors=[*penalty, processor]):
         out.append(token)
     end = ids(tokenizer, "</think>")
     assert "</think>" not in tokenizer.decode(out[:12])
     assert out[12 : 12 + len(end)] == end
-    assert len(out) == 24 and budget.state == "done"
+    assert len(out) == 24 and processor.state == "done"
 
 
 # --- through the daemon -------------------------------------------------------------
@@ -182,12 +182,28 @@ MODEL = "claude-opus-4-8"
 GREEDY = {"extra_body": {"temperature": 0}}
 QUESTION = [{"role": "user", "content": "Think it through step by step: what is 17 times 23?"}]
 ANSWER_CAP = 64  # the profile's max_tokens: every request is clamped to it
+# Its generation prompt opens `<think>` (with thinking on), an ordinary-text marker here.
+QWEN35 = (Path(__file__).parent / "templates" / "Qwen3.5-4B.jinja").read_text()
+READ = {"name": "Read", "description": "Reads a file.", "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}}, "required": ["file_path"]}}
+FORCED = dict(tools=[READ], tool_choice={"type": "tool", "name": "Read"}, messages=[{"role": "user", "content": "Read /etc/hosts."}])
+
+
+def test_a_forced_call_turns_reasoning_off(tiny_model):
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model, {"chat_template": QWEN35})
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    for forced, opened in [(False, True), (True, False)]:
+        body = dict(model=MODEL, max_tokens=2048, thinking=thinking, **(FORCED if forced else {"messages": QUESTION}))
+        request = wire.decode_request(json.dumps(body).encode())
+        rendered = prompt.render(request, tokenizer)
+        assert rendered.thinking_open is opened and rendered.text.endswith("<think>\n" if opened else "</think>\n\n")
+        assert (budget.for_request(request, rendered, ANSWER_CAP) is not None) is opened
 
 
 @pytest.fixture(scope="module")
 def thinker(tmp_path_factory, model_cache, tiny_model):
-    """A daemon on the tiny model with Qwen3.5's chat template, whose generation prompt
-    opens `<think>` (an ordinary-text marker for this vocabulary)."""
+    """A daemon on the tiny model with Qwen3.5's chat template."""
     directory = tmp_path_factory.mktemp("budget")
     model = directory / "model"
     model.mkdir()
@@ -195,7 +211,7 @@ def thinker(tmp_path_factory, model_cache, tiny_model):
         if f.name != "tokenizer_config.json":
             (model / f.name).symlink_to(f)
     config = json.loads((tiny_model / "tokenizer_config.json").read_text())
-    config["chat_template"] = (Path(__file__).parent / "templates" / "Qwen3.5-4B.jinja").read_text()
+    config["chat_template"] = QWEN35
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     yield from serving(directory, model_cache, "budget", models={"smollm2": {"path": str(model), "max_tokens": ANSWER_CAP}})
 
@@ -234,3 +250,8 @@ def test_a_streamed_budget_is_a_well_formed_thinking_block_then_text(thinker, to
     thought = "".join(e["delta"].get("thinking", "") for e in events if e["type"] == "content_block_delta")
     assert 0 < len(ids(tokenizer, thought)) <= 8
 
+
+def test_a_forced_call_is_made_without_reasoning(thinking_client):
+    # With reasoning open, this model writes a call that never ends (the grammar takes it).
+    message = thinking_client.messages.create(model=MODEL, max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024}, **FORCED, **GREEDY)
+    assert [b.type for b in message.content] == ["tool_use"] and message.stop_reason == "tool_use"
