@@ -32,8 +32,8 @@ def limit(budget: int, asked: int, allowed: int) -> int:
 
     Unclamped, the budget as given (Anthropic requires it below max_tokens). Clamped, the
     budget shrinks with max_tokens, keeping the request's share of thinking to answering,
-    and leaves the answer at least ANSWER_SHARE: Claude Code asks for a budget one token
-    short of a max_tokens several times what a local model is allowed.
+    and leaves the answer at least ANSWER_SHARE: a client may give nearly all of a
+    max_tokens several times what a local model is allowed to thinking.
     """
     budget = max(0, budget)
     if allowed >= asked and budget < asked:
