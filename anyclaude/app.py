@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from . import constrain, lifeline, logs, misses, profiles, prompt, reload, toolcalls, wire
+from . import budget, constrain, lifeline, logs, misses, profiles, prompt, reload, toolcalls, wire
 from .engine import Job, Sampling
 from .server import Server
 from .errors import (
@@ -374,6 +374,7 @@ class Exchange:
         max_tokens = min(request.max_tokens, model.max_tokens, context - len(rendered.ids))
         defaults = server.profile.sampling
         top_k = defaults.top_k if request.top_k is None else request.top_k
+        forced = _forced_call(request.tool_choice, rendered, loaded.tokenizer)
         job = Job(
             prompt=rendered.ids,
             checkpoint=rendered.checkpoint,
@@ -385,7 +386,8 @@ class Exchange:
                 top_k=0 if top_k >= loaded.vocab_size else top_k,
                 repetition_penalty=defaults.repetition_penalty,
             ),
-            processors=_forced_call(request.tool_choice, rendered, loaded.tokenizer),
+            processors=_together(forced, budget.for_request(request, rendered, max_tokens)),
+            grammar=forced is not None,
             side=self._side(request),
         )
         self.record.side = job.side or None
@@ -555,6 +557,14 @@ def _forced_call(choice: wire.ToolChoice | None, rendered: prompt.Rendered, toke
     except constrain.ConstraintError as exc:
         raise InvalidRequest(f"tools: {exc}") from None
     return lambda tokenizer: [processor]
+
+
+def _together(*factories):
+    """One `Job.processors` factory for several (None where there are none)."""
+    factories = [f for f in factories if f is not None]
+    if not factories:
+        return None
+    return lambda tokenizer: [p for f in factories for p in f(tokenizer)]
 
 
 # The fewest tokens a prompt must leave for its answer (or max_tokens, if smaller).

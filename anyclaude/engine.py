@@ -50,8 +50,11 @@ class Job(Struct, frozen=True):
     sampling: Sampling
     # Tokens of the shared system+tools prefix, kept as a cache checkpoint (0: none).
     checkpoint: int = 0
-    # Gives the logits processors (constrained decoding) on the engine thread, from the tokenizer.
+    # Gives the logits processors (constrained decoding, the thinking budget) on the
+    # engine thread, from the tokenizer.
     processors: Callable[[Any], list] | None = None
+    # Whether those include a grammar (a forced call).
+    grammar: bool = False
     # A side request (Claude Code's haiku model): queued after the main ones, cached apart.
     side: bool = False
 
@@ -435,7 +438,7 @@ class Engine:
         processors = []
         # A grammar decides the structure of a forced call; penalising its repeated
         # quotes and braces would only fight it.
-        if job.sampling.repetition_penalty != 1.0 and not job.processors:
+        if job.sampling.repetition_penalty != 1.0 and not job.grammar:
             processors += make_logits_processors(repetition_penalty=job.sampling.repetition_penalty, repetition_context_size=64)
         if job.processors:
             processors += job.processors(self.loaded.tokenizer)

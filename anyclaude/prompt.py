@@ -152,9 +152,10 @@ def _effort(request: wire.CountTokensRequest) -> str | None:
 
 
 def thinking_wanted(request: wire.CountTokensRequest) -> bool:
-    """Whether to switch the template's reasoning on: `enabled`, or `adaptive` unless effort is low."""
+    """Whether to switch the template's reasoning on: `enabled`, or `adaptive` unless effort
+    is low; never for a forced call (tool_choice any or tool), written from the first token."""
     thinking = request.thinking
-    if thinking is None or thinking.type == "disabled":
+    if thinking is None or thinking.type == "disabled" or (request.tool_choice and request.tool_choice.type in ("any", "tool")):
         return False
     return thinking.type == "enabled" or _effort(request) != "low"
 

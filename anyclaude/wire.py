@@ -194,6 +194,9 @@ def _check(request: CountTokensRequest) -> None:
             raise InvalidRequest(f"tools.{i}.name: a tool name has at most {MAX_TOOL_NAME} characters")
     if request.tool_choice and request.tool_choice.name is not None and len(request.tool_choice.name) > MAX_TOOL_NAME:
         raise InvalidRequest(f"tool_choice.name: a tool name has at most {MAX_TOOL_NAME} characters")
+    thinking = request.thinking
+    if thinking and thinking.budget_tokens is not None and thinking.budget_tokens < 0:
+        raise InvalidRequest("thinking.budget_tokens: must be greater than or equal to 0")
     if not isinstance(request, MessagesRequest):
         return
     if request.max_tokens < 1:

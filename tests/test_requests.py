@@ -105,10 +105,11 @@ VALID = {"model": "claude-opus-4-8", "max_tokens": 4, "messages": [{"role": "use
         (dict(VALID, messages=[{"role": "robot", "content": "hi"}]), 400, "invalid_request_error", "messages.0.role"),
         (dict(VALID, messages=[]), 400, "invalid_request_error", "messages"),
         (dict(VALID, stop_sequences=[""]), 400, "invalid_request_error", "stop sequences must be non-empty"),
+        (dict(VALID, thinking={"type": "enabled", "budget_tokens": -1}), 400, "invalid_request_error", "thinking.budget_tokens"),
         (dict(VALID, model="gpt-4o"), 404, "not_found_error", "gpt-4o"),
         (b"x" * (33 * 1024 * 1024), 413, "request_too_large", "larger than"),
     ],
-    ids=["malformed-json", "missing-max-tokens", "wrong-type", "bad-role", "no-messages", "empty-stop", "unknown-model", "oversized"],
+    ids=["malformed-json", "missing-max-tokens", "wrong-type", "bad-role", "no-messages", "empty-stop", "negative-budget", "unknown-model", "oversized"],
 )
 def test_bad_input_gets_the_envelope_and_the_daemon_keeps_serving(daemon, body, status, kind, message):
     reply = post(daemon, body)
@@ -130,6 +131,8 @@ def test_lenient_input_is_accepted(daemon):
             {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": ""}, {"type": "text", "text": "Hello"}]},
             {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}, {"type": "text", "text": "what is this?"}]},
         ],
+        # Anthropic wants 1024 <= budget_tokens < max_tokens; here any budget is served.
+        thinking={"type": "enabled", "budget_tokens": 16},
         some_future_field={"a": 1},
         speed="fast",
     )
