@@ -304,6 +304,9 @@ class Exchange:
         single_call = choice.disable_parallel_tool_use
         # Admission before any headers: a full queue is a plain 529 the SDKs retry.
         generation = self.generation = scheduler.submit(job)
+        if session and engine.cache and self._header(b"x-claude-code-context-compacted") and (old := server.sessions.last(session)) is not None:
+            # Claude Code compacted the conversation: the old one will not come back.
+            self.record.cache_demoted = engine.cache.demote(old.tolist(), beyond=rendered.checkpoint)
         located = None
         if session and (position := server.sessions.check(session, rendered.ids)) is not None:
             # Finding the part renders the request several times: in a thread, while

@@ -212,6 +212,17 @@ class PrefixCache:
             except OSError:  # a full or read-only disk only costs a cold start later
                 pass
 
+    def demote(self, tokens: list[int], beyond: int) -> int:
+        """Make the conversations that share more than `beyond` tokens with `tokens` (a
+        conversation that was just compacted away) the first to be evicted; how many."""
+        tokens_ = np.asarray(tokens)
+        with self._lock:
+            dead = [e for e in self._entries if e.kind == CONVERSATION and common_prefix(e.tokens, tokens_) > beyond]
+            for entry in dead:  # evicted as side requests' are, and before them
+                entry.used = float("-inf")
+                entry.side = True
+        return len(dead)
+
     def has(self, tokens: list[int], kind: str) -> bool:
         prompt = np.asarray(tokens)
         with self._lock:

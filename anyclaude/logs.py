@@ -47,6 +47,8 @@ class Record(Struct, omit_defaults=True):
     # Images the model could not see (given to it as a note).
     images_unseen: int | None = None
     cached_tokens: int | None = None
+    # Entries of the conversation a compaction replaced, now the first to be evicted.
+    cache_demoted: int | None = None
     # The kind of prefix-cache entry they came from: conversation or checkpoint.
     cache_source: str | None = None
     # Why no more came from the cache: hit (all any entry shares), no_entries, no_prefix,

@@ -38,6 +38,10 @@ class Sessions:
         position = common_prefix(last, np.asarray(ids))
         return position if position < min(len(last), len(ids)) else None
 
+    def last(self, key: tuple) -> np.ndarray | None:
+        """The session's last turn, prompt and answer (None if not seen)."""
+        return self._last.get(key)
+
     def remember(self, key: tuple, tokens: list[int]) -> None:
         self._last[key] = np.asarray(tokens)
         self._last.move_to_end(key)

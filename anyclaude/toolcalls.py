@@ -3,7 +3,8 @@
 The model's output arrives as the pieces an incremental detokenizer gives, and a
 `Parser` cuts it into segments by the markers of the model family (`Format`):
 `Text`, `Thinking`, a complete and validated `ToolCall`, or a `BadCall` that the
-daemon shows as text and logs as `tool_parse_error`.
+daemon shows as text and logs as `tool_parse_error`. With `stream_calls`, a call's
+`CallStart` and its arguments' `CallDelta`s come before its `ToolCall`.
 
 Each family's markers are a `families.Format`, and its module in `anyclaude.families`
 reads a call's body (`Family.parse`) and, for formats whose messages open with headers

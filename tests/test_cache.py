@@ -97,6 +97,20 @@ def test_side_requests_are_evicted_before_conversations(model):
     assert cache.peek(entries[2] + [1]) == len(entries[2]) and cache.peek(entries[3] + [1]) == len(entries[3])
 
 
+def test_a_compacted_conversation_is_the_first_to_go(model):
+    shared = ids(model, SYSTEM)
+    entries = [shared + ids(model, f"{n}: conversation number {n}, hello there, how are you today?") for n in range(3)]
+    kvs = [prefill(model, tokens)[0] for tokens in entries]
+    cache = PrefixCache(2 * nbytes(kvs[0]))
+    cache.store(entries[0], kvs[0])
+    cache.store(entries[1], kvs[1], side=True)  # a side request: would go first
+    # Compaction replaced conversation 0 (more recent than nothing else here): it goes first now.
+    assert cache.demote(entries[0] + [7, 8], beyond=len(shared)) == 1
+    assert cache.demote(entries[2], beyond=len(shared)) == 0  # shares only the system prompt
+    cache.store(entries[2], kvs[2])
+    assert cache.peek(entries[0] + [1]) < len(entries[0]) and cache.peek(entries[1] + [1]) == len(entries[1])
+
+
 def test_eviction_is_lru_by_bytes_conversations_before_checkpoints(model):
     shared = ids(model, SYSTEM)
     checkpoint, _ = prefill(model, shared)

@@ -94,3 +94,15 @@ def test_an_entry_larger_than_the_budget_is_logged_as_such_and_the_next_turn_as_
     assert one["cache_lookup"] == two["cache_lookup"] == "no_entries"
     assert two["cached_tokens"] == 0 and "cache_source" not in two
     assert second.usage.cache_read_input_tokens == 0
+
+
+def test_after_a_compaction_the_old_conversation_is_marked_to_go_first(client, daemon):
+    session = {"x-claude-code-session-id": str(uuid.uuid4())}
+    system = "You are a helpful assistant for a small software project. Keep answers short."
+    turn = [{"role": "user", "content": "Say hello to the whole team, please."}]
+    client.messages.create(model=MODEL, max_tokens=4, system=system, messages=turn, extra_headers=session, **GREEDY)
+    summary = [{"role": "user", "content": "This session continues from a summary: we said hello."}]
+    compacted = client.messages.create(
+        model=MODEL, max_tokens=4, system=system, messages=summary, extra_headers=session | {"x-claude-code-context-compacted": "true"}, **GREEDY
+    )
+    assert record(daemon, compacted._request_id)["cache_demoted"] >= 1

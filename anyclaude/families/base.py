@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from msgspec import Struct
 
 
@@ -95,8 +96,6 @@ class Family:
 
 def with_markers(fmt: Format, hints: Hints) -> Format:
     """`fmt` with the reasoning and structural markers mlx-lm found for the tokenizer."""
-    import msgspec
-
     start, end = hints.think_start, hints.think_end
     if not (start and end):
         start, end = fmt.think_start, fmt.think_end
