@@ -234,8 +234,8 @@ def test_a_sampler_that_fails_leaves_nothing_broken_for_the_next_request(tiny_ne
         failed = asyncio.run(run(model.args.vocab_size))
         assert isinstance(failed, Failed) and "top_k" in failed.message
         assert engine.cache.entries == 0 and failed.store == "failed"  # nothing kept of a request that failed
-        for _ in range(2):
-            assert asyncio.run(run(20)) == Done("length", store="stored")
+        for _ in range(2):  # sampled: it may end at its cap or at an end-of-turn token
+            assert asyncio.run(run(20)) in (Done("length", store="stored"), Done("stop", store="stored"))
     finally:
         engine.stop()
         engine.wait_stopped()
