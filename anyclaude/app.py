@@ -296,9 +296,8 @@ class Exchange:
         choice = request.tool_choice or wire.ToolChoice()
         # tool_choice none: the tools stay in the prompt, but no call is made.
         # A forced call's grammar makes its arguments valid as they come: they stream.
-        forced = choice.type in ("any", "tool") and constrain.supports(rendered.format, engine.loaded.tokenizer)
         parser = toolcalls.Parser(
-            rendered.format, [] if choice.type == "none" else rendered.tools, thinking=rendered.thinking_open, stream_calls=forced
+            rendered.format, [] if choice.type == "none" else rendered.tools, thinking=rendered.thinking_open, stream_calls=job.grammar
         )
         output = Output(engine.loaded.tokenizer, parser, request.stop_sequences)
         single_call = choice.disable_parallel_tool_use
@@ -362,7 +361,7 @@ class Exchange:
         loaded = engine.loaded
         rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=server.profile.prompt.keep_billing_header)
         self.record.prompt_tokens = len(rendered.ids)
-        if unseen := prompt.images(request):
+        if unseen := rendered.images:
             self.record.images_unseen = unseen
             if key not in server.warned_images:  # once per model, in the daemon's output
                 server.warned_images.add(key)

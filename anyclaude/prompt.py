@@ -35,12 +35,15 @@ class Rendered(Struct, frozen=True):
     # Tokens of the leading system turn (system prompt and tools): the prefix that
     # Claude Code's main conversation, side requests and subagents share.
     checkpoint: int = 0
+    # Images in the conversation, which reach the model as a note (it cannot see them).
+    images: int = 0
 
 
 def render(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_header: bool = False) -> Rendered:
     """The prompt for a request, as text and as token ids."""
     fmt = families.detect(tokenizer)
-    messages, tools, template_tools = template_inputs(request, fmt, keep_billing_header=keep_billing_header)
+    seen = Seen()
+    messages, tools, template_tools = template_inputs(request, fmt, keep_billing_header=keep_billing_header, seen=seen)
     template = _Template(tokenizer, families.of(fmt), thinking_wanted(request), _effort(request))
     text = template.apply(messages, template_tools)
     ids = list(tokenizer.encode(text, add_special_tokens=False))
@@ -52,22 +55,23 @@ def render(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_hea
         format=fmt,
         thinking_open=thinking_open,
         checkpoint=_system_prefix(template, messages, template_tools, text, ids),
+        images=seen.images,
     )
 
 
 def template_inputs(
-    request: wire.CountTokensRequest, fmt: Format, *, keep_billing_header: bool = False
+    request: wire.CountTokensRequest, fmt: Format, *, keep_billing_header: bool = False, seen: Seen | None = None
 ) -> tuple[list[dict], list[dict], list[dict] | None]:
     """What the chat template of a model whose format is `fmt` is given for a request:
     the chat messages, and the tools as OpenAI-style functions, all of them and those
     passed as the template's `tools` (None when the family writes them into the
     messages, as the generic format does for templates that know no tools)."""
     custom = [t for t in request.tools or [] if t.type in (None, "custom")]
-    messages = chat_messages(request, keep_billing_header=keep_billing_header)
+    seen = seen or Seen()
+    messages = chat_messages(request, keep_billing_header=keep_billing_header, seen=seen)
     messages, template_tools = families.of(fmt).inputs(messages, [_function(t) for t in custom if not t.defer_loading])
     # Deferred tools are callable once a tool_reference has defined them.
-    referenced = _referenced(request)
-    tools = [_function(t) for t in custom if not t.defer_loading or t.name in referenced]
+    tools = [_function(t) for t in custom if not t.defer_loading or t.name in seen.found]
     return messages, tools, template_tools
 
 
@@ -160,10 +164,19 @@ def thinking_wanted(request: wire.CountTokensRequest) -> bool:
     return thinking.type == "enabled" or _effort(request) != "low"
 
 
-def chat_messages(request: wire.CountTokensRequest, *, keep_billing_header: bool = False) -> list[dict]:
+class Seen:
+    """What rendering a conversation came across: the tools tool search found, images."""
+
+    def __init__(self) -> None:
+        self.found: set[str] = set()
+        self.images = 0
+
+
+def chat_messages(request: wire.CountTokensRequest, *, keep_billing_header: bool = False, seen: Seen | None = None) -> list[dict]:
     """The conversation as chat-template messages (system, user, assistant, tool)."""
     out: list[dict] = []
     tools = {t.name: t for t in request.tools or []}
+    seen = seen or Seen()
     system = system_text(request.system, keep_billing_header=keep_billing_header)
     if system:
         out.append({"role": "system", "content": system})
@@ -172,9 +185,9 @@ def chat_messages(request: wire.CountTokensRequest, *, keep_billing_header: bool
         if message.role == "assistant":
             merge(out, _assistant(blocks))
         elif message.role == "system":
-            merge(out, {"role": "system", "content": _text(blocks)})
+            merge(out, {"role": "system", "content": _text(blocks, seen)})
         else:
-            for turn in _user(blocks, tools):
+            for turn in _user(blocks, tools, seen):
                 merge(out, turn)
     return out
 
@@ -194,17 +207,19 @@ def system_text(system: str | list | None, *, keep_billing_header: bool = False)
     return "\n\n".join(parts)
 
 
-def _text(blocks: list[wire.Block]) -> str:
+def _text(blocks: list[wire.Block], seen: Seen | None = None) -> str:
     parts = []
     for block in blocks:
         if isinstance(block, wire.TextBlock):
             parts.append(block.text)
         elif isinstance(block, wire.ImageBlock):
             parts.append(IMAGE_NOTE)
+            if seen:
+                seen.images += 1
         elif isinstance(block, wire.DocumentBlock):
             parts.append(_document(block))
         elif isinstance(block, wire.MidConversationSystemBlock):
-            parts.append(_text(wire.blocks(block.content, "content")))
+            parts.append(_text(wire.blocks(block.content, "content"), seen))
     return "\n\n".join(p for p in parts if p)
 
 
@@ -246,33 +261,34 @@ def _assistant(blocks: list[wire.Block]) -> dict:
     return turn
 
 
-def _user(blocks: list[wire.Block], tools: dict[str, wire.Tool]) -> list[dict]:
+def _user(blocks: list[wire.Block], tools: dict[str, wire.Tool], seen: Seen) -> list[dict]:
     """A user message as turns: tool results become tool turns, in order, text around them user turns."""
     turns: list[dict] = []
     pending: list[wire.Block] = []
 
     def flush() -> None:
-        if text := _text(pending):
+        if text := _text(pending, seen):
             turns.append({"role": "user", "content": text})
         pending.clear()
 
     for block in blocks:
         if isinstance(block, wire.ToolResultBlock):
             flush()
-            turns.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": _tool_result(block, tools)})
+            turns.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": _tool_result(block, tools, seen)})
         elif isinstance(block, wire.MidConversationSystemBlock):
             flush()
-            turns.append({"role": "system", "content": _text([block])})
+            turns.append({"role": "system", "content": _text([block], seen)})
         else:
             pending.append(block)
     flush()
     return turns
 
 
-def _tool_result(block: wire.ToolResultBlock, tools: dict[str, wire.Tool]) -> str:
+def _tool_result(block: wire.ToolResultBlock, tools: dict[str, wire.Tool], seen: Seen) -> str:
     content = wire.blocks(block.content, "tool_result.content")
-    text = _text(content)
+    text = _text(content, seen)
     if found := [b.tool_name for b in content if isinstance(b, wire.ToolReferenceBlock)]:
+        seen.found.update(found)
         text = "\n\n".join(p for p in (text, _definitions(found, tools)) if p)
     return f"Error: {text}" if block.is_error else text
 
@@ -287,31 +303,6 @@ def _definitions(names: list[str], tools: dict[str, wire.Tool]) -> str:
     if missing:
         parts.append("No tool is named " + ", ".join(missing) + ".")
     return "\n\n".join(parts)
-
-
-def images(request: wire.CountTokensRequest) -> int:
-    """How many images the conversation holds (tool results included): this model sees
-    none of them."""
-
-    def count(blocks: list[wire.Block]) -> int:
-        return sum(
-            1 if isinstance(b, wire.ImageBlock) else count(wire.blocks(b.content, "tool_result.content")) if isinstance(b, wire.ToolResultBlock) else 0
-            for b in blocks
-        )
-
-    return sum(count(wire.blocks(m.content, f"messages.{i}.content")) for i, m in enumerate(request.messages))
-
-
-def _referenced(request: wire.CountTokensRequest) -> set[str]:
-    """The tools that tool_reference blocks in the conversation name."""
-    names: set[str] = set()
-    for i, message in enumerate(request.messages):
-        if message.role != "user" or isinstance(message.content, str):
-            continue
-        for block in wire.blocks(message.content, f"messages.{i}.content"):
-            if isinstance(block, wire.ToolResultBlock) and isinstance(block.content, list):
-                names.update(b.tool_name for b in wire.blocks(block.content, "tool_result.content") if isinstance(b, wire.ToolReferenceBlock))
-    return names
 
 
 def merge(out: list[dict], turn: dict) -> None:

@@ -66,6 +66,6 @@ def test_images_are_a_note_and_counted(tokenizer):
         "model": "m", "max_tokens": 5,
         "messages": [{"role": "user", "content": [image, {"type": "text", "text": "And this one:"}]}, {"role": "assistant", "content": [read]}, {"role": "user", "content": [result]}],
     }
-    request = wire.decode_request(json.dumps(body).encode())
-    assert prompt.render(request, tokenizer).text.count(prompt.IMAGE_NOTE) == 2
-    assert prompt.images(request) == 2
+    rendered = prompt.render(wire.decode_request(json.dumps(body).encode()), tokenizer)
+    assert rendered.text.count(prompt.IMAGE_NOTE) == 2
+    assert rendered.images == 2

@@ -9,18 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import Family, Format, Hints, with_markers
-from .grammar import (
-    CallFormat,
-    ConstraintError,
-    alternatives,
-    as_json,
-    is_string,
-    json_value,
-    lark_string,
-    min_length,
-    parameters,
-    string_literals,
-)
+from .grammar import CallFormat, ConstraintError, alternatives, argument, as_json, lark_string, parameters
 from .mlx_parsers import parse_mlx
 
 
@@ -45,18 +34,12 @@ class GlmCall(CallFormat):
                 rule = f"t{i}p{j}"
                 items.append(rule if required else f"{rule}?")
                 head = f"{nl}{marker(self.KEY)} {lark_string(key)} {marker(self.KEY_END)} {nl}{marker(self.VALUE)}"
-                lines.append(f"{rule}: {head} {self._value(sub, rule.upper())} {marker(self.VALUE_END)}")
-                if string_literals(sub) is None and is_string(sub):
-                    lines.append(f"{rule.upper()}: {_RAW}{min_length(sub)}")
+                value, terminal = argument(sub, rule.upper(), _RAW, _raw_ok)
+                lines.append(f"{rule}: {head} {value} {marker(self.VALUE_END)}")
+                if terminal is not None:
+                    lines.append(terminal)
             lines.append(f"tool{i}: {lark_string(name)} {' '.join(items)}")
         return "\n".join(lines)
-
-    def _value(self, schema: dict, terminal: str) -> str:
-        literals = string_literals(schema)
-        if literals is not None:
-            allowed = [s for s in literals if _raw_ok(s)]
-            return "(" + " | ".join(map(lark_string, allowed)) + ")" if allowed else '%json {"not": {}}'
-        return terminal if is_string(schema) else json_value(schema)
 
     def render(self, name: str, arguments: dict) -> str:
         nl = self.newline
@@ -76,7 +59,7 @@ class GlmCall(CallFormat):
 
 # A string argument as raw text the parser gives back unchanged: it strips the value,
 # and its end is `</arg_value>` (nor may the call's end be in it).
-_RAW = r"(/(?s:.*)/ & ~/(?s:.*<\/arg_value>.*)/ & ~/(?s:.*<\/tool_call>.*)/ & ~/(?s:\s.*)/ & ~/(?s:.*\s)/)"
+_RAW = r"/(?s:.*)/ & ~/(?s:.*<\/arg_value>.*)/ & ~/(?s:.*<\/tool_call>.*)/ & ~/(?s:\s.*)/ & ~/(?s:.*\s)/"
 
 
 def _raw_ok(text: str) -> bool:

@@ -137,7 +137,26 @@ def string_literals(schema: Any) -> list[str] | None:
     return None
 
 
-def min_length(schema: dict) -> str:
+def argument(schema: dict, rule: str, raw: str, raw_ok: Callable[[str], bool], end: str = "") -> tuple[str, str | None]:
+    """One argument of an XML-like call (each argument on its own, as Qwen3-Coder and GLM
+    write them): the grammar item for its value, and the terminal it needs, if any.
+
+    A string-typed value is raw text, the terminal `rule`: what `raw` (a Lark regex
+    expression) allows, at least `minLength` long; a finite set of strings is those that
+    `raw_ok` accepts; anything else is JSON. `end` follows the value, whichever it is."""
+    tail = f" {lark_string(end)}" if end else ""
+    literals = string_literals(schema)
+    if literals is not None:
+        allowed = [s for s in literals if raw_ok(s)]
+        if not allowed:
+            return '%json {"not": {}}', None  # nothing can be written
+        return "(" + " | ".join(lark_string(s + end) for s in allowed) + ")", None
+    if is_string(schema):
+        return rule, f"{rule}: ({raw}{_min_length(schema)}){tail}"
+    return json_value(schema) + tail, None
+
+
+def _min_length(schema: dict) -> str:
     """A Lark regex intersection for a string's `minLength` ("" if none that matters)."""
     least = schema.get("minLength")
     return f" & /(?s:.{{{least},}})/" if isinstance(least, int) and 0 < least <= 64 else ""

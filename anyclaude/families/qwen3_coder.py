@@ -8,7 +8,7 @@ from typing import Any
 
 from .base import Family, Format, Hints, with_markers
 from .mlx_parsers import parse_mlx
-from .grammar import CallFormat, ConstraintError, is_string, lark_string, min_length, parameters, string_literals
+from .grammar import CallFormat, ConstraintError, alternatives, argument, lark_string, parameters
 
 
 class Qwen3CoderCall(CallFormat):
@@ -34,10 +34,7 @@ class Qwen3CoderCall(CallFormat):
 
     def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
         opening, closing, newline = marker(self.OPEN), marker(self.CLOSE), lark_string("\n")
-        lines = [
-            f"start: {opening} {newline} call {closing}",
-            "call: " + " | ".join(f"tool{i}" for i in range(len(tools))),
-        ]
+        lines = [f"start: {opening} {newline} call {closing}", alternatives(tools)]
         for i, (name, schema) in enumerate(tools):
             _check_xml_name(name, "tool")
             items = []
@@ -45,33 +42,14 @@ class Qwen3CoderCall(CallFormat):
                 _check_xml_name(key, f"parameter of tool {name!r}:")
                 rule = f"t{i}p{j}"
                 items.append(rule if required else f"{rule}?")
+                value, terminal = argument(sub, rule.upper(), _RAW, _raw_ok, self._END)
                 opener = lark_string(f"<parameter={key}>\n")
-                lines.append(f"{rule}: {opener} {self._value(sub, rule.upper())}")
-                if (terminal := self._terminal(sub, rule.upper())) is not None:
+                lines.append(f"{rule}: {opener} {value}")
+                if terminal is not None:
                     lines.append(terminal)
             head, tail = lark_string(f"<function={name}>\n"), lark_string("</function>\n")
             lines.append(f"tool{i}: {head} {' '.join(items)} {tail}")
         return "\n".join(lines)
-
-    def _value(self, schema: dict, terminal: str) -> str:
-        literals = string_literals(schema)
-        if literals is not None:
-            allowed = [s for s in literals if _raw_ok(s)]
-            if not allowed:
-                return "%json {\"not\": {}}"  # nothing can be written
-            return "(" + " | ".join(lark_string(s + self._END) for s in allowed) + ")"
-        if is_string(schema):
-            return terminal
-        return f"%json {json.dumps(schema, ensure_ascii=False)} {lark_string(self._END)}"
-
-    def _terminal(self, schema: dict, terminal: str) -> str | None:
-        if string_literals(schema) is not None or not is_string(schema):
-            return None
-        # Raw text the parser gives back unchanged: no `</parameter>` (its end), no
-        # `</tool_call>` (the call's end), and not "null" in any case (read as None).
-        body = r"/(?s:.*)/ & ~/(?s:.*<\/parameter>.*)/ & ~/(?s:.*<\/tool_call>.*)/ & ~/(?i:null)/"
-        body += min_length(schema)
-        return f"{terminal}: ({body}) {lark_string(self._END)}"
 
     def render(self, name: str, arguments: dict) -> str:
         params = "".join(
@@ -96,6 +74,11 @@ def _check_xml_name(name: str, what: str) -> None:
     # The parser reads a name as the run of characters up to whitespace, `<` or `>`.
     if not name or any(c.isspace() or c in "<>" for c in name):
         raise ConstraintError(f"{what} name {name!r} cannot be written in a Qwen3-Coder call")
+
+
+# A string argument as raw text the parser gives back unchanged: no `</parameter>` (its
+# end), no `</tool_call>` (the call's end), and not "null" in any case (read as None).
+_RAW = r"/(?s:.*)/ & ~/(?s:.*<\/parameter>.*)/ & ~/(?s:.*<\/tool_call>.*)/ & ~/(?i:null)/"
 
 
 def _raw_ok(text: str) -> bool:
