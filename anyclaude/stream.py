@@ -95,8 +95,6 @@ class MessageStream:
         if self.finished:
             return []
         if self._streamed_call:
-            self._streamed_call = False
-            self.tool_uses += 1
             return self._close()
         events = self._switch("tool_use", wire.ToolUseContent(id=new_id("toolu_"), name=name), always_new=True)
         text = wire.encoder.encode(arguments).decode()
@@ -146,6 +144,9 @@ class MessageStream:
             sealed = signature.seal(self._omitted) if self._omitted else signature.PLAIN
             events.append(wire.ContentBlockDelta(index=self._index, delta=wire.SignatureDelta(signature=sealed)))
             self._omitted = ""
+        if self._streamed_call:  # however it ends, the client has a tool_use block
+            self._streamed_call = False
+            self.tool_uses += 1
         self._open = None
         events.append(wire.ContentBlockStop(index=self._index))
         return events

@@ -75,6 +75,17 @@ class Family:
         and always for families whose arguments are not written as JSON."""
         return None
 
+    def partial(self, body: str, done: bool) -> Any:
+        """For calls whose arguments are not JSON as written (XML-like): the
+        `partial.Partial` of a call's body written so far (`done`: all of it), or None
+        while its name is not known, and always for the other families."""
+        return None
+
+    def value(self, name: str, key: str, raw: str, tools: list[dict]) -> Any:
+        """The value the family's parser makes of the text `raw` of argument `key` of a
+        call to `name` (for `partial`)."""
+        raise NotImplementedError
+
     def route(self, header: str) -> tuple[str, str]:
         """For formats with `headers`: what a message header opens: ("text", ""),
         ("think", "") or ("call", the opening marker the parser keeps for `parse`)."""
