@@ -126,6 +126,7 @@ class Parser:
             _THINK: _markers((fmt.think_end, _TEXT), (fmt.think_start, _THINK), *think_drops, *calls),
         }
         self._state = _THINK if thinking else _TEXT
+        self._header_rest = fmt.header_rest  # until the reply shows it is not that
         self._buf = ""
         self._started = False  # the current run has shown a visible character
         self._ws = ""  # whitespace held at the end of the current run
@@ -185,6 +186,14 @@ class Parser:
             return self._call_step(out)
         if self._state == _HEAD:
             return self._head_step(final)
+        if self._header_rest and self._state == _TEXT:
+            rest, buf = self._header_rest, self._buf
+            if buf.startswith(rest):
+                self._header_rest, self._state, self._marker = "", _HEAD, self.fmt.headers[0]
+                return True
+            if rest.startswith(buf) and not final:
+                return False  # may be it: wait
+            self._header_rest = ""
         if self._state == _TEXT and not self._started and self._run_starts_call():
             return True
         kind = Text if self._state == _TEXT else Thinking

@@ -16,7 +16,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from test_constrain import CALL_PROMPT, TOOLS, function
-from test_templates import GLM, LLAMA3, MISTRAL, QWEN_THINK, family_tokenizer
+from test_templates import GLM, HARMONY, LLAMA3, MISTRAL, QWEN_THINK, family_tokenizer
 
 from anyclaude import constrain, repair, toolcalls
 from anyclaude.families import detect
@@ -37,6 +37,7 @@ TEMPLATES = {
     "glm-4.6": ("GLM-4.6.jinja", GLM),
     "glm-4.7": ("GLM-4.7-Flash.jinja", GLM),
     "devstral": ("unsloth-mistral-Devstral-Small-2507.jinja", MISTRAL),
+    "gpt-oss": ("openai-gpt-oss-120b.jinja", HARMONY),
 }
 
 
@@ -129,6 +130,20 @@ def test_a_marker_whose_token_runs_on_past_the_grammar_is_not_held(tokenizers):
     assert tokenizer.decode(tokens[len(ids(tokenizer, "<tool_call")) :][:1]) == "><"
     assert not any(masked for _, masked in walk(processor, tokenizer, tokens))
     assert processor.calls == 0
+
+
+def test_gpt_oss_may_name_the_recipient_in_the_header_its_prompt_opened(tokenizers):
+    # The generation prompt ends with `<|start|>assistant`: the reply may go on with the
+    # recipient (` to=functions.Read...`) rather than open a channel first.
+    tokenizer = tokenizers["gpt-oss"]
+    processor = lazy(tokenizer)
+    rest = 'Read <|constrain|>json<|message|>{"file_path": "/a"}'
+    steps = walk(processor, tokenizer, ids(tokenizer, " to=functions.") + ids(tokenizer, rest))
+    assert all(allowed for allowed, _ in steps) and processor.calls == 1
+    for reply in (" to=functions." + rest, ' to=functions.Read<|channel|>commentary json<|message|>{"file_path": "/a"}'):
+        parser = toolcalls.Parser(detect(tokenizer), CALLING, stream_calls=True)
+        segments = parser.feed(reply + "<|call|>") + parser.finish()
+        assert segments[0] == toolcalls.CallStart("Read") and segments[-1] == toolcalls.ToolCall("Read", {"file_path": "/a"}), segments
 
 
 def test_calls_that_open_with_no_marker_of_their_own_are_not_held(tiny_model):
