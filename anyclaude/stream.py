@@ -81,8 +81,9 @@ class MessageStream:
         """A tool_use block whose input follows in `call_delta` pieces."""
         if self.finished:
             return []
+        events = self._switch("tool_use", wire.ToolUseContent(id=new_id("toolu_"), name=name), always_new=True)
         self._streamed_call = True
-        return self._switch("tool_use", wire.ToolUseContent(id=new_id("toolu_"), name=name), always_new=True)
+        return events
 
     def call_delta(self, json: str) -> list[wire.Event]:
         if self.finished or not self._streamed_call:

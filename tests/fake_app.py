@@ -10,7 +10,7 @@ import os
 import re
 import threading
 
-from anyclaude import profiles
+from anyclaude import constrain, profiles
 from anyclaude.app import App
 from anyclaude.server import Server
 from anyclaude.engine import Done, Failed, Generation, Job, Loaded, Prefilled, Token
@@ -20,6 +20,7 @@ class ScriptedEngine:
     """Behind the engine interface: plays a fault script instead of running a model."""
 
     def __init__(self, tokenizer):
+        constrain.prepare(tokenizer)  # as the real loader does, not in the first request
         self.loaded = Loaded(model=None, tokenizer=tokenizer, context_length=8192, eos_ids=frozenset(tokenizer.eos_token_ids), device="scripted")
         self.load_error = None
         self.ready = True

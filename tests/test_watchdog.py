@@ -71,23 +71,43 @@ def test_stall_mid_text_ends_the_message_as_max_tokens(fake):
     assert r["outcome"] == "timeout_idle" and r["ended"] == "message_stop" and r["stop_reason"] == "max_tokens"
 
 
+WRITE = {"name": "Write", "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}, "content": {"type": "string"}}}}
+# A schema no grammar can express: with it among the tools, calls are not held, and come whole.
+UNHELD = {"name": "Odd", "input_schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}, "required": ["a"]}}
+
+
 def test_a_long_tool_call_keeps_the_stream_alive_with_pings(fake):
-    """Tokens of a call being written send nothing: Claude Code's byte watchdog would see
-    silence. A ping goes out whenever nothing has been sent for ping_interval."""
-    write = {"name": "Write", "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}, "content": {"type": "string"}}}}
-    reply, took = ask(fake, "slow-tool-call", max_tokens=1000, tools=[write])
+    """Tokens of a call that comes whole send nothing: Claude Code's byte watchdog would
+    see silence. A ping goes out whenever nothing has been sent for ping_interval."""
+    reply, took = ask(fake, "slow-tool-call", max_tokens=1000, tools=[WRITE, UNHELD])
     assert check(reply.body)[-2]["delta"]["stop_reason"] == "tool_use"
     assert took > 3 * TIMEOUTS["ping_interval"]  # the call took longer than a ping interval, tokens flowing all along
     names = [name for name, _ in parse(reply.body)]
     assert names[: names.index("content_block_start")].count("ping") >= 2
+    assert "call_grammar" not in record(fake, reply.headers["request-id"])
 
 
-def test_stall_mid_tool_call_drops_the_half_call(fake):
+def test_a_call_the_model_makes_by_itself_streams_as_it_is_written(fake):
+    reply, _ = ask(fake, "slow-tool-call", max_tokens=1000, tools=[WRITE])
+    events = check(reply.body)
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+    names = [e["type"] for e in events]
+    start = names.index("content_block_start")
+    assert events[start]["content_block"] == {"type": "tool_use", "id": events[start]["content_block"]["id"], "name": "Write", "input": {}}
+    pieces = [e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"]
+    assert len(pieces) > 10  # as it was written, not at the end
+    assert json.loads("".join(pieces)) == {"file_path": "/tmp/a.txt", "content": "lorem ipsum " * 12}
+    assert record(fake, reply.headers["request-id"])["call_grammar"] == "held"
+
+
+def test_stall_mid_tool_call_ends_the_call_begun_as_valid_json(fake):
     reply, took = ask(fake, "stall-mid-tool-call")
     events = check(reply.body)
     blocks = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
-    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
-    assert blocks == ["text"] and text == "Let me read it."
+    text = "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
+    assert blocks == ["text", "tool_use"] and text == "Let me read it."
+    pieces = "".join(e["delta"].get("partial_json", "") for e in events if e["type"] == "content_block_delta")
+    assert json.loads(pieces) == {"file_": None}  # what was sent, closed: never half a value
     assert events[-2]["delta"]["stop_reason"] == "max_tokens"
     assert took < TIMEOUTS["idle"] + STEP
     assert record(fake, reply.headers["request-id"])["outcome"] == "timeout_idle"
