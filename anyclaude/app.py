@@ -17,6 +17,7 @@ import msgspec
 
 from . import budget, constrain, lifeline, logs, misses, profiles, prompt, reload, toolcalls, wire
 from .engine import Job, Sampling
+from .scheduler import RANKS, SIDE
 from .server import Server
 from .errors import (
     AnthropicError,
@@ -260,11 +261,13 @@ class Exchange:
         value = dict(self.scope["headers"]).get(name)
         return value.decode(errors="replace") if value else None
 
-    def _side(self, request: wire.MessagesRequest) -> bool:
-        """Whether a request is a side request (a title, a classifier): Claude Code says
-        so in its hint header; without one, its haiku model is what it uses for them."""
-        kind = self._header(b"x-claude-code-request-class")
-        return kind == "auxiliary" if kind else "haiku" in request.model
+    def _rank(self, request: wire.MessagesRequest) -> int:
+        """Where a request goes in its engine's queue (RANKS): Claude Code says
+        what it is in its hint header; without one, its haiku model is what it uses for
+        side requests (a title, a classifier)."""
+        if kind := self._header(b"x-claude-code-request-class"):
+            return RANKS.get(kind, 0)
+        return SIDE if "haiku" in request.model else 0
 
     def _session_id(self, request: wire.CountTokensRequest) -> str | None:
         if header := self._header(b"x-claude-code-session-id"):
@@ -391,7 +394,8 @@ class Exchange:
             ),
             processors=_together(forced, lazy, budget.for_request(request, rendered, max_tokens)),
             grammar=forced is not None,
-            side=self._side(request),
+            side=(rank := self._rank(request)) == SIDE,
+            rank=rank,
         )
         self.record.side = job.side or None
         self.record.call_grammar = "forced" if forced else "held" if lazy else None

@@ -251,7 +251,9 @@ async def drive(
             return outcome
         while True:
             if first is None:
-                deadline, kind = started + timeouts.first_token, "timeout_first_token"
+                # From when the engine took it up: time queued behind others is not the
+                # prefill taking too long (a retry would only rejoin the queue).
+                deadline, kind = (generation.started_at or time.monotonic()) + timeouts.first_token, "timeout_first_token"
             else:
                 deadline, kind = min((last + timeouts.idle, "timeout_idle"), (started + timeouts.total, "timeout_total"))
             wait = max(0.0, min(timeouts.ping_interval, deadline - time.monotonic()))

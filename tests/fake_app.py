@@ -67,6 +67,15 @@ class ScriptedEngine:
                 generation.put(Token(token))
             generation.put(Done("stop"))
             return
+        elif script == "slow-answer":
+            # Text at a steady pace, for longer than the test profile's first_token.
+            generation.put(Prefilled(len(job.prompt), 0.0))
+            for token in tokenizer.encode("word " * 100, add_special_tokens=False):
+                if generation.wait_cancelled(timeout=0.05):
+                    break
+                generation.put(Token(token))
+            generation.put(Done("stop"))
+            return
         elif script == "think":
             emit("<think>The user wants a number.</think>Forty-two.")
             generation.put(Done("stop"))

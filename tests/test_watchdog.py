@@ -213,3 +213,45 @@ def test_stopping_the_daemon_ends_the_streams_in_flight_at_once(tmp_path, model_
     assert events[-1]["error"] == {"type": "overloaded_error", "message": "the daemon is stopping; retry once it is back"}
     r = record(daemon, response.getheader("request-id"))
     assert r["outcome"] == "error" and r["ended"] == "error" and "stopping" in r["error"]
+
+
+@pytest.fixture(scope="module")
+def queueing(tmp_path_factory, model_cache, tiny_model):
+    directory = tmp_path_factory.mktemp("queueing")
+    profile = profile_file(directory, "queueing", timeouts=TIMEOUTS, engine={"queue_size": 4})
+    d = Daemon(str(profile), model_cache, directory / "daemon.log", fake=True, env={"FAKE_TOKENIZER_DIR": str(tiny_model)})
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.stop()
+
+
+def test_waiting_requests_run_by_class_and_their_first_token_timer_starts_at_the_engine(queueing):
+    """The main conversation before subagents before side requests, however they came;
+    and time spent queued is not the prefill taking too long."""
+    results = {}
+
+    def run(name, script, kind):
+        body = {"model": "claude-opus-4-8", "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": f"SCRIPT:{script}"}]}
+        results[name] = request(queueing.port, "POST", "/v1/messages", json.dumps(body).encode(), {"x-claude-code-request-class": kind})
+
+    def health():
+        return request(queueing.port, "GET", "/health").json()["models"]["smollm2"]
+
+    first = threading.Thread(target=run, args=("first", "slow-answer", "main"))
+    first.start()
+    while not health()["running"]:
+        pass
+    threads = []
+    for name in ("auxiliary", "subagent", "main"):  # the reverse of their ranks
+        threads.append(threading.Thread(target=run, args=(name, "think", name)))
+        threads[-1].start()
+        while health()["waiting"] < len(threads):  # each queued before the next comes
+            pass
+    for t in [first, *threads]:
+        t.join()
+    logged = [r for r in queueing.records() if r["request_id"] in {results[n].headers["request-id"] for n in results}]
+    assert [r["request_class"] for r in logged] == ["main", "main", "subagent", "auxiliary"]
+    assert all(r["outcome"] == "complete" for r in logged), logged
+    assert min(r["queue_wait_s"] for r in logged[1:]) > TIMEOUTS["first_token"]
