@@ -4,7 +4,10 @@ The model's output arrives as the pieces an incremental detokenizer gives, and a
 `Parser` cuts it into segments by the markers of the model family (`Format`):
 `Text`, `Thinking`, a complete and validated `ToolCall`, or a `BadCall` that the
 daemon shows as text and logs as `tool_parse_error`. With `stream_calls`, a call's
-`CallStart` and its arguments' `CallDelta`s come before its `ToolCall`.
+`CallStart` and its arguments' `CallDelta`s come before its `ToolCall` (an XML-like
+call's arguments converted to JSON as they come, `families.partial`); a streamed call
+that ends any other way (cut short, or made a `BadCall`) first gets the `CallDelta`
+that closes what was sent into one JSON value.
 
 Each family's markers are a `families.Format`, and its module in `anyclaude.families`
 reads a call's body (`Family.parse`) and, for formats whose messages open with headers
