@@ -238,7 +238,8 @@ class Exchange:
         request = wire.decode_request(body, wire.CountTokensRequest)
         self._describe(request)
         _, engine, _ = self.server.engine_for(request.model)
-        rendered = prompt.render(request, engine.loaded.tokenizer, keep_billing_header=self.server.profile.prompt.keep_billing_header)
+        loaded = engine.loaded
+        rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=self.server.profile.prompt.keep_billing_header, vision=loaded.vision)
         self.record.prompt_tokens = len(rendered.ids)
         return len(rendered.ids)
 
@@ -286,7 +287,7 @@ class Exchange:
         timeouts = Timeouts(t.first_token, t.idle, t.total, t.ping_interval, profile=server.loaded.name)
         # What the prefix cache holds now; if it changes before the engine gets here
         # (eviction while queued), message_delta carries the true figures.
-        cached = engine.cache.peek(rendered.ids) if engine.cache else 0
+        cached = engine.cache.peek(rendered.cache_key) if engine.cache else 0
         stream = MessageStream(
             model=request.model,
             input_tokens=len(rendered.ids) - cached,
@@ -359,7 +360,7 @@ class Exchange:
         key, engine, scheduler = server.engine_for(request.model)
         model = server.profile.models[key]
         loaded = engine.loaded
-        rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=server.profile.prompt.keep_billing_header)
+        rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=server.profile.prompt.keep_billing_header, vision=loaded.vision)
         self.record.prompt_tokens = len(rendered.ids)
         if unseen := rendered.images:
             self.record.images_unseen = unseen
@@ -391,6 +392,7 @@ class Exchange:
             processors=_together(forced, budget.for_request(request, rendered, max_tokens)),
             grammar=forced is not None,
             side=self._side(request),
+            images=rendered.seen_images,
         )
         self.record.side = job.side or None
         return request, rendered, scheduler, engine, job
