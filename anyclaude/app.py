@@ -595,6 +595,8 @@ def _model_health(engine, scheduler, model: profiles.Model) -> dict:
         "context_length": loaded.context_length if loaded else None,
         "device": loaded.device if loaded else None,
         "cache_types": loaded.cache_types if loaded else None,
+        # Whether it sees images (the mlx-vlm model type it was loaded as), or reads them as a note.
+        "vision": (loaded.vision.kind if loaded.vision else None) if loaded else None,
         "cache_bytes": cache.bytes if cache else 0,
         "cache_peak_bytes": cache.peak_bytes if cache else 0,
         "cache_budget_bytes": cache.max_bytes if cache else 0,

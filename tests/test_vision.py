@@ -16,7 +16,7 @@ import pytest
 from anyclaude import profiles, prompt, vision, wire
 from anyclaude.cache import PrefixCache
 from anyclaude.engine import Done, Engine, Failed, Generation, Job, KVQuantization, Loaded, Prefilled, Sampling, Token
-from bench.harness import Daemon
+from bench.harness import Daemon, request
 from vision_model import IMAGE_TOKENS, build
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, top_k=0)
@@ -132,7 +132,11 @@ def ask(engine: Engine, cutting: Cutting, r: prompt.Rendered, cut_after: int | N
     return asyncio.run(run())
 
 
-@pytest.mark.parametrize("kv", [None, KVQuantization(bits=8, group_size=32, start=20)], ids=["", "kv8-inside-the-image"])
+# Keys and values quantized from token 28 on: inside the image (tokens 21-36 of the prompts).
+KV8 = KVQuantization(bits=8, group_size=32, start=28)
+
+
+@pytest.mark.parametrize("kv", [None, KV8], ids=["", "kv8-inside-the-image"])
 def test_answers_with_images_do_not_depend_on_the_cache(gemma, kv):
     model, tokenizer, seeing = gemma
     cutting = Cutting(model)
@@ -155,6 +159,7 @@ def test_answers_with_images_do_not_depend_on_the_cache(gemma, kv):
         first, a1, reused, _ = turn(looking(1))
         assert reused == 0
         (start, end), = first.seen_images.spans
+        assert start < KV8.start < end
         # The next turn reuses all of the first, image and all.
         history = looking(1) + [{"role": "assistant", "content": tokenizer.decode(a1)}, {"role": "user", "content": "Say more."}]
         _, _, reused, _ = turn(history)
@@ -257,6 +262,8 @@ def test_vision_false_gives_the_note_counted_and_warned_of_once(sdk, seeing_daem
         reply = sdk.messages.create(model=BLIND, max_tokens=2, messages=looking(1))
         assert logged(seeing_daemon, reply)["images_unseen"] == 1
     assert seeing_daemon.output().count("'blind' cannot see images") == 1
+    models = request(seeing_daemon.port, "GET", "/health").json()["models"]
+    assert (models["gemma"]["vision"], models["blind"]["vision"]) == ("gemma3", None)
     assert "'gemma' cannot see images" not in seeing_daemon.output()
 
 
