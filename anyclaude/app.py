@@ -308,10 +308,10 @@ class Exchange:
             # Claude Code compacted the conversation: the old one will not come back.
             self.record.cache_demoted = engine.cache.demote(old.tolist(), beyond=rendered.checkpoint)
         located = None
-        if session and (position := server.sessions.check(session, rendered.ids)) is not None:
+        if session and (position := server.sessions.check(session, rendered.cache_key)) is not None:
             # Finding the part renders the request several times: in a thread, while
             # the answer is generated, not before it on the event loop.
-            located = (position, asyncio.create_task(asyncio.to_thread(misses.locate, request, engine.loaded.tokenizer, rendered.ids, position)))
+            located = (position, asyncio.create_task(asyncio.to_thread(misses.locate, request, engine.loaded.tokenizer, rendered.cache_key, position, engine.loaded.vision)))
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(generation))
         try:
             if request.stream:
@@ -319,7 +319,7 @@ class Exchange:
                 outcome = await drive(stream, generation, output, self._send_events, timeouts, single_call=single_call)
                 self._record_outcome(generation, outcome)
                 if session:
-                    server.sessions.remember(session, rendered.ids + outcome.tokens)
+                    server.sessions.remember(session, rendered.cache_key + outcome.tokens)
                 if outcome.error and not self.disconnected.is_set():
                     await self._send_events([envelope(outcome.error, self.request_id)])
                 await self._note_miss(located)
@@ -335,7 +335,7 @@ class Exchange:
                 outcome = await drive(stream, generation, output, collect, quiet, single_call=single_call)
                 self._record_outcome(generation, outcome)
                 if session:
-                    server.sessions.remember(session, rendered.ids + outcome.tokens)
+                    server.sessions.remember(session, rendered.cache_key + outcome.tokens)
                 await self._note_miss(located)
                 if outcome.error:
                     raise outcome.error

@@ -232,6 +232,18 @@ def test_an_image_reaches_the_model_and_the_next_turn_reuses_it(sdk, seeing_daem
     assert second.usage.cache_read_input_tokens == logged(seeing_daemon, second)["cached_tokens"]
 
 
+def test_a_turn_whose_earlier_image_changed_is_logged_as_a_miss_there(sdk, seeing_daemon, gemma):
+    session = {"x-claude-code-session-id": "vision-session"}
+    question = [{"role": "user", "content": [{"type": "text", "text": "Which of these two?"}, image(6), image(7)]}]
+    first = sdk.messages.create(model=SEEING, max_tokens=8, messages=question, extra_headers=session)
+    (_, _), (start, _) = rendered(gemma, question).seen_images.spans
+    again = [{"role": "user", "content": [{"type": "text", "text": "Which of these two?"}, image(6), image(8)]}]
+    turn = again + [{"role": "assistant", "content": first.content[0].text}, {"role": "user", "content": "Why?"}]
+    second = sdk.messages.create(model=SEEING, max_tokens=8, messages=turn, extra_headers=session)
+    line = logged(seeing_daemon, second)
+    assert line["cache_miss"] == {"position": start, "part": "message 0"} and line["cached_tokens"] == start
+
+
 def test_an_image_read_by_the_read_tool_reaches_the_model(sdk, seeing_daemon, gemma):
     expected = rendered(gemma, read_back(4), tools=[READ])
     one = sdk.messages.create(model=SEEING, max_tokens=8, messages=read_back(4), tools=[READ])
