@@ -17,6 +17,7 @@ import msgspec
 
 from . import budget, constrain, lifeline, logs, misses, profiles, prompt, reload, toolcalls, wire
 from .engine import Job, Sampling
+from .scheduler import RANKS, SIDE
 from .server import Server
 from .errors import (
     AnthropicError,
@@ -261,11 +262,13 @@ class Exchange:
         value = dict(self.scope["headers"]).get(name)
         return value.decode(errors="replace") if value else None
 
-    def _side(self, request: wire.MessagesRequest) -> bool:
-        """Whether a request is a side request (a title, a classifier): Claude Code says
-        so in its hint header; without one, its haiku model is what it uses for them."""
-        kind = self._header(b"x-claude-code-request-class")
-        return kind == "auxiliary" if kind else "haiku" in request.model
+    def _rank(self, request: wire.MessagesRequest) -> int:
+        """Where a request goes in its engine's queue (RANKS): Claude Code says
+        what it is in its hint header; without one, its haiku model is what it uses for
+        side requests (a title, a classifier)."""
+        if kind := self._header(b"x-claude-code-request-class"):
+            return RANKS.get(kind, 0)
+        return SIDE if "haiku" in request.model else 0
 
     def _session_id(self, request: wire.CountTokensRequest) -> str | None:
         if header := self._header(b"x-claude-code-session-id"):
@@ -280,7 +283,7 @@ class Exchange:
 
     async def _messages(self) -> None:
         body = await self._body()
-        request, rendered, scheduler, engine, job = await self._off_loop(self._plan, body)
+        request, rendered, scheduler, engine, job, held = await self._off_loop(self._plan, body)
         server = self.server
         session = (self.record.session_id, request.model) if self.record.session_id else None
         t = server.profile.timeouts
@@ -296,9 +299,9 @@ class Exchange:
         )
         choice = request.tool_choice or wire.ToolChoice()
         # tool_choice none: the tools stay in the prompt, but no call is made.
-        # A forced call's grammar makes its arguments valid as they come: they stream.
+        # A grammar makes a call's arguments valid as they come: they stream.
         parser = toolcalls.Parser(
-            rendered.format, [] if choice.type == "none" else rendered.tools, thinking=rendered.thinking_open, stream_calls=job.grammar
+            rendered.format, [] if choice.type == "none" else rendered.tools, thinking=rendered.thinking_open, stream_calls=held
         )
         output = Output(engine.loaded.tokenizer, parser, request.stop_sequences)
         single_call = choice.disable_parallel_tool_use
@@ -378,6 +381,7 @@ class Exchange:
         defaults = server.profile.sampling
         top_k = defaults.top_k if request.top_k is None else request.top_k
         forced = _forced_call(request.tool_choice, rendered, loaded.tokenizer)
+        lazy = None if forced else _lazy_calls(request.tool_choice, rendered, loaded.tokenizer)
         job = Job(
             prompt=rendered.ids,
             checkpoint=rendered.checkpoint,
@@ -389,13 +393,15 @@ class Exchange:
                 top_k=0 if top_k >= loaded.vocab_size else top_k,
                 repetition_penalty=defaults.repetition_penalty,
             ),
-            processors=_together(forced, budget.for_request(request, rendered, max_tokens)),
+            processors=_together(forced, lazy, budget.for_request(request, rendered, max_tokens)),
             grammar=forced is not None,
-            side=self._side(request),
+            side=(rank := self._rank(request)) == SIDE,
+            rank=rank,
             images=rendered.seen_images,
         )
         self.record.side = job.side or None
-        return request, rendered, scheduler, engine, job
+        self.record.call_grammar = "forced" if forced else "held" if lazy else None
+        return request, rendered, scheduler, engine, job, bool(forced or lazy)
 
     async def _off_loop(self, function, *args):
         """Run `function` in a prompt thread, counted in /health's `preparing`."""
@@ -561,6 +567,19 @@ def _forced_call(choice: wire.ToolChoice | None, rendered: prompt.Rendered, toke
     except constrain.ConstraintError as exc:
         raise InvalidRequest(f"tools: {exc}") from None
     return lambda tokenizer: [processor]
+
+
+def _lazy_calls(choice: wire.ToolChoice | None, rendered: prompt.Rendered, tokenizer):
+    """For an answer that may call a tool: a grammar that holds each call to its tool's
+    schema from the moment its marker is written, or None (no tools, a family without
+    such a marker, or a schema no grammar can express: then calls come whole)."""
+    if not rendered.tools or (choice is not None and choice.type == "none") or not constrain.supports(rendered.format, tokenizer):
+        return None
+    try:
+        processor = constrain.lazy_calls(tokenizer, rendered.tools, rendered.format)
+    except constrain.ConstraintError:
+        return None
+    return None if processor is None else lambda tokenizer: [processor]
 
 
 def _together(*factories):

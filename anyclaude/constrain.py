@@ -94,6 +94,19 @@ def forced_call(tokenizer: Any, tools: list[dict], name: str | None, fmt: Format
     return ForcedCall(compiled.matcher.deep_copy(), compiled.vocab_size, compiled.eos)
 
 
+def lazy_calls(tokenizer: Any, tools: list[dict], fmt: Format) -> Callable[[mx.array, mx.array], mx.array] | None:
+    """A logits processor for an answer that may call any of `tools`: once the model has
+    written the marker that opens a call, the rest of the call is held to the grammar,
+    so that a call streamed while it is written is certain to end valid. None for
+    formats whose calls have no such marker. Raises ConstraintError as `forced_call`.
+    """
+    calls = format_for(tokenizer, fmt)
+    if calls.trigger is None:
+        return None
+    compiled = _compiled(tokenizer, calls, _choose(tools, None))
+    return LazyCalls(compiled, _state(tokenizer).lltokenizer, calls)
+
+
 def prepare(tokenizer: Any) -> None:
     """Adapt `tokenizer` for grammars now rather than on the first forced call.
 
@@ -118,17 +131,49 @@ def _choose(tools: list[dict], name: str | None) -> list[tuple[str, dict]]:
     return list(seen.items())
 
 
-# --- the processor -----------------------------------------------------------------
+# --- the processors ----------------------------------------------------------------
 
 
-class ForcedCall:
-    """The stateful logits processor for one generation (see `forced_call`)."""
+class _Masking:
+    """What both processors share: the tokens that are new since the last call, and the
+    mask of a matcher's allowed tokens."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos: list[int]):
-        self._matcher = matcher
+    def __init__(self, vocab_size: int, eos: list[int]):
         self._eos = eos
         self._seen: int | None = None  # how much of `tokens` is already accounted for
         self._bitmask = np.zeros(((vocab_size + 31) // 32,), dtype=np.int32)
+
+    def _new(self, tokens: mx.array) -> list[int]:
+        # generate_step passes prompt + generated tokens; the first call's tokens are
+        # the prompt (or the part of it not in a reused cache), never grammar input.
+        # numpy reads the evaluated buffer; an MLX slice would be one more op to schedule.
+        seen = np.asarray(tokens)
+        if self._seen is None:
+            self._seen = seen.size
+            return []
+        new = seen[self._seen :].tolist()
+        self._seen = seen.size
+        return new
+
+    def _masked(self, matcher: llguidance.LLMatcher, logits: mx.array) -> mx.array:
+        matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
+        if matcher.is_error():
+            raise ConstraintError(f"the tool-call grammar failed: {matcher.get_error()}")
+        width = logits.shape[-1]
+        bits = np.unpackbits(self._bitmask.view(np.uint8), count=min(width, self._bitmask.size * 32), bitorder="little")
+        # The model's output layer may be wider than the tokenizer (padding rows):
+        # those ids are never allowed.
+        if bits.size < width:
+            bits = np.concatenate([bits, np.zeros(width - bits.size, dtype=np.uint8)])
+        return mx.where(mx.array(bits.view(np.bool_)), logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+
+class ForcedCall(_Masking):
+    """The stateful logits processor for one generation (see `forced_call`)."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos: list[int]):
+        super().__init__(vocab_size, eos)
+        self._matcher = matcher
 
     @property
     def done(self) -> bool:
@@ -136,36 +181,56 @@ class ForcedCall:
         return self._matcher.is_stopped() and not self._matcher.is_error()
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        # generate_step passes prompt + generated tokens; the first call's tokens are
-        # the prompt (or the part of it not in a reused cache), never grammar input.
-        # numpy reads the evaluated buffer; an MLX slice would be one more op to schedule.
-        seen = np.asarray(tokens)
-        if self._seen is None:
-            self._seen = seen.size
-        elif seen.size > self._seen:
-            new = seen[self._seen :].tolist()
-            self._seen = seen.size
-            for token in new:
-                self._consume(token)
-        allowed = self._allowed(logits.shape[-1])
-        return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
+        for token in self._new(tokens):
+            if token in self._eos and self._matcher.is_stopped():
+                continue  # the caller went on past the end: stay at the end
+            if not self._matcher.consume_token(token):
+                raise ConstraintError(f"the generation left the tool-call grammar: {self._matcher.get_error()}")
+        return self._masked(self._matcher, logits)
+
+
+class LazyCalls(_Masking):
+    """The logits processor of an unforced answer (see `lazy_calls`): it lets every
+    token through until the output holds the call marker, then holds the rest of that
+    call to the grammar, and lets every token through again once the call is complete."""
+
+    def __init__(self, compiled: _Compiled, lltokenizer: llguidance.LLTokenizer, calls: CallFormat):
+        super().__init__(compiled.vocab_size, compiled.eos)
+        self._compiled, self._lltokenizer = compiled, lltokenizer
+        self._trigger = calls.trigger.encode()
+        # What the grammar reads before the call's own text: its opening (from the start).
+        self._opening = lltokenizer.tokenize_str(calls.lead + calls.trigger, parse_special=True)
+        self._tail = b""  # the end of the output, where a marker may be starting
+        self._matcher: llguidance.LLMatcher | None = None
+        self.calls = 0  # calls held to the grammar (for tests and the curious)
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        for token in self._new(tokens):
+            self._consume(token)
+        return logits if self._matcher is None else self._masked(self._matcher, logits)
 
     def _consume(self, token: int) -> None:
-        if token in self._eos and self._matcher.is_stopped():
-            return  # the caller went on past the end: stay at the end
-        if not self._matcher.consume_token(token):
-            raise ConstraintError(f"the generation left the tool-call grammar: {self._matcher.get_error()}")
-
-    def _allowed(self, width: int) -> mx.array:
-        self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
-        if self._matcher.is_error():
-            raise ConstraintError(f"the tool-call grammar failed: {self._matcher.get_error()}")
-        bits = np.unpackbits(self._bitmask.view(np.uint8), count=min(width, self._bitmask.size * 32), bitorder="little")
-        # The model's output layer may be wider than the tokenizer (padding rows):
-        # those ids are never allowed.
-        if bits.size < width:
-            bits = np.concatenate([bits, np.zeros(width - bits.size, dtype=np.uint8)])
-        return mx.array(bits.view(np.bool_))
+        if self._matcher is not None:
+            if not self._matcher.consume_token(token):
+                raise ConstraintError(f"the generation left the tool-call grammar: {self._matcher.get_error()}")
+            if self._matcher.is_stopped():
+                self._matcher = None
+            return
+        # Bytes, not text: a marker spelled out may come in pieces of any tokenization
+        # (and a special token decodes to its marker's text).
+        output = self._tail + self._lltokenizer.decode_bytes([token])
+        i = output.find(self._trigger)
+        if i < 0:
+            self._tail = output[max(0, len(output) - len(self._trigger) + 1) :]
+            return
+        self._tail = b""
+        # The grammar is given the call from its opening; whatever the marker's token
+        # held after the marker was generated already, and must fit it too.
+        matcher = self._compiled.matcher.deep_copy()
+        rest = output[i + len(self._trigger) :]
+        if matcher.consume_tokens(self._opening) and (not rest or matcher.consume_tokens(self._lltokenizer.tokenize_bytes(rest))):
+            self._matcher = matcher
+            self.calls += 1
 
 
 # --- compiling and caching ---------------------------------------------------------

@@ -55,8 +55,11 @@ class Job(Struct, frozen=True):
     processors: Callable[[Any], list] | None = None
     # Whether those include a grammar (a forced call).
     grammar: bool = False
-    # A side request (Claude Code's haiku model): queued after the main ones, cached apart.
+    # A side request (Claude Code's haiku model): cached apart.
     side: bool = False
+    # Its place in the engine's queue (scheduler.RANKS): 0 for the conversation the user
+    # waits on, higher for subagents, compaction and side requests.
+    rank: int = 0
     # The prompt's images (vision.Images), for a model that sees them.
     images: Any = None
 

@@ -44,6 +44,9 @@ class Record(Struct, omit_defaults=True):
     tools: int | None = None
     messages: int | None = None
     prompt_tokens: int | None = None
+    # How calls were held to their tools' schemas: forced (tool_choice any or tool) or
+    # held (from the marker that opens one on; None: calls come whole, if at all).
+    call_grammar: str | None = None
     # Images the model could not see (given to it as a note).
     images_unseen: int | None = None
     cached_tokens: int | None = None

@@ -115,6 +115,62 @@ def _drop_trailing_comma(out: list[str]) -> None:
         out.pop()
 
 
+def closing(prefix: str) -> str:
+    """What makes `prefix`, the start of a JSON value as a grammar lets a model write
+    it, one whole value: a call cut short whose start has gone out must still be
+    valid JSON. Open strings and containers are closed, a key left without a value
+    gets null, and a number or literal cut short is completed."""
+    stack: list[str] = []  # per open container: "{" or "["
+    expect = "value"  # value, key, colon, comma (after a value), or key_or_end / value_or_end
+    word, quote, escape, unicode, is_key = "", False, False, -1, False
+    for c in prefix:
+        if quote:
+            if unicode >= 0:
+                unicode = unicode + 1 if unicode < 3 else -1
+            elif escape:
+                escape, unicode = False, 0 if c == "u" else -1
+            elif c == "\\":
+                escape = True
+            elif c == '"':
+                quote = False
+                expect = "colon" if is_key else "comma"
+            continue
+        if c.isspace():
+            if word:
+                word, expect = "", "comma"
+            continue
+        if c == '"':
+            quote, is_key = True, expect in ("key", "key_or_end")
+        elif c in "{[":
+            stack.append(c)
+            expect = "key_or_end" if c == "{" else "value_or_end"
+        elif c in "}]":
+            stack.pop()
+            word, expect = "", "comma"
+        elif c == ",":
+            word = ""
+            expect = "key" if stack and stack[-1] == "{" else "value"
+        elif c == ":":
+            expect = "value"
+        else:
+            word += c
+    out = []
+    if quote:
+        out.append(("\\" if escape else "") + "0" * (4 - unicode if unicode >= 0 else 0) + '"')
+        expect = "colon" if is_key else "comma"
+    elif word:
+        out.append(next((w[len(word) :] for w in ("true", "false", "null") if w.startswith(word)), "0" if word[-1] in "-+.eE" else ""))
+        expect = "comma"
+    if expect == "key":
+        out.append('"": null')
+    elif expect == "colon":
+        out.append(": null")
+    elif expect == "value" and (stack or not prefix.strip()):
+        out.append("null")
+    out.extend("}" if c == "{" else "]" for c in reversed(stack))
+    return "".join(out)
+
+
 # -- call shapes --
 
 

@@ -1,12 +1,13 @@
 """Admission and order: which request an engine runs next, and which are turned away.
 
 One engine runs one generation at a time; the others wait here, in this order:
-1. main requests before side requests (Claude Code's titles, summaries and classifiers:
-   its `auxiliary` request class, or its haiku model), so that its background chatter
-   never holds up the conversation the user is waiting for;
+1. by Claude Code's request class (`RANKS`): the main conversation, then subagents and
+   workflows, then compaction, then side requests (titles, summaries and classifiers:
+   its `auxiliary` class, or its haiku model), so that background work never holds up
+   the conversation the user is waiting for;
 2. oldest first within each class;
-3. except that a side request waiting longer than SIDE_MAX_WAIT seconds goes first,
-   so that side requests are delayed, never starved.
+3. except that a request waiting longer than MAX_WAIT seconds goes first, so that the
+   others are delayed, never starved.
 A full queue is refused at once with 529 and `retry-after`, before any headers; so is
 any request while the queue is drained (its model being replaced) or closed (the daemon
 stopping).
@@ -23,14 +24,16 @@ from msgspec import Struct
 from .engine import Engine, Failed, Generation, Job
 from .errors import Overloaded
 
-SIDE_MAX_WAIT = 30.0
+MAX_WAIT = 30.0
+# x-claude-code-request-class -> rank (a class it does not know ranks as main).
+RANKS = {"main": 0, "subagent": 1, "workflow": 1, "compaction": 2, "auxiliary": 3}
+SIDE = RANKS["auxiliary"]
 RETRY_AFTER_SECONDS = 5
 
 
 class _Waiting(Struct):
     job: Job
     generation: Generation
-    side: bool
     since: float
     order: int
 
@@ -66,7 +69,7 @@ class Scheduler:
             )
         generation = Generation(asyncio.get_running_loop(), on_end=self._ended)
         generation.submitted_at = time.monotonic()
-        self._waiting.append(_Waiting(job, generation, job.side, generation.submitted_at, next(self._order)))
+        self._waiting.append(_Waiting(job, generation, generation.submitted_at, next(self._order)))
         self._dispatch()
         return generation
 
@@ -99,8 +102,8 @@ class Scheduler:
             self.engine.submit(chosen.job, chosen.generation)
 
     def _rank(self, w: _Waiting) -> tuple[int, int]:
-        overdue = w.side and time.monotonic() - w.since > SIDE_MAX_WAIT
-        return (0 if overdue else 2 if w.side else 1, w.order)
+        overdue = w.job.rank > 0 and time.monotonic() - w.since > MAX_WAIT
+        return (-1 if overdue else w.job.rank, w.order)
 
     async def idle(self) -> None:
         """Wait until nothing runs or waits here."""

@@ -81,8 +81,9 @@ class MessageStream:
         """A tool_use block whose input follows in `call_delta` pieces."""
         if self.finished:
             return []
+        events = self._switch("tool_use", wire.ToolUseContent(id=new_id("toolu_"), name=name), always_new=True)
         self._streamed_call = True
-        return self._switch("tool_use", wire.ToolUseContent(id=new_id("toolu_"), name=name), always_new=True)
+        return events
 
     def call_delta(self, json: str) -> list[wire.Event]:
         if self.finished or not self._streamed_call:
@@ -95,8 +96,6 @@ class MessageStream:
         if self.finished:
             return []
         if self._streamed_call:
-            self._streamed_call = False
-            self.tool_uses += 1
             return self._close()
         events = self._switch("tool_use", wire.ToolUseContent(id=new_id("toolu_"), name=name), always_new=True)
         text = wire.encoder.encode(arguments).decode()
@@ -146,6 +145,9 @@ class MessageStream:
             sealed = signature.seal(self._omitted) if self._omitted else signature.PLAIN
             events.append(wire.ContentBlockDelta(index=self._index, delta=wire.SignatureDelta(signature=sealed)))
             self._omitted = ""
+        if self._streamed_call:  # however it ends, the client has a tool_use block
+            self._streamed_call = False
+            self.tool_uses += 1
         self._open = None
         events.append(wire.ContentBlockStop(index=self._index))
         return events
@@ -249,7 +251,9 @@ async def drive(
             return outcome
         while True:
             if first is None:
-                deadline, kind = started + timeouts.first_token, "timeout_first_token"
+                # From when the engine took it up: time queued behind others is not the
+                # prefill taking too long (a retry would only rejoin the queue).
+                deadline, kind = (generation.started_at or time.monotonic()) + timeouts.first_token, "timeout_first_token"
             else:
                 deadline, kind = min((last + timeouts.idle, "timeout_idle"), (started + timeouts.total, "timeout_total"))
             wait = max(0.0, min(timeouts.ping_interval, deadline - time.monotonic()))

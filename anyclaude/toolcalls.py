@@ -51,6 +51,7 @@ from referencing.exceptions import Unresolvable
 
 from . import families, repair
 from .families.base import Format
+from .families.partial import ArgumentsJson
 
 
 class Text(Struct):
@@ -104,10 +105,13 @@ class Parser:
         self.fmt = fmt
         self._family = families.of(fmt)
         # Send a call's arguments as they come: only where they are certain to end up
-        # valid (a forced call's grammar), since what was sent cannot be taken back.
+        # valid (a grammar holds the call), since what was sent cannot be taken back.
         self._stream_calls = stream_calls
         self._args: _Scan | None = None  # the streamed call's arguments, read so far
         self._sent = 0  # how much of the body has gone out as CallDelta
+        self._from = 0  # where in the body the streamed arguments start
+        self._xml: ArgumentsJson | None = None  # a streamed XML-like call's arguments
+        self._sent_json = ""  # what of them has gone out
         self._tool_list = list(tools or [])
         self._tools = {f["name"]: f for f in map(_function, self._tool_list) if f}
         # Without tools a reply that is JSON is an answer, not a Llama call.
@@ -122,6 +126,7 @@ class Parser:
             _THINK: _markers((fmt.think_end, _TEXT), (fmt.think_start, _THINK), *think_drops, *calls),
         }
         self._state = _THINK if thinking else _TEXT
+        self._header_rest = fmt.header_rest  # until the reply shows it is not that
         self._buf = ""
         self._started = False  # the current run has shown a visible character
         self._ws = ""  # whitespace held at the end of the current run
@@ -162,9 +167,17 @@ class Parser:
             if not self.fmt.call_end and not self.fmt.json_body:
                 out.extend(self._calls(raw, self._body))
             else:
+                if self.streaming:
+                    # Its start went out: its input must still be one JSON value.
+                    out.append(CallDelta(repair.closing(self._streamed())))
                 out.append(BadCall(raw=raw, reason="truncated"))
             self._state, self._body = _TEXT, ""
         return out
+
+    @property
+    def streaming(self) -> bool:
+        """Inside a call whose start has gone out as a CallStart."""
+        return self._state == _CALL and (self._args is not None or self._xml is not None)
 
     # -- text and reasoning --
 
@@ -173,6 +186,14 @@ class Parser:
             return self._call_step(out)
         if self._state == _HEAD:
             return self._head_step(final)
+        if self._header_rest and self._state == _TEXT:
+            rest, buf = self._header_rest, self._buf
+            if buf.startswith(rest):
+                self._header_rest, self._state, self._marker = "", _HEAD, self.fmt.headers[0]
+                return True
+            if rest.startswith(buf) and not final:
+                return False  # may be it: wait
+            self._header_rest = ""
         if self._state == _TEXT and not self._started and self._run_starts_call():
             return True
         kind = Text if self._state == _TEXT else Thinking
@@ -252,7 +273,7 @@ class Parser:
 
     def _open(self, marker: str) -> None:
         self._state, self._marker, self._body, self._searched = _CALL, marker, "", 0
-        self._args = None
+        self._args, self._xml, self._sent_json = None, None, ""
         self._scan = _Scan() if self.fmt.json_body else None
 
     def _call_step(self, out: list[Segment]) -> bool:
@@ -261,10 +282,15 @@ class Parser:
         if self._stream_calls and self.fmt.json_body:
             out.extend(self._stream())
         end = self._find_end()
+        if self._stream_calls and not self.fmt.json_body:
+            out.extend(self._stream_xml(self._body if end is None else self._body[: end[0]], done=end is not None))
         if end is None:
             return False
         stop, resume = end
-        out.extend(self._calls(self._marker + self._body[:resume], self._body[:stop]))
+        calls = self._calls(self._marker + self._body[:resume], self._body[:stop])
+        if self.streaming and not (len(calls) == 1 and isinstance(calls[0], ToolCall)) and (rest := repair.closing(self._streamed())):
+            out.append(CallDelta(rest))  # what went out must still be one JSON value
+        out.extend(calls)
         self._buf = self._body[resume:]
         self._state, self._body = _TEXT, ""
         self._new_run(after_call=True)
@@ -277,7 +303,7 @@ class Parser:
             if (found := self._family.stream_start(self._marker, self._body)) is None:
                 return out
             name, start = found
-            self._args, self._sent = _Scan(), start
+            self._args, self._sent, self._from = _Scan(), start, start
             self._args.pos = start
             out.append(CallStart(name))
         args = self._args
@@ -290,6 +316,27 @@ class Parser:
             out.append(CallDelta(self._body[self._sent : args.pos]))
             self._sent = args.pos
         return out
+
+    def _stream_xml(self, body: str, done: bool) -> list[Segment]:
+        """The start and the new part of an XML-like call's arguments, as JSON."""
+        partial = self._family.partial(body, done)
+        if partial is None:
+            return []
+        out: list[Segment] = []
+        if self._xml is None:
+            if partial.name not in self._tools:
+                return []  # not a call the grammar holds: it comes whole
+            self._xml = ArgumentsJson(self._family, partial.name, self._tool_list)
+            out.append(CallStart(partial.name))
+        text = self._xml.text(partial)
+        if text.startswith(self._sent_json) and len(text) > len(self._sent_json):
+            out.append(CallDelta(text[len(self._sent_json) :]))
+            self._sent_json = text
+        return out
+
+    def _streamed(self) -> str:
+        """What of the open call's arguments has gone out."""
+        return self._sent_json if self._xml is not None else self._body[self._from : self._sent]
 
     def _find_end(self) -> tuple[int, int] | None:
         """Where the call's body stops and the text after it resumes."""

@@ -10,7 +10,7 @@ import os
 import re
 import threading
 
-from anyclaude import profiles
+from anyclaude import constrain, profiles
 from anyclaude.app import App
 from anyclaude.server import Server
 from anyclaude.engine import Done, Failed, Generation, Job, Loaded, Prefilled, Token
@@ -20,6 +20,7 @@ class ScriptedEngine:
     """Behind the engine interface: plays a fault script instead of running a model."""
 
     def __init__(self, tokenizer):
+        constrain.prepare(tokenizer)  # as the real loader does, not in the first request
         self.loaded = Loaded(model=None, tokenizer=tokenizer, context_length=8192, eos_ids=frozenset(tokenizer.eos_token_ids), device="scripted")
         self.load_error = None
         self.ready = True
@@ -61,6 +62,15 @@ class ScriptedEngine:
             generation.put(Prefilled(len(job.prompt), 0.0))
             call = '<tool_call>\n{"name": "Write", "arguments": {"file_path": "/tmp/a.txt", "content": "' + "lorem ipsum " * 12 + '"}}\n</tool_call>'
             for token in tokenizer.encode(call, add_special_tokens=False):
+                if generation.wait_cancelled(timeout=0.05):
+                    break
+                generation.put(Token(token))
+            generation.put(Done("stop"))
+            return
+        elif script == "slow-answer":
+            # Text at a steady pace, for longer than the test profile's first_token.
+            generation.put(Prefilled(len(job.prompt), 0.0))
+            for token in tokenizer.encode("word " * 100, add_special_tokens=False):
                 if generation.wait_cancelled(timeout=0.05):
                     break
                 generation.put(Token(token))

@@ -71,23 +71,43 @@ def test_stall_mid_text_ends_the_message_as_max_tokens(fake):
     assert r["outcome"] == "timeout_idle" and r["ended"] == "message_stop" and r["stop_reason"] == "max_tokens"
 
 
+WRITE = {"name": "Write", "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}, "content": {"type": "string"}}}}
+# A schema no grammar can express: with it among the tools, calls are not held, and come whole.
+UNHELD = {"name": "Odd", "input_schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}, "required": ["a"]}}
+
+
 def test_a_long_tool_call_keeps_the_stream_alive_with_pings(fake):
-    """Tokens of a call being written send nothing: Claude Code's byte watchdog would see
-    silence. A ping goes out whenever nothing has been sent for ping_interval."""
-    write = {"name": "Write", "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}, "content": {"type": "string"}}}}
-    reply, took = ask(fake, "slow-tool-call", max_tokens=1000, tools=[write])
+    """Tokens of a call that comes whole send nothing: Claude Code's byte watchdog would
+    see silence. A ping goes out whenever nothing has been sent for ping_interval."""
+    reply, took = ask(fake, "slow-tool-call", max_tokens=1000, tools=[WRITE, UNHELD])
     assert check(reply.body)[-2]["delta"]["stop_reason"] == "tool_use"
     assert took > 3 * TIMEOUTS["ping_interval"]  # the call took longer than a ping interval, tokens flowing all along
     names = [name for name, _ in parse(reply.body)]
     assert names[: names.index("content_block_start")].count("ping") >= 2
+    assert "call_grammar" not in record(fake, reply.headers["request-id"])
 
 
-def test_stall_mid_tool_call_drops_the_half_call(fake):
+def test_a_call_the_model_makes_by_itself_streams_as_it_is_written(fake):
+    reply, _ = ask(fake, "slow-tool-call", max_tokens=1000, tools=[WRITE])
+    events = check(reply.body)
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+    names = [e["type"] for e in events]
+    start = names.index("content_block_start")
+    assert events[start]["content_block"] == {"type": "tool_use", "id": events[start]["content_block"]["id"], "name": "Write", "input": {}}
+    pieces = [e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"]
+    assert len(pieces) > 10  # as it was written, not at the end
+    assert json.loads("".join(pieces)) == {"file_path": "/tmp/a.txt", "content": "lorem ipsum " * 12}
+    assert record(fake, reply.headers["request-id"])["call_grammar"] == "held"
+
+
+def test_stall_mid_tool_call_ends_the_call_begun_as_valid_json(fake):
     reply, took = ask(fake, "stall-mid-tool-call")
     events = check(reply.body)
     blocks = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
-    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
-    assert blocks == ["text"] and text == "Let me read it."
+    text = "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
+    assert blocks == ["text", "tool_use"] and text == "Let me read it."
+    pieces = "".join(e["delta"].get("partial_json", "") for e in events if e["type"] == "content_block_delta")
+    assert json.loads(pieces) == {"file_": None}  # what was sent, closed: never half a value
     assert events[-2]["delta"]["stop_reason"] == "max_tokens"
     assert took < TIMEOUTS["idle"] + STEP
     assert record(fake, reply.headers["request-id"])["outcome"] == "timeout_idle"
@@ -193,3 +213,45 @@ def test_stopping_the_daemon_ends_the_streams_in_flight_at_once(tmp_path, model_
     assert events[-1]["error"] == {"type": "overloaded_error", "message": "the daemon is stopping; retry once it is back"}
     r = record(daemon, response.getheader("request-id"))
     assert r["outcome"] == "error" and r["ended"] == "error" and "stopping" in r["error"]
+
+
+@pytest.fixture(scope="module")
+def queueing(tmp_path_factory, model_cache, tiny_model):
+    directory = tmp_path_factory.mktemp("queueing")
+    profile = profile_file(directory, "queueing", timeouts=TIMEOUTS, engine={"queue_size": 4})
+    d = Daemon(str(profile), model_cache, directory / "daemon.log", fake=True, env={"FAKE_TOKENIZER_DIR": str(tiny_model)})
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.stop()
+
+
+def test_waiting_requests_run_by_class_and_their_first_token_timer_starts_at_the_engine(queueing):
+    """The main conversation before subagents before side requests, however they came;
+    and time spent queued is not the prefill taking too long."""
+    results = {}
+
+    def run(name, script, kind):
+        body = {"model": "claude-opus-4-8", "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": f"SCRIPT:{script}"}]}
+        results[name] = request(queueing.port, "POST", "/v1/messages", json.dumps(body).encode(), {"x-claude-code-request-class": kind})
+
+    def health():
+        return request(queueing.port, "GET", "/health").json()["models"]["smollm2"]
+
+    first = threading.Thread(target=run, args=("first", "slow-answer", "main"))
+    first.start()
+    while not health()["running"]:
+        pass
+    threads = []
+    for name in ("auxiliary", "subagent", "main"):  # the reverse of their ranks
+        threads.append(threading.Thread(target=run, args=(name, "think", name)))
+        threads[-1].start()
+        while health()["waiting"] < len(threads):  # each queued before the next comes
+            pass
+    for t in [first, *threads]:
+        t.join()
+    logged = [r for r in queueing.records() if r["request_id"] in {results[n].headers["request-id"] for n in results}]
+    assert [r["request_class"] for r in logged] == ["main", "main", "subagent", "auxiliary"]
+    assert all(r["outcome"] == "complete" for r in logged), logged
+    assert min(r["queue_wait_s"] for r in logged[1:]) > TIMEOUTS["first_token"]

@@ -18,7 +18,8 @@ class Format(Struct, frozen=True):
     call), and runs to `call_end` or the end of generation. `bare_json`: a text run that starts with "{"
     is a call (Llama 3). `drop`: markers removed from text and reasoning. `headers`:
     markers that open a message header running to `header_end`, which the family's
-    `route` reads to tell whether reasoning, text or a call follows (harmony).
+    `route` reads to tell whether reasoning, text or a call follows (harmony), and
+    `header_rest` what a reply begins with when it goes on with the prompt's own.
     """
 
     name: str
@@ -32,6 +33,9 @@ class Format(Struct, frozen=True):
     drop: tuple[str, ...] = ()
     headers: tuple[str, ...] = ()
     header_end: str = ""
+    # A reply that starts with this continues the header the generation prompt opened
+    # (harmony's `<|start|>assistant` then ` to=functions.NAME...`).
+    header_rest: str = ""
 
 
 class Hints(Struct, frozen=True):
@@ -74,6 +78,17 @@ class Family:
         the name and where in `body` the arguments' JSON value starts; None until then,
         and always for families whose arguments are not written as JSON."""
         return None
+
+    def partial(self, body: str, done: bool) -> Any:
+        """For calls whose arguments are not JSON as written (XML-like): the
+        `partial.Partial` of a call's body written so far (`done`: all of it), or None
+        while its name is not known, and always for the other families."""
+        return None
+
+    def value(self, name: str, key: str, raw: str, tools: list[dict]) -> Any:
+        """The value the family's parser makes of the text `raw` of argument `key` of a
+        call to `name` (for `partial`)."""
+        raise NotImplementedError
 
     def route(self, header: str) -> tuple[str, str]:
         """For formats with `headers`: what a message header opens: ("text", ""),

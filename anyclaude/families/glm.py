@@ -11,6 +11,7 @@ from typing import Any
 from .base import Family, Format, Hints, with_markers
 from .grammar import CallFormat, ConstraintError, alternatives, argument, as_json, lark_string, parameters
 from .mlx_parsers import parse_mlx
+from .partial import Argument, Partial, certain
 
 
 class GlmCall(CallFormat):
@@ -20,8 +21,11 @@ class GlmCall(CallFormat):
 
     OPEN, CLOSE, KEY, KEY_END, VALUE, VALUE_END = "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
 
+    trigger = OPEN
+
     def __init__(self, name: str, newline: str):
         self.name, self.newline = name, newline
+        self.lead = newline
 
     def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
         nl = f"{lark_string(self.newline)} " if self.newline else ""
@@ -90,6 +94,33 @@ class Glm(Family):
 
     def parse(self, fmt: Format, marker: str, body: str, tools: list[dict]) -> list[Any]:
         return parse_mlx("glm47", body, tools)
+
+    def partial(self, body: str, done: bool) -> Partial | None:
+        # As mlx-lm's parser reads it: the name is all before the first key; keys and
+        # values are stripped.
+        K, KE, V, VE = GlmCall.KEY, GlmCall.KEY_END, GlmCall.VALUE, GlmCall.VALUE_END
+        first = body.find(K)
+        if first < 0:
+            return None
+        arguments, pos = [], first
+        while (k := body.find(K, pos)) >= 0 and (ke := body.find(KE, k)) >= 0:
+            key = body[k + len(K) : ke].strip()
+            v = body.find(V, ke)
+            if v < 0:
+                arguments.append(Argument(key, "", False))
+                return Partial(body[:first].strip(), arguments, False)
+            start = v + len(V)
+            end = body.find(VE, start)
+            if end < 0:
+                arguments.append(Argument(key, certain(body[start:], VE).strip(), False))
+                return Partial(body[:first].strip(), arguments, False)
+            arguments.append(Argument(key, body[start:end].strip(), True))
+            pos = end + len(VE)
+        return Partial(body[:first].strip(), arguments, done)
+
+    def value(self, name: str, key: str, raw: str, tools: list[dict]) -> Any:
+        call = f"{name}{GlmCall.KEY}{key}{GlmCall.KEY_END}{GlmCall.VALUE}{raw}{GlmCall.VALUE_END}"
+        return parse_mlx("glm47", call, tools)[0]["arguments"].get(key)
 
 
 FAMILY = Glm()

@@ -29,6 +29,7 @@ FORMAT = Format(
     drop=("<|return|>", "<|call|>", "<|end|>"),
     headers=("<|start|>", "<|channel|>"),
     header_end="<|message|>",
+    header_rest=" to=",
 )
 
 _RECIPIENT = re.compile(r"\bto=([^\s<]+)")
@@ -41,6 +42,10 @@ class HarmonyCall(CallFormat):
 
     name = "harmony"
     CHANNEL, CONSTRAIN, MESSAGE = "<|channel|>", "<|constrain|>", "<|message|>"
+    # The recipient opens a call wherever the header has it (in the channel part, or
+    # the role part as the template writes it): from there on the grammar writes the
+    # rest of the header as the model usually does, then the arguments.
+    trigger, lead = "to=functions.", "<|channel|>commentary "
 
     def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
         lines = [f"start: {marker(self.CHANNEL)} {lark_string('commentary to=functions.')} call", alternatives(tools)]

@@ -19,9 +19,16 @@ class ConstraintError(Exception):
 
 
 class CallFormat:
-    """How a model writes one tool call: as a Lark grammar, and as text."""
+    """How a model writes one tool call: as a Lark grammar, and as text.
+
+    `trigger` is the marker the model opens a call with, which the grammar starts with
+    (after the fixed text `lead`): seeing it in an unforced answer, the daemon holds the
+    rest of the call to the grammar (`constrain.lazy_calls`). None: calls that open
+    with no marker of their own (or several possible ones) are not constrained unforced."""
 
     name = ""
+    trigger: str | None = None
+    lead = ""
 
     def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
         """A Lark grammar (llguidance dialect) for exactly one call to one of `tools`.
@@ -46,8 +53,9 @@ class JsonCall(CallFormat):
     `opening` and `closing` may hold markers (`markers`), which the grammar writes as
     the model's special token where it has one."""
 
-    def __init__(self, name: str, opening: str, closing: str, *, key: str = "arguments", markers: tuple[str, ...] = ()):
+    def __init__(self, name: str, opening: str, closing: str, *, key: str = "arguments", markers: tuple[str, ...] = (), trigger: str | None = None):
         self.name, self.opening, self.closing, self.key, self.markers = name, opening, closing, key, markers
+        self.trigger = trigger
 
     def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
         opening = pieces(self.opening + "{", self.markers, marker)

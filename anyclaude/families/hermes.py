@@ -12,7 +12,7 @@ from .base import Family, Format, Hints, with_markers
 from .grammar import JsonCall
 
 FORMAT = Format(name="hermes", family="hermes", call_start=("<tool_call>",), call_end="</tool_call>")
-CALLS = JsonCall("hermes", "<tool_call>\n", "\n</tool_call>", markers=("<tool_call>", "</tool_call>"))
+CALLS = JsonCall("hermes", "<tool_call>\n", "\n</tool_call>", markers=("<tool_call>", "</tool_call>"), trigger="<tool_call>")
 
 
 def json_start(body: str, key: str = "arguments") -> tuple[str, int] | None:

@@ -23,6 +23,7 @@ class MistralHeader(CallFormat):
 
     name = "mistral"
     OPEN, ARGS = "[TOOL_CALLS]", "[ARGS]"
+    trigger = OPEN
 
     def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
         lines = [

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
 from .base import Family, Format, Hints, with_markers
-from .mlx_parsers import parse_mlx
 from .grammar import CallFormat, ConstraintError, alternatives, argument, lark_string, parameters
+from .mlx_parsers import parse_mlx
+from .partial import Argument, Partial, certain
 
 
 class Qwen3CoderCall(CallFormat):
@@ -30,6 +32,7 @@ class Qwen3CoderCall(CallFormat):
 
     name = "qwen3_coder"
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    trigger = OPEN
     _END = "\n</parameter>\n"
 
     def grammar(self, tools: list[tuple[str, dict]], marker: Callable[[str], str]) -> str:
@@ -104,8 +107,35 @@ class Qwen3Coder(Family):
     def parse(self, fmt: Format, marker: str, body: str, tools: list[dict]) -> list[Any]:
         return parse_mlx("qwen3_coder", body, tools)
 
+    def partial(self, body: str, done: bool) -> Partial | None:
+        # As mlx-lm's parser reads it: a name up to whitespace, `<` or `>`; a value
+        # between `<parameter=KEY>` and `</parameter>`, less one newline at either end.
+        found = _FUNCTION.match(body)
+        if found is None:
+            return None
+        arguments, pos = [], found.end()
+        while (key := _PARAMETER.search(body, pos)) is not None:
+            start = key.end() + body.startswith("\n", key.end())
+            end = body.find(_VALUE_END, start)
+            if end < 0:
+                arguments.append(Argument(key.group(1), certain(body[start:], "\n" + _VALUE_END), False))
+                return Partial(found.group(1), arguments, False)
+            raw = body[start:end]
+            arguments.append(Argument(key.group(1), raw[:-1] if raw.endswith("\n") else raw, True))
+            pos = end + len(_VALUE_END)
+        return Partial(found.group(1), arguments, done or "</function>" in body[pos:])
+
+    def value(self, name: str, key: str, raw: str, tools: list[dict]) -> Any:
+        call = f"<function={name}>\n<parameter={key}>\n{raw}\n{_VALUE_END}\n</function>"
+        return parse_mlx("qwen3_coder", call, tools)[0]["arguments"].get(key)
+
     def inputs(self, messages: list[dict], tools: list[dict]) -> tuple[list[dict], list[dict] | None]:
         return json_values(messages), tools or None
+
+
+_FUNCTION = re.compile(r"\s*<function=([^\s<>]+)>")
+_PARAMETER = re.compile(r"<parameter=([^\s<>]+)>")
+_VALUE_END = "</parameter>"
 
 
 def json_values(messages: list[dict]) -> list[dict]:
