@@ -239,7 +239,8 @@ class Exchange:
         request = wire.decode_request(body, wire.CountTokensRequest)
         self._describe(request)
         _, engine, _ = self.server.engine_for(request.model)
-        rendered = prompt.render(request, engine.loaded.tokenizer, keep_billing_header=self.server.profile.prompt.keep_billing_header)
+        loaded = engine.loaded
+        rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=self.server.profile.prompt.keep_billing_header, vision=loaded.vision)
         self.record.prompt_tokens = len(rendered.ids)
         return len(rendered.ids)
 
@@ -289,7 +290,7 @@ class Exchange:
         timeouts = Timeouts(t.first_token, t.idle, t.total, t.ping_interval, profile=server.loaded.name)
         # What the prefix cache holds now; if it changes before the engine gets here
         # (eviction while queued), message_delta carries the true figures.
-        cached = engine.cache.peek(rendered.ids) if engine.cache else 0
+        cached = engine.cache.peek(rendered.cache_key) if engine.cache else 0
         stream = MessageStream(
             model=request.model,
             input_tokens=len(rendered.ids) - cached,
@@ -310,10 +311,10 @@ class Exchange:
             # Claude Code compacted the conversation: the old one will not come back.
             self.record.cache_demoted = engine.cache.demote(old.tolist(), beyond=rendered.checkpoint)
         located = None
-        if session and (position := server.sessions.check(session, rendered.ids)) is not None:
+        if session and (position := server.sessions.check(session, rendered.cache_key)) is not None:
             # Finding the part renders the request several times: in a thread, while
             # the answer is generated, not before it on the event loop.
-            located = (position, asyncio.create_task(asyncio.to_thread(misses.locate, request, engine.loaded.tokenizer, rendered.ids, position)))
+            located = (position, asyncio.create_task(asyncio.to_thread(misses.locate, request, engine.loaded.tokenizer, rendered.cache_key, position, engine.loaded.vision)))
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(generation))
         try:
             if request.stream:
@@ -321,7 +322,7 @@ class Exchange:
                 outcome = await drive(stream, generation, output, self._send_events, timeouts, single_call=single_call)
                 self._record_outcome(generation, outcome)
                 if session:
-                    server.sessions.remember(session, rendered.ids + outcome.tokens)
+                    server.sessions.remember(session, rendered.cache_key + outcome.tokens)
                 if outcome.error and not self.disconnected.is_set():
                     await self._send_events([envelope(outcome.error, self.request_id)])
                 await self._note_miss(located)
@@ -337,7 +338,7 @@ class Exchange:
                 outcome = await drive(stream, generation, output, collect, quiet, single_call=single_call)
                 self._record_outcome(generation, outcome)
                 if session:
-                    server.sessions.remember(session, rendered.ids + outcome.tokens)
+                    server.sessions.remember(session, rendered.cache_key + outcome.tokens)
                 await self._note_miss(located)
                 if outcome.error:
                     raise outcome.error
@@ -362,7 +363,7 @@ class Exchange:
         key, engine, scheduler = server.engine_for(request.model)
         model = server.profile.models[key]
         loaded = engine.loaded
-        rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=server.profile.prompt.keep_billing_header)
+        rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=server.profile.prompt.keep_billing_header, vision=loaded.vision)
         self.record.prompt_tokens = len(rendered.ids)
         if unseen := rendered.images:
             self.record.images_unseen = unseen
@@ -396,6 +397,7 @@ class Exchange:
             grammar=forced is not None,
             side=(rank := self._rank(request)) == SIDE,
             rank=rank,
+            images=rendered.seen_images,
         )
         self.record.side = job.side or None
         self.record.call_grammar = "forced" if forced else "held" if lazy else None
@@ -612,6 +614,8 @@ def _model_health(engine, scheduler, model: profiles.Model) -> dict:
         "context_length": loaded.context_length if loaded else None,
         "device": loaded.device if loaded else None,
         "cache_types": loaded.cache_types if loaded else None,
+        # Whether it sees images (the mlx-vlm model type it was loaded as), or reads them as a note.
+        "vision": (loaded.vision.kind if loaded.vision else None) if loaded else None,
         "cache_bytes": cache.bytes if cache else 0,
         "cache_peak_bytes": cache.peak_bytes if cache else 0,
         "cache_budget_bytes": cache.max_bytes if cache else 0,

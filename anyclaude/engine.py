@@ -60,6 +60,8 @@ class Job(Struct, frozen=True):
     # Its place in the engine's queue (scheduler.RANKS): 0 for the conversation the user
     # waits on, higher for subagents, compaction and side requests.
     rank: int = 0
+    # The prompt's images (vision.Images), for a model that sees them.
+    images: Any = None
 
 
 # What the engine sends back, in order: Prefilled once, Token per token, then Done or Failed.
@@ -116,6 +118,8 @@ class Loaded(Struct):
     weight_bytes: int = 0
     # What the models of this device may use in all (Metal's working set, or RAM; 0: unknown).
     memory_budget: int = 0
+    # For a model that sees images: its processor and image token (vision.Vision), else None.
+    vision: Any = None
 
 
 class Generation:
@@ -368,13 +372,15 @@ class Engine:
         s = job.sampling
         sampler = make_sampler(temp=s.temperature, top_p=s.top_p if s.top_p < 1.0 else 0.0, top_k=s.top_k)
         started = time.perf_counter()
-        reuse = self.cache.fetch(job.prompt) if self.cache else None
+        # Images' tokens are keyed by the images' hashes.
+        key = job.images.keys if job.images is not None else job.prompt
+        reuse = self.cache.fetch(key) if self.cache else None
         kv = reuse.cache if reuse and reuse.cache is not None else make_prompt_cache(loaded.model)
         cached = reuse.tokens if reuse else 0
         generated: list[int] = []
         failed = False
         # What the cache holds, whatever its type: the tokens given to the model.
-        fed = _Counted(loaded.model, cached)
+        fed = _Counted(_with_images(loaded.model, job, cached), cached)
         try:
             done = cached
             if self.cache and cached < job.checkpoint < len(job.prompt) - 1:
@@ -383,7 +389,7 @@ class Engine:
                 # (Were it cached already, the fetch above would have reused it.)
                 self._prefill(fed, kv, job.prompt[done : job.checkpoint], work)
                 done = job.checkpoint
-                self.cache.store(job.prompt[:done], prefix_copy(kv, done), CHECKPOINT)
+                self.cache.store(key[:done], prefix_copy(kv, done), CHECKPOINT)
 
             def check() -> None:
                 if work.generation.cancelled:
@@ -416,7 +422,7 @@ class Engine:
                         # The prompt alone, before its answer: the next turn re-renders
                         # the answer and may part from it right there, and a cache that
                         # cannot be trimmed is reused by exact prefix only.
-                        self.cache.store(job.prompt, prefix_copy(kv, len(job.prompt)), side=job.side)
+                        self.cache.store(key, prefix_copy(kv, len(job.prompt)), side=job.side)
                 return "length"
             finally:
                 steps.close()
@@ -433,7 +439,7 @@ class Engine:
             if self.cache and failed:
                 work.store = FAILED
             elif self.cache:
-                work.store = self.cache.store((job.prompt + generated)[: fed.count], kv, prompt=len(job.prompt), side=job.side)
+                work.store = self.cache.store((key + generated)[: fed.count], kv, prompt=len(job.prompt), side=job.side)
 
     def _processors(self, job: Job) -> list | None:
         from mlx_lm.sample_utils import make_logits_processors
@@ -460,6 +466,14 @@ class Engine:
             quantize_due(kv, self._quantize, model.count)
             mx.eval([c.state for c in kv])
             tokens = tokens[n:]
+
+
+def _with_images(model, job: Job, position: int):
+    if job.images is None:
+        return model
+    from .vision import Prompted
+
+    return Prompted(model, job.prompt, job.images, position)
 
 
 class _Counted:

@@ -49,15 +49,17 @@ class Sessions:
             self._last.popitem(last=False)
 
 
-def locate(request: wire.CountTokensRequest, tokenizer, ids: list[int], position: int) -> str:
-    """Which part of the request holds token `position`: system, tools, or message N."""
+def locate(request: wire.CountTokensRequest, tokenizer, ids: list[int], position: int, vision=None) -> str:
+    """Which part of the request holds token `position`: system, tools, or message N.
+    `ids`: the prompt as the prefix cache keys it (an image's tokens by the image, for a
+    model that sees: `vision`)."""
     full = np.asarray(ids)
 
     def reach(**changes) -> int:
         # How far a rendering of part of the request agrees with the whole prompt.
         partial = msgspec.structs.replace(request, **changes)
         try:
-            return common_prefix(np.asarray(prompt.render(partial, tokenizer).ids), full)
+            return common_prefix(np.asarray(prompt.render(partial, tokenizer, vision=vision).cache_key), full)
         except Exception:
             return 0
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import blas
+from . import blas, vision
 from .engine import Loaded
 from .metal import metal_info
 from .profiles import Engine as EngineSettings
@@ -154,7 +154,11 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
         from .cache import kinds
 
         where = prepare(model, relative_to)
-        mlx_model, tokenizer = mlx_load(where)
+        seeing = None
+        if kind := vision.wanted(model.vision, where):
+            mlx_model, tokenizer, seeing = vision.load(where, kind)
+        else:
+            mlx_model, tokenizer = mlx_load(where)
         from . import constrain
 
         try:
@@ -168,7 +172,7 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
 
             cpu.use_numpy_exp()
             if settings.cpu_dequantize and blas.loaded():
-                cpu.dequantize(mlx_model)
+                cpu.dequantize(getattr(mlx_model, "vlm", mlx_model))
                 device = "CPU, dequantized, OpenBLAS"
             else:
                 device = "CPU (install OpenBLAS for a faster CPU path: see the README)"
@@ -177,7 +181,7 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
         own = _context_length(where)
         context = model.context_length or own or 8192
         # Saved KV caches are only valid for the same weights computed the same way.
-        identity = hashlib.sha256(f"{where}|{device}".encode()).hexdigest()[:16]
+        identity = hashlib.sha256(f"{where}|{device}{'|vision' if seeing else ''}".encode()).hexdigest()[:16]
         return Loaded(
             model=mlx_model,
             tokenizer=tokenizer,
@@ -189,6 +193,7 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
             cache_dir=cache_home() / "prompts" / identity,
             weight_bytes=sum(v.nbytes for _, v in tree_flatten(mlx_model.parameters())),
             memory_budget=memory_budget()[0],
+            vision=seeing,
         )
 
     return load

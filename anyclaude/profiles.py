@@ -43,6 +43,9 @@ class Model(_Section):
     # The most tokens generated for one request; larger requests are clamped.
     max_tokens: int = 4096
     display_name: str | None = None
+    # Whether the model sees images (through mlx-vlm): "auto" when its config.json has a
+    # vision tower of a kind anyclaude feeds images to; false reads it as a text model.
+    vision: bool | Literal["auto"] = "auto"
 
 
 class Sampling(_Section):

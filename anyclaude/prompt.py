@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import string
 from typing import Any
 
@@ -37,16 +38,32 @@ class Rendered(Struct, frozen=True):
     checkpoint: int = 0
     # Images in the conversation, which reach the model as a note (it cannot see them).
     images: int = 0
+    # For a model that sees: the images, where their tokens are, and the prompt as the
+    # prefix cache keys it (vision.Images); None without images.
+    seen_images: Any = None
+
+    @property
+    def cache_key(self) -> list[int]:
+        """The prompt as the prefix cache keys it: its ids, an image's tokens by the image."""
+        return self.ids if self.seen_images is None else self.seen_images.keys
 
 
-def render(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_header: bool = False) -> Rendered:
-    """The prompt for a request, as text and as token ids."""
+def render(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_header: bool = False, vision: Any = None) -> Rendered:
+    """The prompt for a request, as text and as token ids. `vision` (a vision.Vision): the
+    model sees images, which become its template's image parts and its processor's tokens."""
     fmt = families.detect(tokenizer)
-    seen = Seen()
+    seen = Seen(vision=vision is not None)
     messages, tools, template_tools = template_inputs(request, fmt, keep_billing_header=keep_billing_header, seen=seen)
     template = _Template(tokenizer, families.of(fmt), thinking_wanted(request), _effort(request))
+    pictures: list = []
+    if seen.pictures:
+        messages, pictures = _image_parts(messages, seen.pictures)
     text = template.apply(messages, template_tools)
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    images = None
+    if pictures:
+        ids, images = vision.prepare(text, pictures)
+    else:
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
     thinking_open = bool(fmt.think_start) and text.rstrip().endswith(fmt.think_start)
     return Rendered(
         text=text,
@@ -56,7 +73,33 @@ def render(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_hea
         thinking_open=thinking_open,
         checkpoint=_system_prefix(template, messages, template_tools, text, ids),
         images=seen.images,
+        seen_images=images,
     )
+
+
+# Where an image is, in a message's text until the template is given its parts: no
+# family's handling of the history (folding tool results into user turns, ...) changes it.
+_IMAGE_AT = re.compile("\u2063anyclaude image (\\d+)\u2063")
+
+
+def _image_parts(messages: list[dict], pictures: list) -> tuple[list[dict], list]:
+    """The messages with each image as an image content part, the text around it as text
+    parts; and the pictures in the order the template renders them (the messages')."""
+    out, ordered = [], []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, str) or not _IMAGE_AT.search(content):
+            out.append(message)
+            continue
+        parts: list[dict] = []
+        for i, piece in enumerate(_IMAGE_AT.split(content)):
+            if i % 2:
+                parts.append({"type": "image"})
+                ordered.append(pictures[int(piece)])
+            elif piece.strip():
+                parts.append({"type": "text", "text": piece})
+        out.append(message | {"content": parts})
+    return out, ordered
 
 
 def template_inputs(
@@ -167,9 +210,12 @@ def thinking_wanted(request: wire.CountTokensRequest) -> bool:
 class Seen:
     """What rendering a conversation came across: the tools tool search found, images."""
 
-    def __init__(self) -> None:
+    def __init__(self, vision: bool = False) -> None:
         self.found: set[str] = set()
-        self.images = 0
+        self.images = 0  # that the model cannot see
+        # For a model that sees: the images, decoded, each marked in the text by its index.
+        self.vision = vision
+        self.pictures: list = []
 
 
 def chat_messages(request: wire.CountTokensRequest, *, keep_billing_header: bool = False, seen: Seen | None = None) -> list[dict]:
@@ -213,6 +259,12 @@ def _text(blocks: list[wire.Block], seen: Seen | None = None) -> str:
         if isinstance(block, wire.TextBlock):
             parts.append(block.text)
         elif isinstance(block, wire.ImageBlock):
+            if seen and seen.vision and (block.source or {}).get("type") == "base64":
+                from .vision import decode
+
+                parts.append(f"\u2063anyclaude image {len(seen.pictures)}\u2063")
+                seen.pictures.append(decode(block.source))
+                continue
             parts.append(IMAGE_NOTE)
             if seen:
                 seen.images += 1

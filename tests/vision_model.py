@@ -1,0 +1,91 @@
+"""A tiny random-weight Gemma 3 vision model, from mlx-vlm's own classes, written to a folder
+as a Hugging Face checkpoint is: config, weights, a real processor (transformers' Gemma 3
+image processor at 56x56 pixels, 16 image tokens) and the tiny model's tokenizer with
+Gemma's turn and image tokens added, under Gemma 3's real chat template.
+
+Two text layers of width 64 and a one-layer vision tower of width 32: an image costs a
+few milliseconds on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+IMAGE_TOKENS = 16  # per image: 56/14 = 4 patches a side, pooled 1:1
+SPECIAL = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+
+
+def build(out: Path, tokenizer_dir: Path, seed: int = 0, *, sliding_window: int = 512) -> Path:
+    """Write the model into `out` (a new folder); `tokenizer_dir` holds the tiny model's tokenizer."""
+    import mlx.core as mx
+    from mlx_vlm.models import gemma3
+    from mlx_vlm.utils import save_weights, update_module_configs
+    from tokenizers import AddedToken, Tokenizer
+
+    out.mkdir(parents=True)
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tokenizer.save(str(out / "tokenizer.json"))
+    ids = {t: tokenizer.token_to_id(t) for t in SPECIAL}
+    vocab = tokenizer.get_vocab_size()
+    base = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    template = (TEMPLATES / "google-gemma-3-it.jinja").read_text()
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": 8192,
+        "bos_token": base["bos_token"], "eos_token": "<end_of_turn>", "unk_token": base["unk_token"], "pad_token": base["pad_token"],
+        # What Gemma 3's processor reads from its tokenizer: the image tokens by role.
+        "extra_special_tokens": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+        "chat_template": template,
+    }))
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor",
+        "size": {"height": 56, "width": 56}, "resample": 2, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
+        "do_pan_and_scan": False,
+    }))
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Gemma3Processor", "image_seq_length": IMAGE_TOKENS}))
+    config = {
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "image_token_index": ids["<image_soft_token>"],
+        "boi_token_index": ids["<start_of_image>"],
+        "eoi_token_index": ids["<end_of_image>"],
+        "eos_token_id": [ids["<end_of_turn>"]],
+        "mm_tokens_per_image": IMAGE_TOKENS,
+        "hidden_size": 64,
+        "vocab_size": vocab,  # mlx-lm's gemma3 (the text-only reading) takes it from here
+        "text_config": {
+            "model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "query_pre_attn_scalar": 32,
+            "vocab_size": vocab, "sliding_window": sliding_window, "sliding_window_pattern": 2,
+            "mm_tokens_per_image": IMAGE_TOKENS, "max_position_embeddings": 8192,
+        },
+        "vision_config": {
+            "model_type": "siglip_vision_model", "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
+            "num_attention_heads": 2, "patch_size": 14, "image_size": 56,
+        },
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    mx.random.seed(seed)
+    model_config = update_module_configs(gemma3.ModelConfig.from_dict(config), gemma3, config, ["text", "vision"])
+    model = gemma3.Model(model_config)
+    # Random projections: the default ones-matrix would give every image the same tokens.
+    projector = model.multi_modal_projector
+    projector.mm_input_projection_weight = mx.random.normal(projector.mm_input_projection_weight.shape) * 0.5
+    mx.eval(model.parameters())
+    save_weights(out, model)
+    return out
+
+
+def tokenizer_files(model_dir: Path, out: Path) -> Path:
+    """The tokenizer files of a model folder, copied into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, out / name)
+    return out
