@@ -76,7 +76,7 @@ class Record(Struct, omit_defaults=True):
 
 
 class Event(Struct, omit_defaults=True):
-    """Something the daemon did, not a request: profile reloads and their errors."""
+    """Something the daemon did, not a request: profile reloads and their errors, cache evictions."""
 
     ts: str
     event: str
@@ -85,6 +85,9 @@ class Event(Struct, omit_defaults=True):
     error: str | None = None
     revision: str | None = None
     models: list[str] | None = None
+    model: str | None = None
+    # cache.evict: the entry (anyclaude.cache.Eviction: kind, tokens, bytes, reason, kept, idle_s).
+    entry: Any = None
 
 
 def location(configured: str | None) -> Path:
