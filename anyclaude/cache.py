@@ -151,11 +151,6 @@ class KVSize(Struct, frozen=True):
     def bytes(self, tokens: int) -> int:
         return self.fixed + self.per_token * tokens + sum(b * min(tokens, w) for b, w in self.windowed)
 
-    def tokens(self, nbytes: int) -> int:
-        """The most tokens whose KV fits in `nbytes` (sliding windows taken as full)."""
-        rate = self.per_token + sum(b for b, _ in self.windowed)
-        return max(0, (nbytes - self.fixed) // rate) if rate else 0
-
 
 def measure(model: Any) -> KVSize:
     """A model's KV size, from its cache after one token (cheap: one forward pass)."""
