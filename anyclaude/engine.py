@@ -234,7 +234,8 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self.loaded is not None
+        # Loaded, and done with what follows the load (the cache's sizing pass among it).
+        return self.loaded is not None and self._ready.is_set()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
