@@ -365,6 +365,7 @@ class Exchange:
         loaded = engine.loaded
         rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=server.profile.prompt.keep_billing_header, vision=loaded.vision)
         self.record.prompt_tokens = len(rendered.ids)
+        self.record.checkpoint_tokens = rendered.checkpoint or None
         if unseen := rendered.images:
             self.record.images_unseen = unseen
             if key not in server.warned_images:  # once per model, in the daemon's output

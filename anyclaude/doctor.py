@@ -27,7 +27,7 @@ def add_commands(subparsers) -> None:
         "status", help="the running daemon: profile, models, queue, cache, reload errors (exit code 0 when ready)"
     )
     doctor = subparsers.add_parser(
-        "doctor", help="check this machine for a profile: device, memory, model, port, claude, logs (exit code 1 on a FAIL)"
+        "doctor", help="check this machine for a profile: device, memory, model, KV cache, port, claude, logs (exit code 1 on a FAIL)"
     )
     for sub in (status, doctor):
         sub.add_argument("--profile", default="tiny", help="a profile name or TOML file (default: tiny)")
@@ -236,6 +236,97 @@ def check_log_dir(folder: Path) -> Check:
     return OK, "log dir", f"{folder} will be created on first start"
 
 
+# --- KV cache sizing ---------------------------------------------------------------
+
+CLAUDE_CODE_PREFIX = 12_000  # tokens of Claude Code's system+tools prefix (2.1.332: 12-20K by tools)
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def kv_per_token(config: dict, dtype: str) -> tuple[int, str]:
+    """A model's KV bytes per token of context, from its config.json, and how they add up.
+    Attention layers count; sliding-window and linear-attention layers, which do not
+    grow with the context, do not."""
+    c = config.get("text_config", config) | config
+    layers = c.get("num_hidden_layers") or c.get("n_layer") or 0
+    heads = c.get("num_attention_heads") or 1
+    kv_heads = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or (c.get("hidden_size") or 0) // heads
+    if isinstance(c.get("layer_types"), list):
+        full = sum(1 for t in c["layer_types"] if t == "full_attention")
+    elif c.get("full_attention_interval"):
+        full = layers // c["full_attention_interval"]
+    else:
+        full = layers
+    how = f"{full} attention layers x {kv_heads} KV heads x {head_dim}, keys and values in {dtype}"
+    return full * kv_heads * head_dim * 2 * _DTYPE_BYTES[dtype], how
+
+
+def check_kv(loaded: profiles.Loaded) -> list[Check]:
+    """Per model: its KV bytes per token, and what the KV budget holds (the context
+    window, Claude Code's prefix as checkpoints)."""
+    from .cache import default_budget
+
+    checks = []
+    memory, what = memory_budget()
+    models = loaded.profile.models
+    for key, model in models.items():
+        try:
+            path, _ = model_files(model.path, loaded.path.parent)
+        except ModelError:
+            path = None
+        folder = gguf_directory(path) if path is not None and path.suffix == ".gguf" else path
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError, TypeError):
+            checks.append((SKIP, "kv", f"{key}: KV size known once the model is on disk (and imported)"))
+            continue
+        dequantized = loaded.profile.engine.cpu_dequantize and metal_info() is None and _openblas()
+        # Activations (and so keys and values) are float32 once dequantized on a CPU.
+        dtype = "float32" if dequantized else str(config.get("torch_dtype", "")).removeprefix("torch.")
+        dtype = dtype if dtype in _DTYPE_BYTES else "float16"
+        rate, how = kv_per_token(config, dtype)
+        if not rate:
+            checks.append((SKIP, "kv", f"{key}: KV size unknown from its config.json"))
+            continue
+        checks.append((OK, "kv", f"{key}: {human_bytes(rate)} per token ({how})"))
+        weights = _weight_bytes(path, config, dequantized)
+        if loaded.profile.cache.max_gb is not None:
+            budget, source = int(loaded.profile.cache.max_gb * 2**30), "[cache] max_gb"
+        else:
+            budget, source = default_budget(memory, weights, len(models)), f"{what} less the weights and a reserve"
+        context = model.context_length or _own_context(config) or 8192
+        window = context * rate
+        prefix = CLAUDE_CODE_PREFIX * rate
+        beside = max(0, (budget - window) // prefix)
+        held = f"{budget // rate:,} tokens"
+        request = f"a request filling the {context:,}-token window ({human_bytes(window)})"
+        checkpoint = f"Claude Code's {CLAUDE_CODE_PREFIX // 1000}K-token prefix ({human_bytes(prefix)})"
+        if budget < window:
+            verdict = FAIL
+            detail = f"{held}, less than {request}: lower context_length, set [engine] kv_bits, or raise [cache] max_gb"
+        else:
+            verdict = OK if beside >= 1 else WARN
+            detail = f"{held}: {request} and {beside} checkpoint{'' if beside == 1 else 's'} of {checkpoint} beside it"
+        detail = f"{key}: KV budget {human_bytes(budget)} ({source}), {detail}"
+        checks.append((verdict, "fits", detail))
+    return checks
+
+
+def _own_context(config: dict) -> int | None:
+    c = config.get("text_config", config) | config
+    return next((c[k] for k in ("max_position_embeddings", "max_seq_len", "n_positions") if isinstance(c.get(k), int)), None)
+
+
+def _weight_bytes(path: Path, config: dict, dequantized: bool) -> int:
+    # About the files' size; dequantized on a CPU, each b-bit weight (with its group's
+    # scale and bias in 16 bits) becomes 32 bits.
+    size = disk_size(path)
+    q = config.get("quantization") or {}
+    if dequantized and q.get("bits"):
+        return int(size * 32 / (q["bits"] + 32 / q.get("group_size", 64)))
+    return size
+
+
 def doctor(loaded: profiles.Loaded, host: str | None = None, port: int | None = None) -> list[Check]:
     """Every check for a loaded profile, in the order a user would fix them."""
     server = loaded.profile.server
@@ -244,6 +335,7 @@ def doctor(loaded: profiles.Loaded, host: str | None = None, port: int | None = 
     model_checks, model_bytes = check_models(loaded)
     checks.append(check_memory(model_bytes, loaded))
     checks += model_checks
+    checks += check_kv(loaded)
     checks.append(check_port(loaded, url, host or server.host, port or server.port))
     checks.append(check_claude())
     checks.append(check_log_dir(log_folder(loaded)))

@@ -241,7 +241,8 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self.loaded is not None
+        # Loaded, and done with what follows the load (the cache's sizing pass among it).
+        return self.loaded is not None and self._ready.is_set()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
@@ -262,7 +263,7 @@ class Engine:
     def set_prefill_step(self, tokens: int | None) -> None:
         self._prefill_step = tokens
 
-    def configure_cache(self, max_bytes: int, persist: bool) -> None:
+    def configure_cache(self, max_bytes: int | None, persist: bool) -> None:
         """`[cache]` settings from an edited profile: the model need not load again."""
         self._persist = persist
         if self.cache is not None:
@@ -293,6 +294,9 @@ class Engine:
                 self._warn(too_large)
             if self._quantize is not None:
                 self._check_quantization()
+            if self.cache is not None:
+                # Its KV bytes per token, and a budget from memory unless [cache] max_gb says.
+                self.cache.prepare(self.loaded.model, self.loaded.memory_budget, self.loaded.weight_bytes)
             if self.cache is not None and self._persist:
                 self.cache.persist_dir = self.loaded.cache_dir
                 self.cache.load_persisted()
@@ -377,6 +381,9 @@ class Engine:
         reuse = self.cache.fetch(key) if self.cache else None
         kv = reuse.cache if reuse and reuse.cache is not None else make_prompt_cache(loaded.model)
         cached = reuse.tokens if reuse else 0
+        if self.cache:
+            # The budget holds this request's KV too, as long as it may grow.
+            self.cache.reserve(len(job.prompt) + job.max_tokens)
         generated: list[int] = []
         failed = False
         # What the cache holds, whatever its type: the tokens given to the model.
@@ -436,6 +443,8 @@ class Engine:
             # cancel or a timeout) is kept, so the next turn, or a retry, resumes from it.
             # Not after a failure: a forward pass cut short leaves its layers disagreeing.
             # (Before the last event goes out, so that it says what became of the entry.)
+            if self.cache:
+                self.cache.reserve(0)  # what the request holds is stored now, or freed
             if self.cache and failed:
                 work.store = FAILED
             elif self.cache:

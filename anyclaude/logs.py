@@ -50,6 +50,8 @@ class Record(Struct, omit_defaults=True):
     # Images the model could not see (given to it as a note).
     images_unseen: int | None = None
     cached_tokens: int | None = None
+    # Tokens of its system+tools prefix (what a checkpoint holds).
+    checkpoint_tokens: int | None = None
     # Entries of the conversation a compaction replaced, now the first to be evicted.
     cache_demoted: int | None = None
     # The kind of prefix-cache entry they came from: conversation or checkpoint.
@@ -79,7 +81,7 @@ class Record(Struct, omit_defaults=True):
 
 
 class Event(Struct, omit_defaults=True):
-    """Something the daemon did, not a request: profile reloads and their errors."""
+    """Something the daemon did, not a request: profile reloads and their errors, cache evictions."""
 
     ts: str
     event: str
@@ -88,6 +90,9 @@ class Event(Struct, omit_defaults=True):
     error: str | None = None
     revision: str | None = None
     models: list[str] | None = None
+    model: str | None = None
+    # cache.evict: the entry (anyclaude.cache.Eviction: kind, tokens, bytes, reason, kept, idle_s).
+    entry: Any = None
 
 
 def location(configured: str | None) -> Path:
@@ -214,6 +219,19 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+CONVERSATION, CHECKPOINT, COLD = "conversation", "checkpoint", "cold"
+
+
+def served(record: dict) -> str:
+    """How the cache served a request: CONVERSATION (more than its system+tools prefix
+    came from the cache: an earlier turn of it), CHECKPOINT (that prefix, at least half
+    of it, and no more) or COLD (less: the template's first tokens, say)."""
+    cached, prefix = record.get("cached_tokens") or 0, record.get("checkpoint_tokens") or 0
+    if cached > prefix:
+        return CONVERSATION
+    return CHECKPOINT if cached and 2 * cached >= prefix else COLD
+
+
 def stats(records: list[dict]) -> dict:
     """The figures `anyclaude logs stats` prints."""
     messages = [r for r in records if r.get("path") == "/v1/messages"]
@@ -225,6 +243,9 @@ def stats(records: list[dict]) -> dict:
     cached = sum(r.get("cached_tokens") or 0 for r in messages)
     ttft = [r["ttft_s"] for r in messages if r.get("ttft_s") is not None]
     tps = [r["decode_tps"] for r in messages if r.get("decode_tps")]
+    # Requests the engine prefilled (not refused, not cancelled while queued).
+    prefilled = [r for r in messages if r.get("cached_tokens") is not None]
+    ways = Counter(served(r) for r in prefilled)
     return {
         "requests": len(messages),
         "outcomes": dict(Counter(r["outcome"] for r in messages).most_common()),
@@ -235,6 +256,7 @@ def stats(records: list[dict]) -> dict:
         "ttft_p95_s": _percentile(ttft, 0.95),
         "decode_tps_p50": _percentile(tps, 0.5),
         "cache_hit_ratio": cached / prompt if prompt else 0.0,
+        "served": {way: ways[way] for way in (CONVERSATION, CHECKPOINT, COLD)},
     }
 
 
@@ -250,14 +272,25 @@ def format_stats(figures: dict) -> str:
         f"truncated         {figures['truncated']} ({figures['truncation_rate']:.2%})",
         f"ttft p50 / p95    {num(figures['ttft_p50_s'], ' s')} / {num(figures['ttft_p95_s'], ' s')}",
         f"decode p50        {num(figures['decode_tps_p50'], ' tok/s')}",
-        f"cache hit ratio   {figures['cache_hit_ratio']:.2%}",
+        f"cache hit ratio   {figures['cache_hit_ratio']:.2%} of prompt tokens",
     ]
+    # Per request: a ratio of tokens reads high when a 20K checkpoint is reused and the
+    # conversation after it is prefilled again every turn.
+    ways = figures.get("served") or {}
+    total = sum(ways.values())
+    for way, label in ((CONVERSATION, "conversation reused"), (CHECKPOINT, "checkpoint only"), (COLD, "cold")):
+        if total:
+            lines.append(f"  {label:<22}{ways.get(way, 0)} ({ways.get(way, 0) / total:.0%} of requests)")
     return "\n".join(lines)
 
 
 def format_record(r: dict) -> str:
     """One record as a line a person reads."""
     clock = r["ts"][11:19]
+    if r.get("event") == "cache.evict" and isinstance(r.get("entry"), dict):
+        e = r["entry"]
+        what = f"{e.get('kind')} of {e.get('tokens')} tokens ({e.get('reason')}" + (f", cut back to {e['kept']})" if e.get("kept") else ")")
+        return "  ".join(p for p in (clock, "cache.evict", r.get("model") or "", what) if p)
     if "event" in r:
         return "  ".join(str(p) for p in (clock, r["event"], r.get("error") or r.get("revision") or r.get("models") or "") if p)
     parts = [clock, r["request_id"], r.get("path", "")]

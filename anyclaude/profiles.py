@@ -87,8 +87,9 @@ class Prompt(_Section):
 
 
 class Cache(_Section):
-    # Prefix KV cache: memory for all entries together (conversations and checkpoints).
-    max_gb: float = 2.0
+    # KV cache memory: the stored entries (conversations and checkpoints) and the request
+    # being generated, together. Default: the device's memory less the weights and a reserve.
+    max_gb: float | None = None
     # Save the system+tools checkpoint to disk, so the first request after a restart is warm.
     persist: bool = False
 

@@ -56,7 +56,7 @@ class Server:
             loader(model, settings, self.loaded.path.parent),
             prefill_step=settings.prefill_step,
             kv_quantization=quantize,
-            cache=PrefixCache(int(cache.max_gb * 2**30)),
+            cache=PrefixCache(_budget(cache), models=len(profile.models), on_evict=lambda e: self._event("cache.evict", model=key, entry=e)),
             persist=cache.persist,
             name=f"engine-{key}",
         )
@@ -187,7 +187,7 @@ class Server:
             schedulers[key] = kept if kept is not None and kept.engine is engine else Scheduler(engine, queue_size=queue_size)
             schedulers[key].queue_size = queue_size
             engine.set_prefill_step(loaded.profile.engine.prefill_step)
-            engine.configure_cache(int(loaded.profile.cache.max_gb * 2**30), loaded.profile.cache.persist)
+            engine.configure_cache(_budget(loaded.profile.cache), loaded.profile.cache.persist)
         if loaded.profile.log != self.profile.log:
             self.log = _request_log(loaded.profile)
         # One assignment each, on the event loop: a request sees the old set or the new.
@@ -212,6 +212,11 @@ class Server:
             self.log.write(record)
         except OSError:
             pass
+
+
+def _budget(cache: profiles.Cache) -> int | None:
+    # None: from the device's memory, once the model is loaded.
+    return None if cache.max_gb is None else int(cache.max_gb * 2**30)
 
 
 def _load_settings(engine: profiles.Engine) -> tuple:

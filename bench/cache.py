@@ -3,6 +3,14 @@ and in-process mlx-lm with an ideally reused cache, all in one run on the tiny m
 and anyclaude's engine alone (no server) with the same ideal reuse: the floor of its ratios.
 
     uv run python bench/cache.py [--turns 6] [--max-tokens 24]
+    uv run python bench/cache.py --claude-code [--budgets quick,deep-work,quick-4gb] [--rounds 4] [--layers 8]
+
+`--claude-code` runs only the workload at Claude Code's scale: its captured 2.1.332
+request (tests/fixtures, about 12K tokens rendered) as the main agent, an Explore
+agent and a custom agent, each with its own system prompt (so its own system+tools
+prefix), one turn each in turn; on a random-weight llama with the tiny model's widths
+and a 32K window, with a shipped profile's default KV budget scaled to it (the same
+number of tokens of KV). It prints per turn whether the conversation was reused.
 
 Workloads (bench/agent_loop.py): the agent loop alone (one session, each turn appending
 the answer, a tool_use/tool_result pair and a short user message), then the same loop
@@ -819,6 +827,181 @@ def _targets(f: dict) -> None:
         print(f"  (info) logged cache miss: {miss.get('request_id')} {miss.get('cache_miss')}")
 
 
+# --- Claude Code's real scale --------------------------------------------------------
+
+# The shipped profiles' models and the Macs they are for: Metal's recommended working
+# set there, the weights' size, and the KV bytes per token (layers x KV heads x head
+# size x keys and values x 2 bytes). The default budget (anyclaude.cache.default_budget)
+# in tokens of each model's KV is what the benchmark model gets, in its own bytes.
+SHIPPED = {
+    # Qwen3-4B-Instruct-2507-4bit on a 16 GB Mac: 36 layers x 8 KV heads x 128.
+    "quick": {"working_set": 16 * 2**30 * 2 // 3, "weights": int(2.26e9), "kv_per_token": 36 * 8 * 128 * 2 * 2},
+    # Qwen3-Coder-30B-A3B-Instruct-4bit on a 64 GB Mac: 48 layers x 4 KV heads x 128.
+    "deep-work": {"working_set": 64 * 2**30 * 3 // 4, "weights": int(17.2e9), "kv_per_token": 48 * 4 * 128 * 2 * 2},
+    # quick's fixed budget before budgets came from memory (max_gb = 4), for comparison.
+    "quick-4gb": {"budget": 4 * 2**30, "kv_per_token": 36 * 8 * 128 * 2 * 2},
+}
+FIXTURE = REPO / "tests" / "fixtures" / "claude_code_2.1.332.json"
+AGENTS = ("main", "explore", "reviewer")
+# Subagents' system prompts (written for this benchmark, in the manner of Claude Code's):
+# each agent's system+tools prefix is its own, about as long as the main one's.
+_EXPLORE = """You are a file search specialist working inside Claude Code. You excel at navigating \
+codebases quickly: finding files by pattern, searching their contents, and reading the parts \
+that answer the question you were given. You do not edit files, run builds or change anything.
+
+Guidelines:
+- Use Glob-style searches for broad file patterns and Grep for contents.
+- Read a file when you know its path; read only the lines you need.
+- Adapt how thoroughly you search to what the caller asked for.
+- Report absolute paths, and quote the few lines that matter.
+- Finish with a short summary of what you found and where."""
+_REVIEWER = """You are code-reviewer, a custom agent defined in .claude/agents/code-reviewer.md. \
+You review the changes in the working tree for correctness, readability and test coverage, and \
+you report findings in order of severity, each with the file, the line and a concrete fix. You \
+never rewrite the code yourself; you suggest, the main agent decides."""
+USERS = {
+    "main": agent_loop.MAIN,
+    "explore": ["Find where the parser is defined.", "Which tests cover it?", "Where is the tokenizer used?", "List the error types.", "Find the CLI entry point.", "Summarise the layout."],
+    "reviewer": ["Review the change to the parser.", "Check the error handling.", "Are the tests enough?", "Look at the naming.", "Check the docstrings.", "Give your verdict."],
+}
+
+
+def claude_code_body(agent: str, messages: list[dict], max_tokens: int) -> dict:
+    """The captured 2.1.332 request, with the agent's own system prompt and `messages`."""
+    body = json.loads(FIXTURE.read_text())["body"]
+    if agent != "main":
+        intro, _, _ = body["system"][1]["text"].partition("\n\n")  # "You are a Claude agent, built on ..."
+        body["system"][1]["text"] = f"{intro}\n\n{_EXPLORE if agent == 'explore' else _REVIEWER}"
+    return body | {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
+
+def claude_code_session(agent: str) -> agent_loop.Session:
+    session = agent_loop.Session(agent, USERS[agent])
+    first = json.loads(FIXTURE.read_text())["body"]["messages"]  # the reminders, "say hi", the environment
+    first[0]["content"][-1]["text"] = USERS[agent][0]
+    session.messages = first
+    return session
+
+
+def random_model(directory: Path, layers: int, window: int) -> Path:
+    """A random-weight llama with the tiny model's widths, `layers` layers and a
+    `window`-token context, saved as an MLX model directory with the tiny model's tokenizer."""
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    tiny = Path(model_directory())
+    config = {k: v for k, v in json.loads((tiny / "config.json").read_text()).items() if k != "quantization"}
+    config |= {"num_hidden_layers": layers, "max_position_embeddings": window}
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    directory.mkdir(parents=True)
+    mx.save_safetensors(str(directory / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (directory / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (tiny / name).exists():
+            shutil.copy(tiny / name, directory / name)
+    return directory
+
+
+def scaled_budget(name: str, kv_per_token: int) -> tuple[int, int]:
+    """A shipped profile's default KV budget, as tokens of its model, and in bytes of a model
+    with `kv_per_token`."""
+    from anyclaude.cache import default_budget
+
+    shipped = SHIPPED[name]
+    budget = shipped.get("budget") or default_budget(shipped["working_set"], shipped["weights"])
+    tokens = budget // shipped["kv_per_token"]
+    return tokens, tokens * kv_per_token
+
+
+def claude_code_run(budgets: list[str], rounds: int, max_tokens: int, layers: int) -> dict:
+    """Main, Explore and a custom agent in turn, `rounds` turns each, on each budget."""
+    out: dict = {"layers": layers, "rounds": rounds, "max_tokens": max_tokens, "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="anyclaude-bench-cc-") as tmp:
+        tmp = Path(tmp)
+        model_dir = random_model(tmp / "model", layers, 32768)
+        kv_per_token = layers * 2 * 3 * 64 * 4  # 3 KV heads of 64, keys and values, float32
+        for name in budgets:
+            tokens, budget = scaled_budget(name, kv_per_token)
+            _note(f"Claude Code scale, budget {name}: {tokens} tokens, {budget / 2**20:.0f} MiB")
+            profile = profile_file(
+                tmp,
+                f"cc-{name}",
+                cache={"persist": True, "max_gb": budget / 2**30},
+                models={"smollm2": {"path": str(model_dir), "context_length": 32768, "max_tokens": 1024}},
+                sampling={"repetition_penalty": 1.0},
+                # A cold 12K-token prefill takes minutes on a CPU: what is measured is what is reused.
+                timeouts={"first_token": 1800, "idle": 600, "total": 3600},
+            )
+            daemon = Anyclaude(profile, tmp / f"cache-{name}", tmp / f"logs-{name}")
+            sessions = {agent: claude_code_session(agent) for agent in AGENTS}
+            turns: list[Turn] = []
+            try:
+                daemon.ready()
+                for r in range(rounds):
+                    for agent in AGENTS:
+                        turn = daemon.send(f"{agent} {r + 1}", agent, claude_code_body(agent, sessions[agent].messages, max_tokens))
+                        turns.append(turn)
+                        _note(f"  {turn.label}: {turn.prompt_tokens} tokens, {turn.cached} cached, TTFT {turn.ttft:.2f} s")
+                        if r + 1 < rounds:
+                            sessions[agent].advance(turn.answer)
+            finally:
+                phase = daemon.stop(turns)
+            out["runs"][name] = claude_code_figures(name, tokens, budget, phase, daemon)
+    return out
+
+
+def claude_code_figures(name: str, tokens: int, budget: int, phase: Phase, daemon: Anyclaude) -> dict:
+    records = {r.get("request_id"): r for r in phase.records}
+    evictions = [r["entry"] for r in daemon.daemon.events() if r["event"] == "cache.evict"]
+    from anyclaude import logs
+
+    rows, previous = [], {}
+    for turn in phase.turns:
+        agent = turn.label.split()[0]
+        record = records.get(turn.request_id, {})
+        # Its conversation reused: all its previous turn's prompt came from the cache.
+        reused = agent in previous and record.get("cache_source") == "conversation" and (turn.cached or 0) >= previous[agent] - 1
+        rows.append({"label": turn.label, "prompt": turn.prompt_tokens, "cached": turn.cached, "prefix": record.get("checkpoint_tokens"), "served": logs.served(record),
+                     "conversation_reused": reused, "ttft_s": round(turn.ttft, 2), "store": record.get("cache_store")})
+        previous[agent] = turn.prompt_tokens
+    peak = _kv_peak(phase.health or {})
+    warm_main = [r for r in rows if r["label"].startswith("main") and not r["label"].endswith(" 1")]
+    return {
+        "budget": name,
+        "budget_tokens": tokens,
+        "budget_bytes": budget,
+        "turns": rows,
+        "warm_main_reused": sum(r["conversation_reused"] for r in warm_main),
+        "warm_main": len(warm_main),
+        "warm_reused_all": sum(r["conversation_reused"] for r in rows if not r["label"].endswith(" 1")),
+        "warm_all": sum(1 for r in rows if not r["label"].endswith(" 1")),
+        "evictions": len(evictions),
+        "evicted_cut_back": sum(1 for e in evictions if e.get("kept")),
+        "kv_peak_bytes": peak,
+        "within_budget": peak is not None and peak <= budget,
+    }
+
+
+def print_claude_code(f: dict) -> None:
+    print(f"Claude Code's scale: its 2.1.332 request (tests/fixtures), main, Explore and a custom agent in turn, {f['rounds']} turns each, "
+          f"{f['max_tokens']} tokens per answer; random-weight llama at the tiny model's widths, {f['layers']} layers, 32K window\n")
+    for name, run in f["runs"].items():
+        print(f"Budget {name}: {run['budget_tokens']} tokens of KV ({run['budget_bytes'] / 2**20:.0f} MiB here), stored entries and the live request together")
+        print(f"{'request':<12}{'prompt':>8}{'prefix':>8}{'cached':>8}  {'served':<14}{'conversation reused':<21}{'TTFT s':>8}")
+        for row in run["turns"]:
+            reused = "-" if row["label"].endswith(" 1") else "yes" if row["conversation_reused"] else "NO"
+            print(f"{row['label']:<12}{row['prompt']:>8}{_fmt(row['prefix']):>8}{_fmt(row['cached']):>8}  {row['served']:<14}{reused:<21}{row['ttft_s']:>8.2f}")
+        peak = "-" if run["kv_peak_bytes"] is None else f"{run['kv_peak_bytes'] / 2**20:.0f} MiB"
+        ok = run["warm_main_reused"] == run["warm_main"] and run["within_budget"]
+        print(f"warm main turns that reused their conversation: {run['warm_main_reused']}/{run['warm_main']} "
+              f"(all warm turns: {run['warm_reused_all']}/{run['warm_all']}); evictions {run['evictions']} "
+              f"({run['evicted_cut_back']} cut back to their checkpoint); peak KV {peak} of {run['budget_bytes'] / 2**20:.0f} MiB: {'PASS' if ok else 'FAIL'}\n")
+
+
 def _fmt(x, digits: int = 0) -> str:
     if x is None:
         return "-"
@@ -830,6 +1013,10 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--max-gb", type=float, default=1.0, help="anyclaude's [cache] max_gb")
+    parser.add_argument("--claude-code", action="store_true", help="only the workload at Claude Code's scale (12K-token prompts, 3 agents)")
+    parser.add_argument("--budgets", default="quick", help=f"for --claude-code: shipped budgets to scale, of {', '.join(SHIPPED)}")
+    parser.add_argument("--rounds", type=int, default=4, help="for --claude-code: turns per agent")
+    parser.add_argument("--layers", type=int, default=8, help="for --claude-code: the random model's layers (the tiny model has 30)")
     parser.add_argument("--engine-worker", nargs=2, metavar=("MODEL_DIR", "PREFILL_STEP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     from anyclaude import blas
@@ -839,6 +1026,12 @@ def main() -> int:
         engine_worker(args.engine_worker[0], int(args.engine_worker[1]))
         return 0
     started = time.monotonic()
+    if args.claude_code:
+        f = claude_code_run(args.budgets.split(","), args.rounds, args.max_tokens, args.layers)
+        f["seconds"] = round(time.monotonic() - started, 1)
+        print_claude_code(f)
+        print(json.dumps(f))
+        return 0
     f = run(args.turns, args.max_tokens, args.max_gb)
     f["seconds"] = round(time.monotonic() - started, 1)
     print_report(f)

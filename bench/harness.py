@@ -70,6 +70,13 @@ class Daemon:
         raise TimeoutError(f"engine still busy after {timeout}s")
 
     def records(self) -> list[dict]:
+        """The request log's requests (not its events: reloads, cache evictions)."""
+        return [r for r in self.lines() if "request_id" in r]
+
+    def events(self) -> list[dict]:
+        return [r for r in self.lines() if "event" in r]
+
+    def lines(self) -> list[dict]:
         if not self.requests.exists():
             return []
         return [json.loads(line) for line in self.requests.read_text().splitlines()]

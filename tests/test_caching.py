@@ -106,3 +106,42 @@ def test_after_a_compaction_the_old_conversation_is_marked_to_go_first(client, d
         model=MODEL, max_tokens=4, system=system, messages=summary, extra_headers=session | {"x-claude-code-context-compacted": "true"}, **GREEDY
     )
     assert record(daemon, compacted._request_id)["cache_demoted"] >= 1
+
+
+@pytest.fixture(scope="module")
+def one_entry(tmp_path_factory, model_cache, tiny_model):
+    # About 21 MB: one conversation's KV (its buffer grows 256 tokens at a time, 11.8 MB
+    # on the tiny model), the live request's and a checkpoint or two, not two conversations.
+    yield from serving(tmp_path_factory.mktemp("one-entry"), model_cache, "one-entry", cache={"max_gb": 0.02})
+
+
+def test_an_evicted_conversation_leaves_its_checkpoint_and_the_logs_say_how_each_request_was_served(one_entry):
+    import subprocess
+    import sys
+
+    from bench.harness import REPO
+
+    client = anthropic.Anthropic(base_url=one_entry.url, api_key="sk-local-test", max_retries=0, timeout=300)
+    systems = ["You are a helpful assistant for a small software project. Keep answers short.", "You are a file search specialist. Report paths only, one per line."]
+    turns = {s: [{"role": "user", "content": "Say hello."}] for s in systems}
+    replies = []
+    for system in (systems[0], systems[1], systems[1], systems[0]):
+        reply = client.messages.create(model=MODEL, max_tokens=4, system=system, messages=turns[system], **GREEDY)
+        replies.append(record(one_entry, reply._request_id))
+        turns[system] += [{"role": "assistant", "content": [b.model_dump() for b in reply.content]}, {"role": "user", "content": "And goodbye."}]
+    # The second conversation's entry did not fit beside the first: the first was cut
+    # back to its system prompt's checkpoint (which its next turn reused), the second
+    # conversation's next turn reused all of it.
+    evicted = [e for e in one_entry.events() if e["event"] == "cache.evict"]
+    # (An answer cut at max_tokens: its last token was never given to the model.)
+    assert [e["entry"]["tokens"] for e in evicted] == [replies[0]["prompt_tokens"] + 3, replies[2]["prompt_tokens"] + 3]
+    assert evicted[0]["model"] == "smollm2" and evicted[0]["entry"]["kind"] == "conversation" and evicted[0]["entry"]["reason"] == "budget"
+    assert evicted[0]["entry"]["kept"] == replies[0]["checkpoint_tokens"] > 0
+    assert one_entry.output().count("cache.evict") == 2
+    assert [r["cache_source"] for r in replies[2:]] == ["conversation", "checkpoint"]
+    assert [r["cached_tokens"] for r in replies[2:]] == [replies[1]["prompt_tokens"] + 3, replies[0]["checkpoint_tokens"]]
+    out = subprocess.run([sys.executable, "-m", "anyclaude", "logs", "stats", "--file", str(one_entry.requests)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "  conversation reused   1 (25% of requests)" in out.stdout, out.stdout
+    assert "  checkpoint only       1 (25% of requests)" in out.stdout
+    assert "  cold                  2 (50% of requests)" in out.stdout

@@ -99,7 +99,7 @@ def test_doctor_on_a_machine_that_can_run_the_tiny_profile(stand_in_claude, tiny
     port = free_port()
     assert run("doctor", "--profile", "tiny", "--port", str(port)) == 0
     found = verdicts(capsys.readouterr().out)
-    assert list(found) == ["profile", "device", "memory", "model", "port", "claude", "log dir"]
+    assert list(found) == ["profile", "device", "memory", "model", "kv", "fits", "port", "claude", "log dir"]
     assert found["profile"][0] == "ok"
     import mlx.core as mx
 
@@ -107,6 +107,10 @@ def test_doctor_on_a_machine_that_can_run_the_tiny_profile(stand_in_claude, tiny
     assert found["device"][0] == verdict and word in found["device"][1]
     assert found["memory"][0] == "ok" and "of" in found["memory"][1]
     assert found["model"][0] == "ok" and "smollm2: on disk" in found["model"][1]
+    # 30 layers of 3 KV heads of 64: float32 when dequantized on a CPU, else 16 bits.
+    size, dtype = ("45.0 KB", "float32") if found["kv"][1].endswith("float32)") else ("22.5 KB", "float16")
+    assert found["kv"] == ("ok", f"smollm2: {size} per token (30 attention layers x 3 KV heads x 64, keys and values in {dtype})")
+    assert found["fits"][0] == "ok" and "([cache] max_gb)" in found["fits"][1] and "8,192-token window" in found["fits"][1]
     assert found["port"] == ("ok", f"127.0.0.1:{port} is free")
     assert found["claude"] == ("ok", f"2.1.197 (Claude Code) ({stand_in_claude})")
     assert found["log dir"][0] == "ok" and str(tmp_path / "logs") in found["log dir"][1]
@@ -143,6 +147,27 @@ def test_doctor_fails_what_cannot_work(stand_in_claude, tmp_path, capsys, monkey
     assert [(v, d) for v, s, d in lines if s == "port"] == [("FAIL", taken_line)]
     assert [v for v, s, _ in lines if s == "claude"] == ["warn"]
     assert f"FAIL  log dir  {not_a_dir / 'logs'} cannot be created: {not_a_dir} is not a directory" in out
+
+
+QWEN3_4B = {  # Qwen3-4B-Instruct-2507's config.json, the keys that size its KV cache
+    "model_type": "qwen3", "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "hidden_size": 2560, "max_position_embeddings": 262144, "torch_dtype": "bfloat16", "quantization": {"group_size": 64, "bits": 4},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("max_gb, verdict, holds", [(4, "FAIL", "29,127 tokens, less than a request filling the 65,536-token window (9.0 GB)"),
+                                                    (16, "ok", "116,508 tokens: a request filling the 65,536-token window (9.0 GB) and 4 checkpoints of Claude Code's 12K-token prefix (1.6 GB) beside it")])
+def test_doctor_sizes_the_kv_cache_of_the_profile_s_model(tmp_path, max_gb, verdict, holds):
+    import json
+
+    model = tmp_path / "qwen3-4b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN3_4B))
+    (model / "model.safetensors").write_bytes(b"\0" * 1000)
+    profile = profile_file(tmp_path, "q", models={"smollm2": {"path": str(model), "context_length": 65536}}, cache={"max_gb": max_gb}, engine={"cpu_dequantize": False})
+    checks = {subject: (v, detail) for v, subject, detail in doctor.check_kv(profiles.load(str(profile)))}
+    assert checks["kv"] == ("ok", "smollm2: 144.0 KB per token (36 attention layers x 8 KV heads x 128, keys and values in bfloat16)")
+    assert checks["fits"] == (verdict, f"smollm2: KV budget {max_gb:.1f} GB ([cache] max_gb), {holds}" + (": lower context_length, set [engine] kv_bits, or raise [cache] max_gb" if verdict == "FAIL" else ""))
 
 
 def test_doctor_names_a_profile_that_does_not_load(capsys):

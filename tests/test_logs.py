@@ -57,6 +57,28 @@ def test_stats_count_truncation_and_percentiles(tmp_path):
     assert out.returncode == 0 and "truncated         1 (25.00%)" in out.stdout
 
 
+def test_stats_count_how_each_request_was_served_beside_the_token_ratio(tmp_path):
+    # A 20K checkpoint reused every turn, the conversation after it prefilled again: the
+    # token ratio reads high, the count per request says what happened.
+    base = {"path": "/v1/messages", "status": 200, "outcome": "complete", "checkpoint_tokens": 20000}
+    rows = [
+        {"prompt_tokens": 30000, "cached_tokens": 0},  # cold
+        {"prompt_tokens": 30000, "cached_tokens": 20000, "cache_source": "checkpoint"},
+        {"prompt_tokens": 30000, "cached_tokens": 20000, "cache_source": "conversation"},  # shares the prefix only
+        {"prompt_tokens": 30500, "cached_tokens": 29999, "cache_source": "conversation"},
+        {"prompt_tokens": 30000, "cached_tokens": 9, "cache_source": "conversation"},  # the template's first tokens
+        {"prompt_tokens": 30000, "outcome": "overloaded", "status": 529},  # never prefilled
+    ]
+    records = [{"ts": logs.now(), "request_id": f"req_{i}", **base, **r} for i, r in enumerate(rows)]
+    figures = logs.stats(records)
+    assert figures["served"] == {"conversation": 1, "checkpoint": 2, "cold": 2}
+    assert round(figures["cache_hit_ratio"], 2) == 0.39
+    text = logs.format_stats(figures)
+    assert "  conversation reused   1 (20% of requests)" in text and "  cold                  2 (40% of requests)" in text
+    evict = {"ts": logs.now(), "event": "cache.evict", "model": "m", "entry": {"kind": "conversation", "tokens": 25000, "reason": "live", "kept": 20000}}
+    assert logs.format_record(evict).endswith("cache.evict  m  conversation of 25000 tokens (live, cut back to 20000)")
+
+
 def test_tail_follows_appends_and_rotation(tmp_path):
     path = tmp_path / "requests.jsonl"
     log = logs.RequestLog(path, max_bytes=400)

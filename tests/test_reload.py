@@ -95,7 +95,7 @@ def test_edits_apply_and_broken_edits_are_reported_while_a_client_streams(tmp_pa
         traffic.join()
         assert daemon.stop() == 0
     assert traffic.failures == [] and traffic.done > 0
-    records = daemon.records()
+    records = daemon.lines()
     assert not [r for r in records if r.get("event") == "profile.reload.loading"]  # no edit needed the model loaded again
     errors = [r for r in records if r.get("event") == "profile.reload.error"]
     assert len(errors) >= 2 and all(r["file"] == str(path) for r in errors)
