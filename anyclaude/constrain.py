@@ -304,9 +304,11 @@ def _schema_for(state: _TokenizerState, name: str, prepared: dict) -> dict:
     # rather than refuse the call: the rest of the schema is still enforced.
     for options in (_JSON_LAYOUT, _JSON_LAYOUT | {"lenient": True}):
         candidate = prepared | {"x-guidance": options}
-        error = llguidance.LLMatcher.validate_grammar(
-            llguidance.LLMatcher.grammar_from_json_schema(candidate), state.lltokenizer
-        )
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(candidate)
+        except ValueError as exc:  # a value its JSON cannot hold (an integer past 64 bits)
+            raise ConstraintError(f"the input_schema of tool {name!r} cannot be compiled: {exc}") from None
+        error = llguidance.LLMatcher.validate_grammar(grammar, state.lltokenizer)
         if not error:
             _check_finite(state, name, candidate)
             return candidate

@@ -82,6 +82,7 @@ SCHEMAS = {
     "bad-pattern": {"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}, "required": ["a"]},
     "empty-enum": {"type": "object", "properties": {"a": {"enum": []}}, "required": ["a"]},
     "min-above-max": {"type": "object", "properties": {"a": {"type": "string", "minLength": 5, "maxLength": 2}}, "required": ["a"]},
+    "huge-integer": {"type": "object", "properties": {"mode": {"enum": [-(2**70), "b"]}}, "required": ["mode"]},
     "endless-ref": {"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}, "required": ["c"]}}, "$ref": "#/$defs/n"},
 }
 

@@ -284,11 +284,15 @@ def test_closing_makes_every_prefix_of_json_one_value():
     assert repair.closing(whole) == ""
 
 
-def test_call_schema_the_grammar_cannot_hold_leaves_calls_whole(tokenizers):
-    tokenizer = tokenizers["qwen3.5"]
-    odd = function("Odd", {"anyOf": [{"type": "object"}, {"type": "array"}]})
+@pytest.mark.parametrize(
+    "family,schema",
+    [("qwen3.5", {"anyOf": [{"type": "object"}, {"type": "array"}]}), ("generic", {"type": "object", "properties": {"m": {"enum": [-(2**70)]}}})],
+    ids=["not-a-plain-object", "integer-past-64-bits"],
+)
+def test_a_schema_the_grammar_cannot_hold_is_refused_so_calls_come_whole(tokenizers, family, schema):
+    tokenizer = tokenizers[family]
     with pytest.raises(constrain.ConstraintError):
-        constrain.lazy_calls(tokenizer, [*TOOLS, odd], detect(tokenizer))
+        constrain.lazy_calls(tokenizer, [*TOOLS, function("Odd", schema)], detect(tokenizer))
 
 
 # --- through the daemon ------------------------------------------------------------------
