@@ -94,6 +94,15 @@ def test_a_forced_call_whose_schema_cannot_compile_is_a_400(daemon, schema, stre
     bad(daemon, {**BASE, "stream": stream, "tools": tools, "tool_choice": {"type": "any"}}, "'t'")
 
 
+@pytest.mark.parametrize("schema", SCHEMAS.values(), ids=SCHEMAS.keys())
+def test_unforced_such_a_schema_is_served_with_calls_that_come_whole(daemon, schema):
+    tools = [{"name": "t", "input_schema": schema}, {"name": "ok", "input_schema": {"type": "object"}}]
+    reply = post(daemon, {**BASE, "tools": tools})
+    assert reply.status == 200, reply.body[:300]
+    (logged,) = [r for r in daemon.records() if r["request_id"] == reply.headers["request-id"]]
+    assert "call_grammar" not in logged
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
