@@ -273,16 +273,16 @@ class PrefixCache:
         with self._lock:
             if not self._entries:
                 return Reuse(None, 0, lookup=NO_ENTRIES)
-            best = max(self._entries, key=lambda e: self._usable(e, prompt))
-            reuse = self._usable(best, prompt)
-            shared = max(self._shared(e, prompt) for e in self._entries)
+            shares = [(self._shared(e, prompt), e) for e in self._entries]  # one comparison each
+            reuse, best = max(((self._reusable(e, shared), e) for shared, e in shares), key=lambda pair: pair[0])
+            shared = max(shared for shared, _ in shares)
             lookup = NO_PREFIX if shared == 0 else HIT if reuse == shared else NOT_TRIMMABLE
             if reuse == 0:
                 return Reuse(None, 0, lookup=lookup)
             best.used = time.monotonic()
-            held = len(best.tokens) if best.kind == CHECKPOINT else best.holds
-            if 0 < held <= reuse:  # its file, if saved, is among the newest now
-                self._touched.append(best.tokens[:held])
+            held = self._held(best)
+            if held is not None and len(held) <= reuse:  # its file, if saved, is among the newest now
+                self._touched.append(held)
             cut = len(best.tokens) - reuse
             # A prompt that shares a conversation's whole prompt continues it, even where
             # it parts from the answer as generated (cut at max_tokens, a stop sequence,
@@ -421,15 +421,17 @@ class PrefixCache:
         self.peak_bytes = max(self.peak_bytes, self.bytes + self.live_bytes)
 
     def _holds(self, entry: Entry, prefix: np.ndarray) -> bool:
-        held = len(entry.tokens) if entry.kind == CHECKPOINT else entry.holds
-        return held == len(prefix) and common_prefix(entry.tokens, prefix) == len(prefix)
+        held = self._held(entry)
+        return held is not None and len(held) == len(prefix) and common_prefix(held, prefix) == len(prefix)
 
     def _shared(self, entry: Entry, prompt: np.ndarray) -> int:
         # At least one prompt token must be left to compute the first logits.
         return max(0, min(common_prefix(entry.tokens, prompt), len(prompt) - 1))
 
     def _usable(self, entry: Entry, prompt: np.ndarray) -> int:
-        common = self._shared(entry, prompt)
+        return self._reusable(entry, self._shared(entry, prompt))
+
+    def _reusable(self, entry: Entry, common: int) -> int:
         if common == 0:
             return 0
         if common < len(entry.tokens) and not trimmable(entry.cache):
@@ -446,6 +448,7 @@ class PrefixCache:
         )
 
     def _held(self, entry: Entry) -> np.ndarray | None:
+        # The checkpoint an entry is or begins with (None: none).
         held = len(entry.tokens) if entry.kind == CHECKPOINT else entry.holds
         return entry.tokens[:held] if held else None
 

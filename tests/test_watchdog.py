@@ -18,16 +18,20 @@ TIMEOUTS = {"first_token": 1.5, "idle": 1.0, "total": 30, "ping_interval": 0.4}
 STEP = 0.5  # what "plus one engine step" is allowed to add, with margin for a loaded CI machine
 
 
-@pytest.fixture(scope="module")
-def fake(tmp_path_factory, model_cache, tiny_model):
-    directory = tmp_path_factory.mktemp("fake")
-    profile = profile_file(directory, "faults", timeouts=TIMEOUTS, engine={"queue_size": 1})
+def fake_daemon(directory, model_cache, tiny_model, name: str, queue_size: int):
+    """A daemon with the scripted engine (tests/fake_app.py), ready, stopped at the end."""
+    profile = profile_file(directory, name, timeouts=TIMEOUTS, engine={"queue_size": queue_size})
     d = Daemon(str(profile), model_cache, directory / "daemon.log", fake=True, env={"FAKE_TOKENIZER_DIR": str(tiny_model)})
     try:
         d.wait_ready()
         yield d
     finally:
         d.stop()
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory, model_cache, tiny_model):
+    yield from fake_daemon(tmp_path_factory.mktemp("fake"), model_cache, tiny_model, "faults", 1)
 
 
 READ = {"name": "Read", "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}}, "required": ["file_path"]}}
@@ -217,14 +221,7 @@ def test_stopping_the_daemon_ends_the_streams_in_flight_at_once(tmp_path, model_
 
 @pytest.fixture(scope="module")
 def queueing(tmp_path_factory, model_cache, tiny_model):
-    directory = tmp_path_factory.mktemp("queueing")
-    profile = profile_file(directory, "queueing", timeouts=TIMEOUTS, engine={"queue_size": 4})
-    d = Daemon(str(profile), model_cache, directory / "daemon.log", fake=True, env={"FAKE_TOKENIZER_DIR": str(tiny_model)})
-    try:
-        d.wait_ready()
-        yield d
-    finally:
-        d.stop()
+    yield from fake_daemon(tmp_path_factory.mktemp("queueing"), model_cache, tiny_model, "queueing", 4)
 
 
 def test_waiting_requests_run_by_class_and_their_first_token_timer_starts_at_the_engine(queueing):

@@ -33,13 +33,16 @@ class ArgumentsJson:
     def __init__(self, family: Any, name: str, tools: list[dict]):
         self._family, self._name, self._tools = family, name, tools
         self._strings: dict[str, bool] = {}
+        self._whole: list[str] = []  # the JSON of each argument whole so far, converted once
 
     def text(self, partial: Partial) -> str:
         out = ["{"]
         for i, arg in enumerate(partial.arguments):
             out.append(f"{', ' if i else ''}{_dumps(arg.key)}: ")
             if arg.done:
-                out.append(_dumps(self._family.value(self._name, arg.key, arg.raw, self._tools)))
+                if i == len(self._whole):
+                    self._whole.append(_dumps(self._family.value(self._name, arg.key, arg.raw, self._tools)))
+                out.append(self._whole[i])
                 continue
             # A string streams as it comes, from its first character that cannot be the
             # start of "null" (which a parser may read as no value at all).
