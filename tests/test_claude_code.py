@@ -53,4 +53,7 @@ def test_a_print_mode_turn_streams_to_its_end(daemon, claude_bin, tmp_path):
     assert result.stdout.strip()
     turns = [r for r in daemon.records()[before:] if r["path"] == "/v1/messages"]
     assert turns and all(r["outcome"] in ("complete", "max_tokens") and r["ended"] == "message_stop" for r in turns), turns
-    assert {(r["model"], r["resolved_model"], r.get("request_class")) for r in turns} == {("anyclaude-smollm2", "smollm2", "main")}
+    assert {(r["model"], r["resolved_model"]) for r in turns} == {("anyclaude-smollm2", "smollm2")}
+    # An answer Claude Code samples may run to max_tokens; it then compacts and asks again.
+    classes = [r.get("request_class") for r in turns]
+    assert "main" in classes and set(classes) <= {"main", "compaction"}, classes
