@@ -6,6 +6,7 @@ Started by the `fake_daemon` fixture as `granian --factory fake_app:create_app`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -74,6 +75,21 @@ class ScriptedEngine:
                 if generation.wait_cancelled(timeout=0.05):
                     break
                 generation.put(Token(token))
+            generation.put(Done("stop"))
+            return
+        elif script == "read-file":
+            # An agent loop as a tool-calling model of the generic/hermes family plays it:
+            # a Read of the path after the script's name, then, once that call's result is
+            # in the prompt, an answer quoting it (and nothing else from the prompt).
+            generation.put(Prefilled(len(job.prompt), 0.0))
+            results = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", text, re.S)
+            if results:
+                quoted = results[-1].split("<system-reminder>")[0].strip()
+                emit(f"The file reads:\n{quoted}")
+            else:
+                path = re.findall(r"SCRIPT:read-file (\S+)", text)[-1]
+                call = json.dumps({"name": "Read", "arguments": {"file_path": path}})
+                emit(f"I will read it.\n<tool_call>\n{call}\n</tool_call>")
             generation.put(Done("stop"))
             return
         elif script == "think":
