@@ -70,8 +70,9 @@ def _claude_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anyclaude claude",
         usage="%(prog)s [--profile P] [--port N] [--host H] [--wait S] [--] [CLAUDE ARGS...]",
-        description="Make sure the profile's daemon is up, then run `claude` with the environment that "
-        "points it there. Options after the first one not listed here (or after `--`) go to claude.",
+        description="Make sure the profile's daemon is up, then run `claude` (the first one on PATH: "
+        "PATH=DIR:$PATH picks another) with the environment that points it there. Options after the "
+        "first one not listed here (or after `--`) go to claude.",
     )
     _add_target_options(parser)
     parser.add_argument("--wait", type=float, default=900, help="seconds to wait for the model to load (default 900)")
