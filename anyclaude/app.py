@@ -622,6 +622,9 @@ def _model_health(engine, scheduler, model: profiles.Model) -> dict:
         "cache_budget_bytes": cache.max_bytes if cache else 0,
         "cache_entries": cache.entries if cache else 0,
         "prefill_step": getattr(engine, "prefill_step", None),
+        "max_batch": engine.max_batch,
+        # KV copied to merge requests into a batch and out of it again, since the start.
+        "batch_copied_bytes": getattr(engine, "batch_copied", 0),
         # Metal's wired limit while the model is loaded, in bytes (None: not on Metal).
         "wired_limit_bytes": getattr(engine, "wired_limit", None),
         "error": engine.load_error,

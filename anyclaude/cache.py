@@ -13,7 +13,7 @@ each prefix is protected, evicted only once nothing else is left. A checkpoint i
 not kept twice: a conversation that begins with it holds it (its first tokens are
 the checkpoint), and when that conversation is evicted it is cut back to the
 checkpoint instead of dropped. The budget covers the stored entries and the KV of
-the request being generated (its prompt plus `max_tokens`) together.
+the requests being generated (each one's prompt plus `max_tokens`) together.
 
 The store is a short list searched linearly (a handful of entries); it is owned
 by the engine thread, and `peek` reads it under a lock from the event loop so
@@ -214,6 +214,7 @@ class PrefixCache:
         self._prefixes: list[np.ndarray] = []
         self._touched: list[np.ndarray] = []  # checkpoints reused since the last save
         self.live_bytes = 0
+        self._live: dict[object, int] = {}
         self.peak_bytes = 0
 
     @property
@@ -252,14 +253,24 @@ class PrefixCache:
             self.max_bytes = default_budget(memory, weights, self.models)
         self._evict(reason)
 
-    def reserve(self, tokens: int) -> None:
-        """Make room for the KV of the request being generated, `tokens` long at most
-        (its prompt plus max_tokens; 0 once it has ended), evicting what it needs (engine thread)."""
+    def reserve(self, owner: object, tokens: int) -> None:
+        """Make room for the KV of a request being generated, `tokens` long at most (its
+        prompt plus max_tokens; 0 once it has ended), evicting what it needs (engine thread).
+        The requests decoding together each hold their own reservation."""
         with self._lock:
-            self.live_bytes = self.size.bytes(tokens) if tokens else 0
+            if tokens:
+                self._live[owner] = self.size.bytes(tokens)
+            else:
+                self._live.pop(owner, None)
+            self.live_bytes = sum(self._live.values())
             self._evict("live")
             self.peak_bytes = max(self.peak_bytes, self.bytes + self.live_bytes)
         self._announce()
+
+    def room(self, tokens: int) -> bool:
+        """Whether a request `tokens` long fits beside the ones being generated (stored
+        entries can be evicted for it; the live ones cannot)."""
+        return self.live_bytes + self.size.bytes(tokens) <= self.max_bytes
 
     def peek(self, tokens: list[int]) -> int:
         """How many leading prompt tokens a fetch would reuse now (any thread)."""

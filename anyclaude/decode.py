@@ -1,10 +1,15 @@
-"""The token loop: prefill a prompt on a KV cache, then sample token by token (engine thread).
+"""The token loop of one sequence: prefill its prompt on a KV cache, then a token per step
+(engine thread).
 
 It does what mlx-lm's `generate_step` does, with one difference: a short last chunk
 of the prompt and the first token are one forward pass. `generate_step` always keeps
 the last prompt token for a pass of its own, and a pass costs at least one read of
 every weight: on a CPU with float32 weights that is as long as decoding a token, paid
 on every request before its first token.
+
+The loop is cut into steps (`Decoder.prefill` yields after each chunk, `Decoder.step`
+decodes one token) so that the engine can interleave several sequences, and decode
+those that batch in one forward pass (`batch.Batch`, which calls `Decoder.pick`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,85 @@ Processor = Callable[[mx.array, mx.array], mx.array]
 MERGED = 256
 
 
+class Decoder:
+    """One sequence's sampling state over its KV cache.
+
+    `history` is what `cache` already holds: the tokens before the prompt.
+    `processors` are mlx-lm logits processors; they see history and prompt and the
+    tokens generated so far, as with `generate_step` on a fresh cache, so that a
+    reused cache does not change the answer. `quantize`: see `KVQuantization`.
+    """
+
+    def __init__(
+        self,
+        model,
+        cache: list,
+        *,
+        sampler: Callable[[mx.array], mx.array],
+        processors: list[Processor] | None = None,
+        history: Sequence[int] = (),
+        quantize: KVQuantization | None = None,
+    ):
+        self.model, self.cache, self.sampler = model, cache, sampler
+        self.processors = processors
+        self.quantize = quantize
+        self.position = len(history)
+        # Made an array once; each step adds its new tokens to it, as for the prompt.
+        self._seen: mx.array | None = mx.array(list(history)) if processors and len(history) else None
+
+    def extend(self, tokens: list[int], prefill_step: int = 512) -> Iterator[None]:
+        """Compute `tokens` without sampling after them: None after each chunk."""
+        while tokens:
+            n = min(prefill_step, len(tokens), chunk_end(self.quantize, self.position) - self.position)
+            self._chunk(tokens[:n])
+            tokens = tokens[n:]
+            yield None
+
+    def prefill(self, prompt: list[int], prefill_step: int = 512) -> Iterator[int | None]:
+        """Compute `prompt` (at least one token): None after each chunk, then the first
+        token generated after it, and no more."""
+        rest = prompt
+        while len(rest) > prefill_step or len(rest) > MERGED or 0 < chunk_end(self.quantize, self.position) - self.position < len(rest):
+            n = min(prefill_step, len(rest) - 1, chunk_end(self.quantize, self.position) - self.position)
+            self._chunk(rest[:n])
+            rest = rest[n:]
+            yield None
+        yield self.step_array(mx.array(rest)).item()
+
+    def _chunk(self, tokens: list[int]) -> None:
+        chunk = mx.array(tokens)
+        self.model(chunk[None], cache=self.cache)
+        self._advance(len(tokens))
+        mx.eval([c.state for c in self.cache])
+        self._see(chunk)
+        mx.clear_cache()
+
+    def step(self, token: int) -> int:
+        """Feed `token` (the last one generated) and sample the next, on this sequence's own cache."""
+        return self.step_array(mx.array([token])).item()
+
+    def step_array(self, inputs: mx.array) -> mx.array:
+        logits = self.model(inputs[None], cache=self.cache)[:, -1, :]
+        self._advance(inputs.size)
+        return self.pick(inputs, logits)
+
+    def pick(self, inputs: mx.array, logits: mx.array) -> mx.array:
+        """The next token (lazy), from the logits that followed `inputs` (shape (1, vocab))."""
+        if self.processors:
+            self._see(inputs)
+            for processor in self.processors:
+                logits = processor(self._seen, logits)
+        return self.sampler(logits - mx.logsumexp(logits, keepdims=True))
+
+    def _advance(self, n: int) -> None:
+        self.position += n
+        quantize_due(self.cache, self.quantize, self.position)
+
+    def _see(self, inputs: mx.array) -> None:
+        if self.processors:
+            self._seen = inputs if self._seen is None else mx.concatenate([self._seen, inputs])
+
+
 def tokens(
     model,
     prompt: list[int],
@@ -37,58 +121,18 @@ def tokens(
     history: Sequence[int] = (),
     quantize: KVQuantization | None = None,
 ) -> Iterator[int]:
-    """The tokens generated after `prompt` (at least one token), extending `cache`.
-
-    `history` is what `cache` already holds: the tokens before `prompt`.
-    `processors` are mlx-lm logits processors; they see history and prompt and the
-    tokens generated so far, as with `generate_step` on a fresh cache, so that a
-    reused cache does not change the answer. `check` runs before each prefill chunk
-    and may raise to stop. As in `generate_step`, from the second token on, the next
-    token's pass is queued before a token is yielded, so that on a GPU decoding
-    overlaps with the caller's work. `quantize`: see `KVQuantization`.
-    """
-    position = len(history)
-    # Made an array once; each step adds its new tokens to it, as for the prompt.
-    seen: mx.array | None = mx.array(list(history)) if processors and len(history) else None
-
-    def step(inputs: mx.array) -> mx.array:
-        nonlocal seen, position
-        logits = model(inputs[None], cache=cache)[:, -1, :]
-        position += inputs.size
-        quantize_due(cache, quantize, position)
-        if processors:
-            seen = inputs if seen is None else mx.concatenate([seen, inputs])
-            for processor in processors:
-                logits = processor(seen, logits)
-        return sampler(logits - mx.logsumexp(logits, keepdims=True))
-
-    rest = prompt
-    while len(rest) > prefill_step or len(rest) > MERGED or 0 < chunk_end(quantize, position) - position < len(rest):
-        check()
-        n = min(prefill_step, len(rest) - 1, chunk_end(quantize, position) - position)
-        chunk = mx.array(rest[:n])
-        model(chunk[None], cache=cache)
-        position += n
-        quantize_due(cache, quantize, position)
-        mx.eval([c.state for c in cache])
-        if processors:
-            seen = chunk if seen is None else mx.concatenate([seen, chunk])
-        rest = rest[n:]
-        mx.clear_cache()
+    """The tokens generated after `prompt` (at least one token), extending `cache`: one
+    sequence alone. `check` runs before each prefill chunk and may raise to stop."""
+    decoder = Decoder(model, cache, sampler=sampler, processors=processors, history=history, quantize=quantize)
     check()
-    y = step(mx.array(rest))
-    # The first token goes out before the next pass is queued: on a CPU, `async_eval`
-    # computes most of a pass before it returns (~0.1 s here on the tiny model).
-    yield y.item()
-    pending = None
-    for n in range(1, max_tokens):
-        y = pending if pending is not None else step(y)
-        pending = step(y) if n + 1 < max_tokens else None
-        if pending is not None:
-            mx.async_eval(pending)
-        yield y.item()
-        if n % 256 == 0:
-            mx.clear_cache()
+    for token in decoder.prefill(prompt, prefill_step):
+        if token is None:
+            check()
+            continue
+        yield token
+    for _ in range(1, max_tokens):
+        token = decoder.step(token)
+        yield token
 
 
 def chunk_end(quantize: KVQuantization | None, position: int) -> int:

@@ -1,6 +1,14 @@
 """The engine: one thread that owns MLX, loads a model and generates tokens for requests.
 
 The event loop talks to it through thread-safe queues only (DESIGN principle 3).
+
+It runs several requests at once. Each turn of its loop computes one prefill chunk, for
+the first by rank (scheduler.RANKS) and age among the requests it holds, then decodes
+one token for every request past its prefill, those that can be merged in one batched
+forward pass (`batch.Batch`). So a new request's first token waits for one chunk of
+someone else's prefill at most, and no stream stalls for longer than a chunk. A request
+begins its prefill only once its KV (prompt plus `max_tokens`) fits in the cache budget
+beside the live requests' (the stored entries give way to it); alone, it always runs.
 """
 
 from __future__ import annotations
@@ -10,14 +18,19 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from msgspec import Struct
 
 from . import metal
-from .cache import CHECKPOINT, FAILED, PrefixCache, prefix_copy, trimmable
+from .cache import CHECKPOINT, FAILED, PrefixCache, Reuse, prefix_copy, trimmable
+
+if TYPE_CHECKING:
+    from .batch import Batch
+    from .decode import Decoder
 
 
 class Sampling(Struct, frozen=True):
@@ -198,10 +211,31 @@ _WAKE = object()  # not an engine event: wakes a `next` waiting on cancelled wor
 class _Work(Struct):
     job: Job
     generation: Generation
-    store: str = ""  # what became of its cache entry, for its last event
 
+
+class _Sequence:
+    """A job on the engine thread: its prompt computed a chunk at a time, then its tokens,
+    in a batch with others."""
+
+    def __init__(self, work: _Work, order: int):
+        self.job, self.generation, self.order = work.job, work.generation, order
+        self.key: list[int] = []  # its prompt as the prefix cache keys it
+        self.decoder: Decoder | None = None  # once begun
+        self.steps: Iterator[int | None] | None = None  # its prefill, until its first token
+        self.generated: list[int] = []
+        self.last = 0  # the last token generated, not yet fed to the model
+        self.batch: Batch | None = None
+        self.begun = 0.0
+        self.reuse: Reuse | None = None
+        self.ended = False
+
+    @property
+    def priority(self) -> tuple[int, int]:
+        return (self.job.rank, self.order)
 
 _STOP = object()
+# The most generations an engine decodes together unless `[engine] max_batch` says.
+DEFAULT_BATCH = 8
 
 
 class Engine:
@@ -217,12 +251,17 @@ class Engine:
         name: str = "engine",
         kv_quantization: KVQuantization | None = None,
         wired: metal.WiredLimit = metal.WIRED,
+        max_batch: int | None = None,
     ):
         self._loader = loader
         self._prefill_step = prefill_step  # None: the device's default, known on the engine thread
         self._device_step = metal.CPU_PREFILL_STEP
         self._wired = wired
         self._quantize = kv_quantization
+        self._max_batch = max_batch  # None: from memory, once loaded
+        self._default_batch = 1
+        self.batch_copied = 0  # KV bytes copied into the batch and out (batch.Batch)
+        self._steps = 0  # decode steps taken
         self.cache = cache
         self._persist = persist  # save the cache's checkpoints, and load them at start
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -263,6 +302,15 @@ class Engine:
     def set_prefill_step(self, tokens: int | None) -> None:
         self._prefill_step = tokens
 
+    @property
+    def max_batch(self) -> int:
+        """Generations decoded together at most: the profile's, or as many requests of
+        half the model's window as the KV budget holds (1 to DEFAULT_BATCH)."""
+        return self._default_batch if self._max_batch is None else self._max_batch
+
+    def set_max_batch(self, sequences: int | None) -> None:
+        self._max_batch = sequences
+
     def configure_cache(self, max_bytes: int | None, persist: bool) -> None:
         """`[cache]` settings from an edited profile: the model need not load again."""
         self._persist = persist
@@ -297,6 +345,7 @@ class Engine:
             if self.cache is not None:
                 # Its KV bytes per token, and a budget from memory unless [cache] max_gb says.
                 self.cache.prepare(self.loaded.model, self.loaded.memory_budget, self.loaded.weight_bytes)
+            self._default_batch = self._batch_from_memory()
             if self.cache is not None and self._persist:
                 self.cache.persist_dir = self.loaded.cache_dir
                 self.cache.load_persisted()
@@ -304,26 +353,79 @@ class Engine:
             self.load_error = f"{type(exc).__name__}: {exc}"
         finally:
             self._ready.set()
+        self._loop()
+
+    def _loop(self) -> None:
+        from .batch import Batch
+
+        if self.loaded is None:
+            while (work := self._inbox.get()) is not _STOP:
+                work.generation.put(Failed(f"the model failed to load: {self.load_error}"))
+            self._release()
+            return
+        order = itertools.count()
+        # Received, not begun; begun, prefilling; decoding: the batch of those that can
+        # be merged, then one of its own for each of the others.
+        pending: list[_Sequence] = []
+        filling: list[_Sequence] = []
+        shared = Batch(self.loaded.model)
+        self._batches: list[Batch] = [shared]
+        stopping = False
         while True:
-            work = self._inbox.get()
-            if work is _STOP:
+            busy = bool(pending or filling or any(self._batches))
+            if stopping and not busy:
                 self._release()
                 return
-            if self.loaded is None:
-                self._send(work, Failed(f"the model failed to load: {self.load_error}"))
-                continue
-            try:
-                ending: EngineEvent = Done(self._generate(work), work.store)
-            except Cancelled:
-                ending = Done("cancelled", work.store)
-            except Exception as exc:
-                _reset_random_state()
-                ending = Failed(f"{type(exc).__name__}: {exc}", store=work.store)
-            self._send(work, ending)
-            if self.cache is not None:
-                # Once the request has its end: a large model's checkpoint is gigabytes,
-                # and writing it must not hold the answer up.
-                self.cache.save()
+            work = self._inbox.get() if not busy else _get_nowait(self._inbox)
+            while work is not None:
+                if work is _STOP:
+                    stopping = True
+                else:
+                    pending.append(_Sequence(work, next(order)))
+                work = _get_nowait(self._inbox)
+            for seq in [s for s in pending if s.generation.cancelled]:
+                pending.remove(seq)
+                seq.generation.put(Done("cancelled"))
+            self._prefill_next(pending, filling, shared)
+            for batch in self._batches:
+                if batch:
+                    self._decode(batch)
+            self.batch_copied = shared.copied  # (a batch of one copies nothing)
+            self._batches = [b for b in self._batches if b is shared or b]
+
+    def _prefill_next(self, pending: list[_Sequence], filling: list[_Sequence], shared: Batch) -> None:
+        """One prefill chunk, for the first in rank among those begun and those whose KV
+        fits beside the live ones'; one that has its first token joins a batch."""
+        candidates = filling + [s for s in pending if self._fits(s, filling)]
+        if not candidates:
+            return
+        seq = min(candidates, key=lambda s: s.priority)
+        if seq in pending:
+            pending.remove(seq)
+            filling.append(seq)
+        try:
+            if seq.steps is None:
+                self._begin(seq)
+            token = self._advance(seq)
+            if token is not None:
+                self._first(seq, token, shared)
+        except Exception as exc:
+            self._fail(seq, exc)
+        if seq.steps is None:  # it has its first token, or an end
+            filling.remove(seq)
+
+    def _fits(self, seq: _Sequence, filling: list[_Sequence]) -> bool:
+        """Memory admission: a request waits while its KV would not fit beside the live
+        ones' (it runs alone in any case: the prefix cache gives way to it)."""
+        if self.cache is None or not (filling or any(self._batches)):
+            return True
+        return self.cache.room(len(seq.job.prompt) + seq.job.max_tokens)
+
+    def _batch_from_memory(self) -> int:
+        if self.cache is None:
+            return DEFAULT_BATCH
+        request = self.cache.size.bytes(self.loaded.context_length // 2)
+        return max(1, min(DEFAULT_BATCH, self.cache.max_bytes // max(request, 1)))
 
     def _check_quantization(self) -> None:
         # Some attention layers cannot run on quantized keys (gpt-oss's attention sinks):
@@ -360,95 +462,141 @@ class Engine:
             self._wired.release()
         mx.clear_cache()  # give the freed weights and KV caches back to the system
 
-    def _send(self, work: _Work, event: EngineEvent) -> None:
-        work.generation.put(event)
-
-    def _generate(self, work: _Work) -> str:
-        """Run a job; its ending ("stop", "length"), once its cache entry is stored."""
+    def _begin(self, seq: _Sequence) -> None:
+        """Take the prompt's cached prefix and reserve its KV; its prefill, to run in steps."""
         from mlx_lm.models.cache import make_prompt_cache
         from mlx_lm.sample_utils import make_sampler
 
-        from . import decode
+        from .decode import Decoder
 
-        job, loaded = work.job, self.loaded
-        if work.generation.cancelled:
-            raise Cancelled
+        job, loaded = seq.job, self.loaded
+        seq.begun = time.perf_counter()
         s = job.sampling
         sampler = make_sampler(temp=s.temperature, top_p=s.top_p if s.top_p < 1.0 else 0.0, top_k=s.top_k)
-        started = time.perf_counter()
         # Images' tokens are keyed by the images' hashes.
-        key = job.images.keys if job.images is not None else job.prompt
-        reuse = self.cache.fetch(key) if self.cache else None
+        seq.key = job.images.keys if job.images is not None else job.prompt
+        reuse = seq.reuse = self.cache.fetch(seq.key) if self.cache else None
         kv = reuse.cache if reuse and reuse.cache is not None else make_prompt_cache(loaded.model)
         cached = reuse.tokens if reuse else 0
         if self.cache:
             # The budget holds this request's KV too, as long as it may grow.
-            self.cache.reserve(len(job.prompt) + job.max_tokens)
-        generated: list[int] = []
-        failed = False
-        # What the cache holds, whatever its type: the tokens given to the model.
-        fed = _Counted(_with_images(loaded.model, job, cached), cached)
+            self.cache.reserve(seq, len(job.prompt) + job.max_tokens)
+        model = _with_images(loaded.model, job, cached)
+        seq.decoder = Decoder(model, kv, sampler=sampler, processors=self._processors(job), history=job.prompt[:cached], quantize=self._quantize)
+        seq.steps = self._prefill(seq, cached)
+
+    def _prefill(self, seq: _Sequence, cached: int) -> Iterator[int | None]:
+        job, decoder = seq.job, seq.decoder
+        done = cached
+        if self.cache and cached < job.checkpoint < len(job.prompt) - 1:
+            # The shared system+tools prefix becomes its own entry, for the side
+            # requests and subagents that share it (and, saved, for the next start).
+            # (Were it cached already, the fetch above would have reused it.)
+            yield from decoder.extend(job.prompt[done : job.checkpoint], self.prefill_step)
+            done = job.checkpoint
+            self.cache.store(seq.key[:done], prefix_copy(decoder.cache, done), CHECKPOINT)
+        yield from decoder.prefill(job.prompt[done:], self.prefill_step)
+
+    def _advance(self, seq: _Sequence) -> int | None:
+        """One prefill chunk; the first token, once the prompt is computed."""
+        if seq.generation.cancelled:
+            self._end(seq, "cancelled")
+            return None
+        token = next(seq.steps)
+        if token is not None:
+            seq.steps = None
+        return token
+
+    def _first(self, seq: _Sequence, token: int, shared: Batch) -> None:
+        from .batch import Batch, batchable
+
+        job, reuse = seq.job, seq.reuse
+        took = time.perf_counter() - seq.begun
+        seq.generation.put(Prefilled(len(job.prompt), took, reuse.tokens if reuse else 0, reuse.kind if reuse else "", reuse.lookup if reuse else ""))
+        if self._took(seq, token):
+            return
+        if self.cache and not trimmable(seq.decoder.cache):
+            # The prompt alone, before its answer: the next turn re-renders the answer
+            # and may part from it right there, and a cache that cannot be trimmed is
+            # reused by exact prefix only.
+            self.cache.store(seq.key, prefix_copy(seq.decoder.cache, len(job.prompt)), side=job.side)
+        if job.images is None and self._quantize is None and batchable(seq.decoder.cache):
+            seq.batch = shared
+        else:
+            seq.batch = Batch(self.loaded.model)
+            self._batches.append(seq.batch)
+        seq.batch.join(seq)
+
+    def _took(self, seq: _Sequence, token: int) -> bool:
+        """Record a generated token; whether that ended the sequence."""
+        seq.generated.append(token)
+        if seq.generation.cancelled:
+            self._end(seq, "cancelled")
+        elif token in self.loaded.eos_ids:
+            self._end(seq, "stop")
+        else:
+            seq.generation.put(Token(token))
+            seq.last = token
+            if len(seq.generated) < seq.job.max_tokens:
+                return False
+            self._end(seq, "length")
+        return True
+
+    def _decode(self, batch: Batch) -> None:
+        """One token for each member of `batch`."""
+        for seq in [m for m in batch.members if m.generation.cancelled]:
+            self._end(seq, "cancelled")
+        members = list(batch.members)
+        if not members:
+            return
         try:
-            done = cached
-            if self.cache and cached < job.checkpoint < len(job.prompt) - 1:
-                # The shared system+tools prefix becomes its own entry, for the side
-                # requests and subagents that share it (and, saved, for the next start).
-                # (Were it cached already, the fetch above would have reused it.)
-                self._prefill(fed, kv, job.prompt[done : job.checkpoint], work)
-                done = job.checkpoint
-                self.cache.store(key[:done], prefix_copy(kv, done), CHECKPOINT)
+            tokens = batch.step()
+        except Exception as exc:
+            _reset_random_state()
+            for seq in members:
+                self._fail(seq, exc, reset=False)
+            return
+        for seq, token in zip(members, tokens):
+            if isinstance(token, Exception):
+                self._fail(seq, token)
+            else:
+                self._took(seq, token)
+        self._steps += 1
+        if self._steps % 256 == 0:
+            import mlx.core as mx
 
-            def check() -> None:
-                if work.generation.cancelled:
-                    raise Cancelled
+            mx.clear_cache()
 
-            steps = decode.tokens(
-                fed,
-                job.prompt[done:],
-                kv,
-                max_tokens=job.max_tokens,
-                sampler=sampler,
-                processors=self._processors(job),
-                prefill_step=self.prefill_step,
-                check=check,
-                history=job.prompt[:done],
-                quantize=self._quantize,
-            )
-            try:
-                for token in steps:
-                    if not generated:
-                        took = time.perf_counter() - started
-                        self._send(work, Prefilled(len(job.prompt), took, cached, reuse.kind if reuse else "", reuse.lookup if reuse else ""))
-                    generated.append(token)
-                    if work.generation.cancelled:
-                        raise Cancelled
-                    if token in loaded.eos_ids:
-                        return "stop"
-                    self._send(work, Token(token))
-                    if len(generated) == 1 and self.cache and not trimmable(kv):
-                        # The prompt alone, before its answer: the next turn re-renders
-                        # the answer and may part from it right there, and a cache that
-                        # cannot be trimmed is reused by exact prefix only.
-                        self.cache.store(key, prefix_copy(kv, len(job.prompt)), side=job.side)
-                return "length"
-            finally:
-                steps.close()
-        except Cancelled:
-            raise
-        except Exception:
-            failed = True
-            raise
-        finally:
-            # Whatever the KV cache holds now (all of it, or the prefill done before a
-            # cancel or a timeout) is kept, so the next turn, or a retry, resumes from it.
-            # Not after a failure: a forward pass cut short leaves its layers disagreeing.
-            # (Before the last event goes out, so that it says what became of the entry.)
-            if self.cache:
-                self.cache.reserve(0)  # what the request holds is stored now, or freed
-            if self.cache and failed:
-                work.store = FAILED
-            elif self.cache:
-                work.store = self.cache.store((key + generated)[: fed.count], kv, prompt=len(job.prompt), side=job.side)
+    def _fail(self, seq: _Sequence, exc: Exception, reset: bool = True) -> None:
+        if reset:
+            _reset_random_state()
+        self._end(seq, error=f"{type(exc).__name__}: {exc}")
+
+    def _end(self, seq: _Sequence, reason: str = "", error: str | None = None) -> None:
+        """Its last event, once its cache entry is stored.
+
+        Whatever the KV cache holds now (all of it, or the prefill done before a cancel
+        or a timeout) is kept, so the next turn, or a retry, resumes from it. Not after a
+        failure: a forward pass cut short leaves its layers disagreeing."""
+        if seq.ended:
+            return
+        seq.ended = True
+        kv = seq.batch.leave(seq) if seq.batch is not None else seq.decoder.cache if seq.decoder else None
+        seq.batch = None
+        store = ""
+        if self.cache:
+            self.cache.reserve(seq, 0)  # what the request holds is stored now, or freed
+        if self.cache and seq.decoder is not None:
+            if error is not None:
+                store = FAILED
+            else:
+                store = self.cache.store((seq.key + seq.generated)[: seq.decoder.position], kv, prompt=len(seq.job.prompt), side=seq.job.side)
+        seq.decoder = seq.steps = None
+        seq.generation.put(Done(reason, store) if error is None else Failed(error, store=store))
+        if self.cache is not None:
+            # Once the request has its end: a large model's checkpoint is gigabytes,
+            # and writing it must not hold the answer up.
+            self.cache.save()
 
     def _processors(self, job: Job) -> list | None:
         from mlx_lm.sample_utils import make_logits_processors
@@ -462,19 +610,12 @@ class Engine:
             processors += job.processors(self.loaded.tokenizer)
         return processors or None
 
-    def _prefill(self, model: _Counted, kv: list, tokens: list[int], work: _Work) -> None:
-        import mlx.core as mx
 
-        from .decode import chunk_end, quantize_due
-
-        while tokens:
-            if work.generation.cancelled:
-                raise Cancelled
-            n = min(self.prefill_step, len(tokens), chunk_end(self._quantize, model.count) - model.count)
-            model(mx.array(tokens[:n])[None], cache=kv)
-            quantize_due(kv, self._quantize, model.count)
-            mx.eval([c.state for c in kv])
-            tokens = tokens[n:]
+def _get_nowait(inbox: queue.SimpleQueue):
+    try:
+        return inbox.get_nowait()
+    except queue.Empty:
+        return None
 
 
 def _with_images(model, job: Job, position: int):
@@ -483,19 +624,6 @@ def _with_images(model, job: Job, position: int):
     from .vision import Prompted
 
     return Prompted(model, job.prompt, job.images, position)
-
-
-class _Counted:
-    """A model that counts the tokens it is given (it is all a linear-attention or SSM
-    layer's cache can tell of what it holds)."""
-
-    def __init__(self, model, count: int):
-        self.model, self.count = model, count
-
-    def __call__(self, inputs, cache=None):
-        out = self.model(inputs, cache=cache)
-        self.count += inputs.shape[-1]
-        return out
 
 
 def _reset_random_state() -> None:

@@ -7,7 +7,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Struct
@@ -71,6 +71,9 @@ class Engine(_Section):
     # Prompt tokens per prefill step; a cancelled request stops between steps.
     # Default: 2048 on Metal (mlx-lm's), 512 on the CPU.
     prefill_step: int | None = None
+    # Requests decoded together (continuous batching). Default: as many requests of half
+    # the model's window as the KV budget holds, 1 to 8.
+    max_batch: Annotated[int, msgspec.Meta(ge=1)] | None = None
     # Requests that may wait for a busy engine; more are refused with 529.
     queue_size: int = 8
     # Quantize attention layers' keys and values to 4 or 8 bits (fits 4x or 2x the

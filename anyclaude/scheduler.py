@@ -1,6 +1,7 @@
-"""Admission and order: which request an engine runs next, and which are turned away.
+"""Admission and order: which requests an engine runs, and which are turned away.
 
-One engine runs one generation at a time; the others wait here, in this order:
+An engine decodes up to `max_batch` generations together (its own default, from
+memory, unless `[engine] max_batch` says); the others wait here, in this order:
 1. by Claude Code's request class (`RANKS`): the main conversation, then subagents and
    workflows, then compaction, then side requests (titles, summaries and classifiers:
    its `auxiliary` class, or its haiku model), so that background work never holds up
@@ -8,6 +9,9 @@ One engine runs one generation at a time; the others wait here, in this order:
 2. oldest first within each class;
 3. except that a request waiting longer than MAX_WAIT seconds goes first, so that the
    others are delayed, never starved.
+A main-conversation request is let in even when the batch is full, if no other one
+runs: the engine prefills in the same order, so its first token waits for one prefill
+chunk of someone else's at most, never for their answers.
 A full queue is refused at once with 529 and `retry-after`, before any headers; so is
 any request while the queue is drained (its model being replaced) or closed (the daemon
 stopping).
@@ -45,7 +49,7 @@ class Scheduler:
         self.engine = engine
         self.queue_size = queue_size
         self._waiting: list[_Waiting] = []
-        self._running: Generation | None = None
+        self._running: dict[Generation, Job] = {}
         self._order = itertools.count()
         self._idle: asyncio.Future | None = None
         self.closed: str | None = None  # why new work is turned away (a swap, a stop)
@@ -55,14 +59,14 @@ class Scheduler:
         return sum(1 for w in self._waiting if not w.generation.cancelled)
 
     @property
-    def running(self) -> bool:
-        return self._running is not None
+    def running(self) -> int:
+        return len(self._running)
 
     def submit(self, job: Job) -> Generation:
         """Queue a job; raises Overloaded when the queue is full, drained or closed."""
         self.check_open()
         self._waiting = [w for w in self._waiting if not w.generation.cancelled]
-        if self._running is not None and len(self._waiting) >= self.queue_size:
+        if self._running and len(self._waiting) >= self.queue_size:
             raise Overloaded(
                 f"the engine is busy and {len(self._waiting)} requests are waiting (queue_size {self.queue_size}); retry shortly",
                 headers={"retry-after": str(RETRY_AFTER_SECONDS)},
@@ -86,20 +90,28 @@ class Scheduler:
         """End the work in hand now, with `reason` as its error, and turn new work away."""
         self.drain(reason)
         waiting, self._waiting = self._waiting, []
-        for generation in [w.generation for w in waiting] + [self._running]:
-            if generation is not None and not generation.ended:
+        for generation in [w.generation for w in waiting] + list(self._running):
+            if not generation.ended:
                 generation.put(Failed(reason, retry=True))
                 generation.cancel()
 
     def _dispatch(self) -> None:
-        while self._running is None and self._waiting:
+        while self._waiting:
             chosen = min(self._waiting, key=self._rank)
-            self._waiting.remove(chosen)
             if chosen.generation.cancelled:
+                self._waiting.remove(chosen)
                 continue
-            self._running = chosen.generation
+            if not self._admits(chosen.job):
+                return
+            self._waiting.remove(chosen)
+            self._running[chosen.generation] = chosen.job
             chosen.generation.started_at = time.monotonic()
             self.engine.submit(chosen.job, chosen.generation)
+
+    def _admits(self, job: Job) -> bool:
+        if len(self._running) < self.engine.max_batch:
+            return True
+        return job.rank == 0 and all(j.rank > 0 for j in self._running.values())
 
     def _rank(self, w: _Waiting) -> tuple[int, int]:
         overdue = w.job.rank > 0 and time.monotonic() - w.since > MAX_WAIT
@@ -107,13 +119,12 @@ class Scheduler:
 
     async def idle(self) -> None:
         """Wait until nothing runs or waits here."""
-        while self._running is not None or self.waiting:
+        while self._running or self.waiting:
             self._idle = asyncio.get_running_loop().create_future()
             await self._idle
 
     def _ended(self, generation: Generation) -> None:
-        if generation is self._running:
-            self._running = None
+        if self._running.pop(generation, None) is not None:
             self._dispatch()
-        if self._running is None and self._idle is not None and not self._idle.done():
+        if not self._running and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)

@@ -56,6 +56,7 @@ class Server:
             loader(model, settings, self.loaded.path.parent),
             prefill_step=settings.prefill_step,
             kv_quantization=quantize,
+            max_batch=settings.max_batch,
             cache=PrefixCache(_budget(cache), models=len(profile.models), on_evict=lambda e: self._event("cache.evict", model=key, entry=e)),
             persist=cache.persist,
             name=f"engine-{key}",
@@ -187,6 +188,7 @@ class Server:
             schedulers[key] = kept if kept is not None and kept.engine is engine else Scheduler(engine, queue_size=queue_size)
             schedulers[key].queue_size = queue_size
             engine.set_prefill_step(loaded.profile.engine.prefill_step)
+            engine.set_max_batch(loaded.profile.engine.max_batch)
             engine.configure_cache(_budget(loaded.profile.cache), loaded.profile.cache.persist)
         if loaded.profile.log != self.profile.log:
             self.log = _request_log(loaded.profile)

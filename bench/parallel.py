@@ -6,7 +6,8 @@ For each count N, N sessions that share Claude Code's system prompt and tools (a
 subagents do) each send their first turn: one after another, then all together. It
 prints the aggregate output tokens/s of both ways and their ratio, the time to first
 token (p50/p95) of the requests sent together, and how many answers sent together
-equal the same request's answer alone (greedy). Then a main turn sent while three
+equal the same request's answer alone (greedy), and how much KV was copied per request
+to merge it into the batch and out again. Then a main turn sent while three
 subagents decode (with Claude Code's request-class header) against the same turn on
 an idle daemon. The daemon runs the tiny profile with the repetition penalty off, so
 that an answer depends on its own request only; each prompt is cached before it is
@@ -100,7 +101,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="anyclaude-parallel-"))
-    profile = profile_file(directory, "parallel", sampling={"repetition_penalty": 1.0}, engine={"queue_size": 32})
+    profile = profile_file(directory, "parallel", sampling={"repetition_penalty": 1.0}, engine={"queue_size": 32, "max_batch": max(args.sessions)})
     daemon = Daemon(str(profile), directory / "cache", directory / "daemon.log")
     report: dict = {"max_tokens": args.max_tokens, "runs": []}
     try:
@@ -108,7 +109,7 @@ def main() -> None:
         port = daemon.port
         body = lambda text: anthropic_body([{"role": "user", "content": text}], max_tokens=args.max_tokens)  # noqa: E731
         ask(port, body("Warm up."), "subagent")  # the shared prefix's checkpoint, once
-        print(f"{'sessions':>8} {'alone tok/s':>12} {'together tok/s':>15} {'ratio':>6} {'TTFT p50':>9} {'TTFT p95':>9} {'equal':>6}")
+        print(f"{'sessions':>8} {'alone tok/s':>12} {'together tok/s':>15} {'ratio':>6} {'TTFT p50':>9} {'TTFT p95':>9} {'equal':>6} {'copied MiB/req':>15}")
         for n in args.sessions:
             bodies = [body(TASKS[i % len(TASKS)] + ("" if i < len(TASKS) else f" (part {i // len(TASKS) + 1})")) for i in range(n)]
             for b in bodies:  # each prompt cached before either run, so both decode alike
@@ -116,7 +117,9 @@ def main() -> None:
             started = time.perf_counter()
             alone = [ask(port, b, "subagent") for b in bodies]
             alone_seconds = time.perf_counter() - started
+            copied = health(daemon)["batch_copied_bytes"]
             both, together_seconds = together(port, bodies, "subagent")
+            copied = health(daemon)["batch_copied_bytes"] - copied
             alone_rate = sum(a.tokens for a in alone) / alone_seconds
             together_rate = sum(a.tokens for a in both) / together_seconds
             firsts = [a.first_token for a in both if a.first_token is not None]
@@ -128,11 +131,13 @@ def main() -> None:
                 "first_token_p50_s": round(statistics.median(firsts), 3),
                 "first_token_p95_s": round(percentile(firsts, 0.95), 3),
                 "equal_answers": sum(a.text == b.text for a, b in zip(alone, both)),
+                # KV copied to merge the requests into one batch and out again.
+                "batch_copied_mib_per_request": round(copied / n / 2**20, 1),
             }
             report["runs"].append(run)
             print(
                 f"{n:>8} {run['alone_tokens_per_s']:>12.2f} {run['together_tokens_per_s']:>15.2f} {run['ratio']:>6.2f} "
-                f"{run['first_token_p50_s']:>9.2f} {run['first_token_p95_s']:>9.2f} {run['equal_answers']:>4}/{n}"
+                f"{run['first_token_p50_s']:>9.2f} {run['first_token_p95_s']:>9.2f} {run['equal_answers']:>4}/{n} {run['batch_copied_mib_per_request']:>15.1f}"
             )
         # A main turn on an idle daemon, then the same turn while three subagents decode.
         idle = ask(port, body(MAIN_TURN), "main").first_token
@@ -153,11 +158,15 @@ def main() -> None:
     print(json.dumps(report))
 
 
-def daemon_busy(daemon: Daemon) -> bool:
+def health(daemon: Daemon) -> dict:
     from bench.harness import request
 
-    models = request(daemon.port, "GET", "/health").json()["models"].values()
-    return any(m["running"] for m in models)
+    (model,) = request(daemon.port, "GET", "/health").json()["models"].values()
+    return model
+
+
+def daemon_busy(daemon: Daemon) -> bool:
+    return bool(health(daemon)["running"])
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ class ScriptedEngine:
         self.load_error = None
         self.ready = True
         self.cache = None
+        self.max_batch = 1  # one script at a time, as the fault tests expect
 
     def start(self) -> None:
         pass
@@ -34,6 +35,9 @@ class ScriptedEngine:
         pass
 
     def set_prefill_step(self, tokens: int) -> None:
+        pass
+
+    def set_max_batch(self, sequences: int | None) -> None:
         pass
 
     def configure_cache(self, max_bytes: int, persist: bool) -> None:

@@ -193,12 +193,12 @@ def test_the_budget_holds_the_live_request_s_kv_too(model):
     cache = PrefixCache(nbytes(kv) + cache.size.bytes(100), on_evict=evicted.append)
     cache.prepare(net)
     cache.store(tokens, kv)
-    cache.reserve(100)  # fits beside it
+    cache.reserve("live", 100)  # fits beside it
     assert cache.entries == 1 and cache.live_bytes == cache.size.bytes(100)
-    cache.reserve(101)  # does not
+    cache.reserve("live", 101)  # does not
     assert cache.entries == 0 and [e.reason for e in evicted] == ["live"]
     assert cache.peak_bytes <= cache.max_bytes
-    cache.reserve(0)
+    cache.reserve("live", 0)
     assert cache.live_bytes == 0 and cache.store(tokens, kv) == "stored"
 
 

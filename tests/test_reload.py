@@ -148,6 +148,7 @@ class Sized:
         self.load_error = None if found else f"{model.path}: not found"
         self.loaded = Loaded(model=None, tokenizer=None, context_length=8192, eos_ids=frozenset(), weight_bytes=growth * Path(model.path).stat().st_size, memory_budget=budget) if found else None
         self.ready = found
+        self.max_batch = 1
 
     def start(self):
         self.events.append(("load", Path(self.path).name))
@@ -162,6 +163,9 @@ class Sized:
         pass
 
     def set_prefill_step(self, tokens):
+        pass
+
+    def set_max_batch(self, sequences):
         pass
 
     def configure_cache(self, max_bytes, persist):

@@ -1,0 +1,106 @@
+"""Sequences decoded together: one forward pass per step for all of them (engine thread).
+
+Continuous batching, as mlx-lm's `BatchGenerator` does it: a sequence joins once its
+prompt is computed (alone, a chunk at a time between the batch's steps, by the engine)
+and leaves when it ends; the others go on. Each step feeds every member its last token
+in one pass over a batched cache (mlx-lm's `BatchKVCache` and kin, left-padded to one
+length), then each member's own logits processors and sampler pick its next token.
+
+A lone member decodes on its own cache; the caches are merged into a batched one only
+when a second joins (a copy of each member's KV, made once), and a member's cache is
+copied out when it leaves (for the prefix cache). Models whose cache types cannot be
+merged (quantized keys, images fed through a wrapper) do not batch: each such member is a
+batch of its own, stepped in turn with the others, so none waits for another's whole answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+
+
+
+def batchable(cache: list) -> bool:
+    """Whether a cache of these layer types can be merged with others (mlx-lm's test)."""
+    return all(hasattr(layer, "merge") for layer in cache)
+
+
+class Batch:
+    """Members decoding together. A member is anything with a `decoder` (decode.Decoder)
+    and `last` (its last token, not yet fed); the batch owns their caches while they are in it."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.members: list = []
+        self._merged: list | None = None  # the batched cache, once there are two
+        # KV bytes copied into the batched cache and out of it (the price of merging).
+        self.copied = 0
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def join(self, member) -> None:
+        if not self.members:
+            self.members.append(member)
+            return
+        if self._merged is None:
+            (first,) = self.members
+            self._merged = _merge([first.decoder.cache])
+            self.copied += self.nbytes
+            first.decoder.cache = None
+        joining = _merge([member.decoder.cache])
+        for layer, other in zip(self._merged, joining):
+            layer.extend(other)
+        # Extending re-pads and concatenates: the whole batch is copied, the newcomer included.
+        self.copied += self.nbytes
+        member.decoder.cache = None  # its KV lives in the batch now
+        self.members.append(member)
+
+    def leave(self, member) -> list:
+        """Take `member` out; its cache, on its own again."""
+        i = self.members.index(member)
+        self.members.pop(i)
+        if self._merged is None:
+            return member.decoder.cache
+        cache = [layer.extract(i) for layer in self._merged]
+        self.copied += sum(layer.nbytes for layer in cache)
+        if self.members:
+            keep = [j for j in range(len(self.members) + 1) if j != i]
+            for layer in self._merged:
+                layer.filter(keep)
+            self.copied += self.nbytes
+        else:
+            self._merged = None
+        member.decoder.cache = cache
+        return cache
+
+    def step(self) -> list[int | Exception]:
+        """Feed each member its last token; the next token of each, in member order, or
+        what went wrong with that member's processors (a forward pass that fails raises)."""
+        if self._merged is None:
+            (member,) = self.members
+            return [member.decoder.step(member.last)]
+        inputs = mx.array([[m.last] for m in self.members])
+        logits = self.model(inputs, cache=self._merged)[:, -1, :]
+        picked: list[mx.array | Exception] = []
+        for i, member in enumerate(self.members):
+            member.decoder.position += 1
+            try:
+                picked.append(member.decoder.pick(inputs[i], logits[i : i + 1]).reshape(1))
+            except Exception as exc:  # one request's grammar, not the others' concern
+                picked.append(exc)
+        chosen = [p for p in picked if not isinstance(p, Exception)]
+        tokens = iter(mx.concatenate(chosen).tolist() if chosen else [])
+        return [p if isinstance(p, Exception) else next(tokens) for p in picked]
+
+    @property
+    def nbytes(self) -> int:
+        if self._merged is None:
+            return 0
+        return sum(layer.nbytes for layer in self._merged)
+
+
+def _merge(caches: Sequence[list]) -> list:
+    return [type(layers[0]).merge(list(layers)) for layers in zip(*caches)]
