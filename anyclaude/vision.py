@@ -13,9 +13,9 @@ first image is shared with any request, text after an image only with requests t
 the same image there.
 
 That is right where a token's position depends only on the prompt up to it. Gemma 3's
-position is its index. Qwen2.5-VL's, Qwen3-VL's and Qwen3.5/3.6's (natively multimodal,
-dense and MoE: a hybrid of linear-attention and full-attention layers) are mrope's: three
-per token, an image's tokens placed on its grid, the text after an image shifted back by
+position is its index. Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5/3.6's (natively
+multimodal, dense and MoE: a hybrid of linear-attention and full-attention layers) are
+mrope's: three per token, an image's tokens placed on its grid, the text after an image shifted back by
 what the grid saved (the prompt's "rope delta"). mlx-vlm computes those from the whole
 prompt and keeps them, and the delta, on the model object between calls, which cannot
 serve several sequences on one model (the prefix cache's, a batch's). Here they are
@@ -26,6 +26,12 @@ given positions, neither reads nor writes its own. Text before the first image h
 same positions in every prompt (its indexes), and the positions after an image depend on
 the images before, whose hashes the cache key holds: a cached prefix, text-only or past
 the same image, is valid for any prompt it begins. Decode steps are at index + delta.
+
+Not fed images yet: Gemma 4, whose image tokens attend to each other both ways (mlx-vlm's
+`use_bidirectional_attention = "vision"`), so a prefill chunk or a cached prefix that ends
+inside an image gives its first tokens other keys and values than a whole pass would; it
+needs the engine to keep an image's tokens in one pass (and the cache to resume at image
+boundaries only). It loads as a text model.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import binascii
 import hashlib
 import io
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +52,16 @@ from .errors import InvalidRequest
 
 # mlx-vlm model types whose positions are mrope's: three per token (time, height, width),
 # an image's tokens placed on its grid, the text after it shifted by what the grid saved.
-MROPE = frozenset({"qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe"})
+MROPE = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe"})
 # mlx-vlm model types whose images anyclaude feeds: Gemma 3's positions are plain token
 # indexes, mrope's are computed here from the prompt and its images' grids.
 SUPPORTED = frozenset({"gemma3"}) | MROPE
+
+
+# mlx-vlm imports a model's modules when it loads it, and one model type's modules import
+# another's (qwen3_5 imports qwen3_vl's processor): two engine threads loading two such
+# models at once deadlock on Python's import locks. One load at a time.
+_LOADING = threading.RLock()
 
 
 def model_type(where: str) -> str | None:
@@ -59,17 +72,18 @@ def model_type(where: str) -> str | None:
         return None
     if not isinstance(config, dict) or not config.get("vision_config"):
         return None
-    try:
-        from mlx_vlm.utils import get_model_type
+    with _LOADING:
+        try:
+            from mlx_vlm.utils import get_model_type
 
-        kind = get_model_type(config)
-    except Exception:  # an mlx-vlm that cannot read this config
-        return None
-    if kind is None:
-        return None
-    import importlib.util
+            kind = get_model_type(config)
+        except Exception:  # an mlx-vlm that cannot read this config
+            return None
+        if kind is None:
+            return None
+        import importlib.util
 
-    return kind if importlib.util.find_spec(f"mlx_vlm.models.{kind}") is not None else None
+        return kind if importlib.util.find_spec(f"mlx_vlm.models.{kind}") is not None else None
 
 
 def wanted(setting: bool | str, where: str) -> str | None:
@@ -173,9 +187,11 @@ def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
 def load(where: str, kind: str):
     """A model that sees, its mlx-lm tokenizer and its Vision (engine thread)."""
     from mlx_lm.utils import load_tokenizer
-    from mlx_vlm.utils import load as vlm_load
 
-    model, processor = vlm_load(where)
+    with _LOADING:
+        from mlx_vlm.utils import load as vlm_load
+
+        model, processor = vlm_load(where)
     config = json.loads((Path(where) / "config.json").read_text())
     eos = config.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id"))
     tokenizer = load_tokenizer(Path(where), eos_token_ids=[eos] if isinstance(eos, int) else eos)

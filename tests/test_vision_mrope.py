@@ -1,5 +1,5 @@
 """Images reach models whose positions are mrope's (Qwen3.5, Qwen3.5-MoE, Qwen3-VL,
-Qwen2.5-VL): tiny random-weight models from mlx-vlm's own classes, with mlx-vlm's Qwen
+Qwen2.5-VL, Qwen2-VL): tiny random-weight models from mlx-vlm's own classes, with its Qwen
 processor and Qwen3.5's real chat template (tests/vision_model.py, `build_qwen`).
 
 The check that positions are right: through the real daemon, an answer is the one
@@ -23,7 +23,7 @@ from anyclaude import prompt, vision, wire
 from bench.harness import Daemon, request
 from vision_model import build_qwen
 
-KINDS = ["qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen2_5_vl"]
+KINDS = ["qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen2_5_vl", "qwen2_vl"]
 HYBRID = {"qwen3_5", "qwen3_5_moe"}  # linear-attention layers: caches reused by exact prefix only
 SYSTEM = "You are a careful assistant who describes pictures, in a few words and plainly."
 N = 8  # tokens of each answer

@@ -91,7 +91,7 @@ def tokenizer_files(model_dir: Path, out: Path) -> Path:
     return out
 
 
-# --- Qwen: Qwen3.5 (hybrid linear attention), Qwen2.5-VL, Qwen3-VL ---------------------
+# --- Qwen: Qwen3.5 (hybrid linear attention), Qwen2-VL, Qwen2.5-VL, Qwen3-VL ------------
 
 QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<think>", "</think>"]
 # A 40x30 image becomes 64x96 pixels (the processor's sides are multiples of 32, its area at
@@ -120,6 +120,9 @@ def _qwen_text(kind: str, vocab: int) -> dict:
 
 
 def _qwen_vision(kind: str) -> dict:
+    if kind == "qwen2_vl":
+        return {"model_type": "qwen2_vl", "depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
+                "patch_size": 16, "spatial_patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
     if kind == "qwen2_5_vl":
         return {"model_type": "qwen2_5_vl", "depth": 1, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64, "num_heads": 2,
                 "patch_size": 16, "spatial_patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 64,
@@ -151,7 +154,7 @@ def build_qwen(out: Path, tokenizer_dir: Path, kind: str = "qwen3_5", seed: int 
         "chat_template": (TEMPLATES / "Qwen3.5-4B.jinja").read_text(),
     }))
     (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor" if kind != "qwen2_5_vl" else "Qwen2_5_VLProcessor",
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(kind, "Qwen3VLProcessor"),
         "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "min_pixels": QWEN_MIN_PIXELS, "max_pixels": 4 * QWEN_MIN_PIXELS,
         "size": {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": 4 * QWEN_MIN_PIXELS},
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
@@ -164,7 +167,7 @@ def build_qwen(out: Path, tokenizer_dir: Path, kind: str = "qwen3_5", seed: int 
         "text_config": _qwen_text(kind, vocab) | {"eos_token_id": [ids["<|im_end|>"]]},
         "vision_config": _qwen_vision(kind),
     }
-    if kind == "qwen2_5_vl":
+    if kind in ("qwen2_vl", "qwen2_5_vl"):
         config |= {k: v for k, v in config["text_config"].items() if k not in ("model_type", "eos_token_id")}
     (out / "config.json").write_text(json.dumps(config))
     mx.random.seed(seed)
