@@ -218,3 +218,35 @@ def test_a_hybrid_model_resumes_a_prefill_cut_inside_or_past_the_image(loaded, t
     finally:
         engine.stop()
         engine.wait_stopped()
+
+
+def test_two_sequences_interleaved_on_one_model_answer_as_each_alone(loaded):
+    """Nothing of a sequence is kept on the model: two image requests and a text-only
+    one, their passes interleaved (as a batching engine runs them), answer as each does
+    alone. (mlx-vlm's own state would give the second the first one's rope delta.)"""
+    model, tokenizer, _ = seeing = loaded["qwen3_5"]
+    requests = [rendered(seeing, looking(1)), rendered(seeing, looking(2, 5)), rendered(seeing, [{"role": "user", "content": "Name a colour."}])]
+
+    def steps(r):
+        """A request's greedy tokens, one pass at a time (prefill chunks of 8, then decode)."""
+        kv = model.make_cache()
+        fed = model if r.seen_images is None else vision.Prompted(model, r.ids, r.seen_images, 0)
+        for i in range(0, len(r.ids), 8):
+            logits = fed(mx.array(r.ids[i : i + 8])[None], cache=kv)
+            yield None
+        for _ in range(6):
+            token = int(mx.argmax(logits[0, -1]).item())
+            yield token
+            logits = fed(mx.array([[token]]), cache=kv)
+
+    alone = [[t for t in steps(r) if t is not None] for r in requests]
+    running = dict(enumerate(steps(r) for r in requests))
+    together: list[list[int]] = [[] for _ in requests]
+    while running:  # one pass of each in turn
+        for i, run in list(running.items()):
+            token = next(run, "done")
+            if token == "done":
+                del running[i]
+            elif token is not None:
+                together[i].append(token)
+    assert together == alone and len(set(map(tuple, alone))) == 3
