@@ -59,18 +59,18 @@ def loaded(folders):
     return {kind: vision.load(str(where), kind) for kind, where in folders.items()}
 
 
-def rendered(seeing, messages: list[dict]) -> prompt.Rendered:
+def rendered(seeing, messages: list[dict], tools: list[dict] | None = None) -> prompt.Rendered:
     _, tokenizer, v = seeing
-    body = {"model": "m", "max_tokens": N, "system": SYSTEM, "messages": messages}
+    body = {"model": "m", "max_tokens": N, "system": SYSTEM, "messages": messages} | ({"tools": tools} if tools else {})
     return prompt.render(wire.decode_request(json.dumps(body).encode()), tokenizer, vision=v)
 
 
-def reference(seeing, messages: list[dict], seeds: list[int], tmp_path) -> str:
+def reference(seeing, messages: list[dict], seeds: list[int], tmp_path, tools: list[dict] | None = None) -> str:
     """mlx-vlm's own greedy answer for the prompt anyclaude renders, cold."""
-    return seeing[1].decode(reference_tokens(seeing, messages, seeds, tmp_path))
+    return seeing[1].decode(reference_tokens(seeing, messages, seeds, tmp_path, tools))
 
 
-def reference_tokens(seeing, messages: list[dict], seeds: list[int], tmp_path) -> list[int]:
+def reference_tokens(seeing, messages: list[dict], seeds: list[int], tmp_path, tools: list[dict] | None = None) -> list[int]:
     from mlx_vlm import stream_generate
 
     model, tokenizer, v = seeing
@@ -78,7 +78,7 @@ def reference_tokens(seeing, messages: list[dict], seeds: list[int], tmp_path) -
     for seed in seeds:
         paths.append(tmp_path / f"{seed}.png")
         paths[-1].write_bytes(png(seed))
-    text = rendered(seeing, messages).text
+    text = rendered(seeing, messages, tools).text
     tokens = [g.token for g in stream_generate(model.vlm, v.processor, text, image=[str(p) for p in paths] or None, max_tokens=N, temperature=0.0)][:N]
     eos = set(tokenizer.eos_token_ids)
     if stop := [i for i, t in enumerate(tokens) if t in eos]:
@@ -184,6 +184,25 @@ def test_an_image_answers_as_mlx_vlm_does_cold_resumed_and_in_the_next_turn(sdk,
     # Another image, the same words: a different answer (the model sees it).
     other, _ = ask(looking(2))
     assert said(other) != said(reply)
+
+
+def test_an_image_read_by_the_read_tool_answers_as_mlx_vlm_does(sdk, daemon, loaded, tmp_path):
+    """Claude Code's Read of a PNG: the image inside a tool result, in Qwen3.5's
+    <tool_response>, after a tool call in its XML."""
+    from test_vision import READ
+
+    seeing = loaded["qwen3_5"]
+    call = {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"file_path": "/tmp/a.png"}}
+    messages = [
+        {"role": "user", "content": "Read /tmp/a.png and say what it shows."},
+        {"role": "assistant", "content": [call]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [image(1)]}]},
+    ]
+    r = rendered(seeing, messages, [READ])
+    assert len(r.seen_images.spans) == 1 and "<tool_response>\n<|vision_start|><|image_pad|>" in r.text
+    reply = sdk.messages.create(model="qwen3_5", max_tokens=N, system=SYSTEM, messages=messages, tools=[READ])
+    assert logged(daemon, reply)["prompt_tokens"] == len(r.ids)
+    assert said(reply) and said(reply) == reference(seeing, messages, [1], tmp_path, [READ])
 
 
 # --- through the engine: a hang-up inside or past the image, then the retry ----------
