@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import io
 import json
@@ -213,6 +214,7 @@ class LanguageModel:
         self.merge = int(model.config.vision_config.spatial_merge_size) if kind in MROPE else None
 
     def __call__(self, inputs, cache=None):
+        _adopt(cache)
         if self.merge is None:
             return self.language_model(inputs, cache=cache).logits
         # A pass with no image before it (a text-only request): every axis is the index.
@@ -221,12 +223,14 @@ class LanguageModel:
 
     def embedded(self, inputs, embeddings, cache=None):
         """A pass whose input embeddings are given (image features among them)."""
+        _adopt(cache)
         return self.language_model(inputs, inputs_embeds=embeddings, cache=cache).logits
 
     def positioned(self, inputs, positions, embeddings=None, cache=None, **extra):
         """An mrope model's pass at the given positions, (3, batch, tokens): mlx-vlm's
         language model uses them as they are, and neither reads nor writes the rope
         deltas and position ids it would otherwise keep on the shared model."""
+        _adopt(cache)
         return self.language_model(inputs, inputs_embeds=embeddings, cache=cache, position_ids=positions, **extra).logits
 
     @property
@@ -248,12 +252,51 @@ class LanguageModel:
                 out.append(lm.KVCache())
             elif name == "RotatingKVCache":
                 out.append(lm.RotatingKVCache(max_size=layer.max_size, keep=layer.keep))
+            elif name == "ArraysCache" and type(layer).__module__.startswith("mlx_vlm."):
+                out.append(_arrays_cache()(len(layer.cache)))
             else:
                 out.append(layer)
         return out
 
     def parameters(self):
         return self.vlm.parameters()
+
+
+@functools.cache
+def _arrays_cache():
+    """mlx-vlm's ArraysCache (what its linear-attention layers call: `update_window`,
+    `lengths`, ...), with mlx-lm's state layout and name, so that the prefix cache saves
+    it as mlx-lm's (`[cache] persist`): mlx-lm's loader makes an mlx-lm ArraysCache of
+    it again, which `_adopt` turns back into this."""
+    from mlx_vlm.models.cache import ArraysCache as Base
+
+    class ArraysCache(Base):
+        @property
+        def state(self):
+            return self.cache, self.left_padding, self.lengths
+
+        @state.setter
+        def state(self, value):
+            self.cache, left_padding, lengths = value
+            if left_padding is not None:
+                self.left_padding = left_padding
+            if lengths is not None:
+                self.lengths = lengths
+
+    return ArraysCache
+
+
+def _adopt(cache) -> None:
+    """Turn the mlx-lm ArraysCaches of a cache loaded from disk into mlx-vlm's, in place."""
+    if not cache:
+        return
+    from mlx_lm.models.cache import ArraysCache
+
+    for i, layer in enumerate(cache):
+        if type(layer) is ArraysCache:
+            adopted = _arrays_cache()(len(layer.cache))
+            adopted.state = layer.state
+            cache[i] = adopted
 
 
 def _text_positions(inputs, cache):

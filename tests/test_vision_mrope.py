@@ -269,3 +269,27 @@ def test_two_sequences_interleaved_on_one_model_answer_as_each_alone(loaded):
             elif token is not None:
                 together[i].append(token)
     assert together == alone and len(set(map(tuple, alone))) == 3
+
+
+def test_a_hybrid_model_s_saved_cache_is_reused_after_a_restart(loaded, tmp_path):
+    """`[cache] persist`: Qwen3.5's linear-attention layers' caches (mlx-vlm's
+    ArraysCache) are saved as mlx-lm's and loaded back as mlx-vlm's."""
+    from anyclaude.cache import PrefixCache
+    from anyclaude.engine import Engine, Loaded
+    from test_vision import Cutting, ask
+
+    seeing = loaded["qwen3_5"]
+    model, tokenizer, v = seeing
+    answers = []
+    for seed in (1, 2):  # the second engine: the same model, started again
+        cutting = Cutting(model)
+        engine = Engine(lambda: Loaded(model=cutting, tokenizer=tokenizer, context_length=8192, eos_ids=frozenset(), vision=v, cache_dir=tmp_path / "saved"), prefill_step=64, cache=PrefixCache(2**30), persist=True)
+        engine.start()
+        try:
+            r = rendered(seeing, looking(seed))
+            answer, cached, _ = ask(engine, cutting, r)
+        finally:
+            engine.stop()
+            engine.wait_stopped()
+        answers.append((cached, answer == reference_tokens(seeing, looking(seed), [seed], tmp_path)[: len(answer)]))
+    assert answers == [(0, True), (r.checkpoint, True)]
