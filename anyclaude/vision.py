@@ -214,8 +214,8 @@ class LanguageModel:
         self.merge = int(model.config.vision_config.spatial_merge_size) if kind in MROPE else None
 
     def __call__(self, inputs, cache=None):
-        _adopt(cache)
         if self.merge is None:
+            _adopt(cache)
             return self.language_model(inputs, cache=cache).logits
         # A pass with no image before it (a text-only request): every axis is the index.
         # Given explicitly, so that no position state mlx-vlm keeps on the model is read.
