@@ -81,7 +81,14 @@ def attention(queries, keys, values, *, scale, mask=None, **kwargs) -> mx.array:
     for start in range(0, length, rows):
         stop = min(length, start + rows)
         scores = q[..., start:stop, :].reshape(batch, kv_heads, group * (stop - start), depth) @ k
-        mx.eval(scores)
+        try:
+            mx.eval(scores)
+        except ValueError:
+            if start:
+                raise
+            # Inside a function MLX traces (mx.compile: mlx-vlm's Qwen vision tower
+            # compiles its attention), nothing can be evaluated: MLX's own, then.
+            return _mlx_attention(queries, keys, values, scale=scale, mask=mask, **kwargs)
         _softmax(np.asarray(scores).reshape(-1, stop - start, width), start, length if mask == "causal" else None)
         # The buffer now holds the probabilities.
         out.append((scores @ values).reshape(batch, kv_heads, group, stop - start, depth))

@@ -10,19 +10,39 @@ forward pass over image tokens differs: its input embeddings come from the model
 The prefix cache keys a prompt by its token ids with each image's tokens replaced by an
 id derived from the image's hash (negative, so never a vocabulary id): text before the
 first image is shared with any request, text after an image only with requests that have
-the same image there. That is only right where a token's position is its index in the
-prompt. Gemma 3 is such a model; models with multi-dimensional positions (Qwen2/2.5/3-VL's
-mrope, whose position state mlx-vlm keeps in the model between calls) are not fed images
-here yet: they load as text models, as before.
+the same image there.
+
+That is right where a token's position depends only on the prompt up to it. Gemma 3's
+position is its index. Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5/3.6's (natively
+multimodal, dense and MoE: a hybrid of linear-attention and full-attention layers) are
+mrope's: three per token, an image's tokens placed on its grid, the text after an image shifted back by
+what the grid saved (the prompt's "rope delta"). mlx-vlm computes those from the whole
+prompt and keeps them, and the delta, on the model object between calls, which cannot
+serve several sequences on one model (the prefix cache's, a batch's). Here they are
+computed per request instead (`mrope_positions`, from the prompt's ids, image spans and
+grids) and given to every forward pass: `Prompted` holds a request's, a text-only pass
+computes its own from the cache's offset (`LanguageModel`), and mlx-vlm's language model,
+given positions, neither reads nor writes its own. Text before the first image has the
+same positions in every prompt (its indexes), and the positions after an image depend on
+the images before, whose hashes the cache key holds: a cached prefix, text-only or past
+the same image, is valid for any prompt it begins. Decode steps are at index + delta.
+
+Not fed images yet: Gemma 4, whose image tokens attend to each other both ways (mlx-vlm's
+`use_bidirectional_attention = "vision"`), so a prefill chunk or a cached prefix that ends
+inside an image gives its first tokens other keys and values than a whole pass would; it
+needs the engine to keep an image's tokens in one pass (and the cache to resume at image
+boundaries only). It loads as a text model.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import io
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +51,18 @@ from msgspec import Struct
 
 from .errors import InvalidRequest
 
-# mlx-vlm model types whose images anyclaude feeds: positions are plain token indexes,
-# so a cached prefix past an image is valid for the same image.
-SUPPORTED = frozenset({"gemma3"})
+# mlx-vlm model types whose positions are mrope's: three per token (time, height, width),
+# an image's tokens placed on its grid, the text after it shifted by what the grid saved.
+MROPE = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe"})
+# mlx-vlm model types whose images anyclaude feeds: Gemma 3's positions are plain token
+# indexes, mrope's are computed here from the prompt and its images' grids.
+SUPPORTED = frozenset({"gemma3"}) | MROPE
+
+
+# mlx-vlm imports a model's modules when it loads it, and one model type's modules import
+# another's (qwen3_5 imports qwen3_vl's processor): two engine threads loading two such
+# models at once deadlock on Python's import locks. One load at a time.
+_LOADING = threading.RLock()
 
 
 def model_type(where: str) -> str | None:
@@ -44,17 +73,18 @@ def model_type(where: str) -> str | None:
         return None
     if not isinstance(config, dict) or not config.get("vision_config"):
         return None
-    try:
-        from mlx_vlm.utils import get_model_type
+    with _LOADING:
+        try:
+            from mlx_vlm.utils import get_model_type
 
-        kind = get_model_type(config)
-    except Exception:  # an mlx-vlm that cannot read this config
-        return None
-    if kind is None:
-        return None
-    import importlib.util
+            kind = get_model_type(config)
+        except Exception:  # an mlx-vlm that cannot read this config
+            return None
+        if kind is None:
+            return None
+        import importlib.util
 
-    return kind if importlib.util.find_spec(f"mlx_vlm.models.{kind}") is not None else None
+        return kind if importlib.util.find_spec(f"mlx_vlm.models.{kind}") is not None else None
 
 
 def wanted(setting: bool | str, where: str) -> str | None:
@@ -107,6 +137,8 @@ class Images(Struct, frozen=True):
     spans: list[tuple[int, int]]
     # The processor's pixel values of each image (NumPy: made into MLX arrays on the engine thread).
     pixels: list[Any]
+    # For an mrope model: each image's grid of patches, (time, height, width), before merging.
+    grids: list[tuple[int, int, int]] | None = None
 
 
 def key_of(digest: str) -> int:
@@ -132,12 +164,19 @@ class Vision:
         ids = [int(i) for i in np.asarray(out["input_ids"])[0]]
         pixels = np.asarray(out["pixel_values"])
         spans = _runs(ids, self.image_token)
-        if len(spans) != len(pictures) or len(pixels) != len(pictures):
+        grids = None
+        if "image_grid_thw" in out:  # Qwen: the patches of all images in one array, each image's grid
+            grids = [(int(t), int(h), int(w)) for t, h, w in np.asarray(out["image_grid_thw"])]
+            ends = np.cumsum([0] + [t * h * w for t, h, w in grids])
+            each = [pixels[a:b] for a, b in zip(ends[:-1], ends[1:])]
+        else:
+            each = [pixels[i : i + 1] for i in range(len(pixels))]
+        if len(spans) != len(pictures) or len(each) != len(pictures):
             raise InvalidRequest(f"image: the chat template placed {len(spans)} of the {len(pictures)} images of this conversation")
         keys = list(ids)
         for (start, end), picture in zip(spans, pictures):
             keys[start:end] = [key_of(picture.digest)] * (end - start)
-        return ids, Images(keys=keys, spans=spans, pixels=[pixels[i : i + 1] for i in range(len(pictures))])
+        return ids, Images(keys=keys, spans=spans, pixels=each, grids=grids)
 
 
 def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
@@ -149,32 +188,50 @@ def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
 def load(where: str, kind: str):
     """A model that sees, its mlx-lm tokenizer and its Vision (engine thread)."""
     from mlx_lm.utils import load_tokenizer
-    from mlx_vlm.utils import load as vlm_load
 
-    model, processor = vlm_load(where)
+    with _LOADING:
+        from mlx_vlm.utils import load as vlm_load
+
+        model, processor = vlm_load(where)
     config = json.loads((Path(where) / "config.json").read_text())
     eos = config.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id"))
     tokenizer = load_tokenizer(Path(where), eos_token_ids=[eos] if isinstance(eos, int) else eos)
     image_token = config.get("image_token_index", config.get("image_token_id"))
     if image_token is None:
         image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    return LanguageModel(model), tokenizer, Vision(processor, kind, int(image_token))
+    return LanguageModel(model, kind), tokenizer, Vision(processor, kind, int(image_token))
 
 
 class LanguageModel:
     """An mlx-vlm model as the engine drives a text model: token ids in, logits out, with
     mlx-lm's cache types (which the prefix cache knows how to copy, trim and save)."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, kind: str = ""):
         self.vlm = model
         self.language_model = model.language_model
+        self.kind = kind
+        # An mrope model's patches merged per token, per side; None for plain positions.
+        self.merge = int(model.config.vision_config.spatial_merge_size) if kind in MROPE else None
 
     def __call__(self, inputs, cache=None):
-        return self.language_model(inputs, cache=cache).logits
+        if self.merge is None:
+            _adopt(cache)
+            return self.language_model(inputs, cache=cache).logits
+        # A pass with no image before it (a text-only request): every axis is the index.
+        # Given explicitly, so that no position state mlx-vlm keeps on the model is read.
+        return self.positioned(inputs, _text_positions(inputs, cache), cache=cache)
 
     def embedded(self, inputs, embeddings, cache=None):
         """A pass whose input embeddings are given (image features among them)."""
+        _adopt(cache)
         return self.language_model(inputs, inputs_embeds=embeddings, cache=cache).logits
+
+    def positioned(self, inputs, positions, embeddings=None, cache=None, **extra):
+        """An mrope model's pass at the given positions, (3, batch, tokens): mlx-vlm's
+        language model uses them as they are, and neither reads nor writes the rope
+        deltas and position ids it would otherwise keep on the shared model."""
+        _adopt(cache)
+        return self.language_model(inputs, inputs_embeds=embeddings, cache=cache, position_ids=positions, **extra).logits
 
     @property
     def layers(self):
@@ -195,12 +252,95 @@ class LanguageModel:
                 out.append(lm.KVCache())
             elif name == "RotatingKVCache":
                 out.append(lm.RotatingKVCache(max_size=layer.max_size, keep=layer.keep))
+            elif name == "ArraysCache" and type(layer).__module__.startswith("mlx_vlm."):
+                out.append(_arrays_cache()(len(layer.cache)))
             else:
                 out.append(layer)
         return out
 
     def parameters(self):
         return self.vlm.parameters()
+
+
+@functools.cache
+def _arrays_cache():
+    """mlx-vlm's ArraysCache (what its linear-attention layers call: `update_window`,
+    `lengths`, ...), with mlx-lm's state layout and name, so that the prefix cache saves
+    it as mlx-lm's (`[cache] persist`): mlx-lm's loader makes an mlx-lm ArraysCache of
+    it again, which `_adopt` turns back into this."""
+    from mlx_vlm.models.cache import ArraysCache as Base
+
+    class ArraysCache(Base):
+        @property
+        def state(self):
+            return self.cache, self.left_padding, self.lengths
+
+        @state.setter
+        def state(self, value):
+            self.cache, left_padding, lengths = value
+            if left_padding is not None:
+                self.left_padding = left_padding
+            if lengths is not None:
+                self.lengths = lengths
+
+    return ArraysCache
+
+
+def _adopt(cache) -> None:
+    """Turn the mlx-lm ArraysCaches of a cache loaded from disk into mlx-vlm's, in place."""
+    if not cache:
+        return
+    from mlx_lm.models.cache import ArraysCache
+
+    for i, layer in enumerate(cache):
+        if type(layer) is ArraysCache:
+            adopted = _arrays_cache()(len(layer.cache))
+            adopted.state = layer.state
+            cache[i] = adopted
+
+
+def _text_positions(inputs, cache):
+    """Positions of a pass with no image before it: the cache's offset on, on every axis."""
+    import mlx.core as mx
+
+    batch, n = inputs.shape
+    offset = 0
+    for layer in cache or ():
+        found = getattr(layer, "offset", None)
+        if found is not None and not type(layer).__name__.startswith("Arrays"):
+            offset = found
+            break
+    if isinstance(offset, mx.array) and offset.ndim > 0:  # a batch cache: each row its own
+        rows = offset[:batch, None].astype(mx.int32) + mx.arange(n, dtype=mx.int32)[None]
+    else:
+        rows = mx.broadcast_to(mx.arange(int(offset), int(offset) + n, dtype=mx.int32)[None], (batch, n))
+    return mx.broadcast_to(rows[None], (3, batch, n))
+
+
+def mrope_positions(prompt_length: int, spans: list[tuple[int, int]], grids: list[tuple[int, int, int]], merge: int) -> tuple[np.ndarray, int]:
+    """The mrope positions of a prompt, (3, tokens), and its delta: what is added to a
+    token's index past the prompt (a generated token's positions are its index plus the
+    delta, on every axis).
+
+    Text counts on from the last position, on all three axes. An image's tokens sit on
+    its merged grid: time, row and column added to the position the image starts at; the
+    text after it starts one past the largest of them. So a token's positions depend on
+    the prompt up to it (the images before it and their grids) and nothing after: the
+    positions of a cached prefix are those of any prompt it is a prefix of."""
+    out = np.empty((3, prompt_length), dtype=np.int32)
+    at = done = 0  # the next position; the tokens placed
+    for (start, end), (t, h, w) in zip(spans, grids):
+        out[:, done:start] = at + np.arange(start - done)
+        at += start - done
+        gh, gw = h // merge, w // merge
+        if end - start != t * gh * gw:
+            raise ValueError(f"an image of {end - start} tokens on a {t}x{gh}x{gw} grid")
+        ts, hs, ws = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+        out[:, start:end] = at + np.stack([ts.ravel(), hs.ravel(), ws.ravel()])
+        at += max(t, gh, gw)
+        done = end
+    out[:, done:] = at + np.arange(prompt_length - done)
+    return out, int(at + prompt_length - done - prompt_length)
 
 
 class Prompted:
@@ -210,22 +350,60 @@ class Prompted:
     It follows the position of each pass from `position` (the tokens the cache holds).
     An image's features are computed whole, with the text around it that the pass (and
     the image) covers, even when the pass begins or ends inside the image (a prefill
-    chunk boundary, or a cached prefix that stopped there)."""
+    chunk boundary, or a cached prefix that stopped there).
+
+    For an mrope model it also holds the request's positions, computed from the prompt
+    and its images alone (`mrope_positions`): the prompt's, and past it (the decode
+    steps) the index plus the prompt's delta. Every pass is given its positions, so
+    nothing of one sequence is kept on the model that several sequences share, and a
+    request resumed from a cached prefix (text only, or past the same image) gets the
+    positions it would have had cold."""
 
     def __init__(self, model: LanguageModel, prompt: list[int], images: Images, position: int):
         self.model, self.prompt, self.images, self.position = model, prompt, images, position
         self._window: tuple[int, int, Any] | None = None
+        self._mrope = None
+        if getattr(model, "merge", None) is not None:
+            self._mrope = mrope_positions(len(prompt), images.spans, images.grids, model.merge)
 
     def __call__(self, inputs, cache=None):
         start, end = self.position, self.position + inputs.shape[-1]
         self.position = end
         touched = [i for i, (a, b) in enumerate(self.images.spans) if a < end and b > start]
+        if self._mrope is not None:
+            return self._positioned(inputs, start, end, touched, cache)
         if not touched:
             return self.model(inputs, cache=cache)
         first, last = self.images.spans[touched[0]][0], self.images.spans[touched[-1]][1]
         window = self._embeddings(min(start, first), max(end, last), touched)
         low, _, embeddings = window
-        return self.model.embedded(inputs, embeddings[:, start - low : end - low], cache=cache)
+        return self.model.embedded(inputs, embeddings.inputs_embeds[:, start - low : end - low], cache=cache)
+
+    def positions(self, start: int, end: int):
+        """The mrope positions of tokens [start, end) of this request, (3, end - start)."""
+        prompt, delta = self._mrope
+        n = prompt.shape[1]
+        past = np.arange(max(start, n), end, dtype=np.int32) + delta
+        return np.concatenate([prompt[:, min(start, n) : min(end, n)], np.broadcast_to(past, (3, len(past)))], axis=1)
+
+    def _positioned(self, inputs, start: int, end: int, touched: list[int], cache):
+        import mlx.core as mx
+
+        batch = inputs.shape[0]
+        positions = mx.broadcast_to(mx.array(self.positions(start, end))[:, None], (3, batch, end - start))
+        if not touched:
+            return self.model.positioned(inputs, positions, cache=cache)
+        first, last = self.images.spans[touched[0]][0], self.images.spans[touched[-1]][1]
+        low, _, features = self._embeddings(min(start, first), max(end, last), touched)
+        a, b = start - low, end - low
+        extra = {}
+        stack = getattr(features, "deepstack_visual_embeds", None)
+        if stack is not None:  # Qwen3-VL: image features added again in the first layers
+            seen = np.asarray(features.visual_pos_masks[0])
+            rows = int(seen[:a].sum()), int(seen[:b].sum())
+            if rows[1] > rows[0]:
+                extra = {"visual_pos_masks": features.visual_pos_masks[:, a:b], "deepstack_visual_embeds": [layer[rows[0] : rows[1]] for layer in stack]}
+        return self.model.positioned(inputs, positions, features.inputs_embeds[:, a:b], cache=cache, **extra)
 
     def _embeddings(self, low: int, high: int, touched: list[int]):
         import mlx.core as mx
@@ -235,8 +413,12 @@ class Prompted:
             return held
         ids = mx.array(self.prompt[low:high])[None]
         pixels = mx.array(np.concatenate([self.images.pixels[i] for i in touched]))
-        features = self.model.vlm.get_input_embeddings(ids, pixels, mask=mx.ones(ids.shape, dtype=mx.int32))
-        self._window = (low, high, features.inputs_embeds)
+        more = {}
+        if self.images.grids is not None:
+            more["image_grid_thw"] = mx.array([self.images.grids[i] for i in touched])
+        # (An mrope model's own positions for this window, which it also computes, are not used.)
+        features = self.model.vlm.get_input_embeddings(ids, pixels, mask=mx.ones(ids.shape, dtype=mx.int32), **more)
+        self._window = (low, high, features)
         return self._window
 
     def __getattr__(self, name):  # layers, make_cache: the model's own

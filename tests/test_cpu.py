@@ -47,6 +47,14 @@ def test_long_prompts_go_in_row_blocks(monkeypatch):
     assert mx.allclose(got, MLX(q, k, v, scale=0.125, mask="causal"), atol=1e-5, rtol=1e-5).item()
 
 
+def test_inside_a_compiled_function_it_is_mlx_s_own():
+    # mlx-vlm compiles the attention of Qwen's vision tower: nothing can be evaluated
+    # while MLX traces it, so NumPy's softmax cannot run there.
+    q, k, v = inputs(1, 2, 2, 16, 16)
+    compiled = mx.compile(lambda q, k, v: cpu.attention(q, k, v, scale=0.125))
+    assert mx.allclose(compiled(q, k, v), MLX(q, k, v, scale=0.125), atol=1e-5, rtol=1e-5).item()
+
+
 def test_what_it_does_not_handle_goes_to_mlx(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu, "_mlx_attention", lambda *a, **k: calls.append(k) or MLX(*a, **k))

@@ -108,6 +108,10 @@ class Cutting:
         self._count()
         return self.model.embedded(inputs, embeddings, cache=cache)
 
+    def positioned(self, inputs, positions, embeddings=None, cache=None, **extra):  # an mrope model's passes
+        self._count()
+        return self.model.positioned(inputs, positions, embeddings, cache=cache, **extra)
+
     def __getattr__(self, name):
         return getattr(self.model, name)
 

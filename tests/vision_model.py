@@ -89,3 +89,90 @@ def tokenizer_files(model_dir: Path, out: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(model_dir / name, out / name)
     return out
+
+
+# --- Qwen: Qwen3.5 (hybrid linear attention), Qwen2-VL, Qwen2.5-VL, Qwen3-VL ------------
+
+QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<think>", "</think>"]
+# A 40x30 image becomes 64x96 pixels (the processor's sides are multiples of 32, its area at
+# least MIN_PIXELS), 4x6 patches of 16 pixels, merged 2x2: 2x3 = 6 image tokens, in a grid
+# whose height and width differ (so a wrong position in either shows).
+QWEN_MIN_PIXELS = 64 * 96
+
+
+def _qwen_text(kind: str, vocab: int) -> dict:
+    common = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+              "rms_norm_eps": 1e-6, "vocab_size": vocab, "max_position_embeddings": 8192, "tie_word_embeddings": False}
+    if kind in ("qwen3_5", "qwen3_5_moe"):
+        text = common | {
+            "model_type": kind if kind == "qwen3_5" else "qwen3_5_moe_text",
+            # Layer 0 linear attention (a gated delta net), layer 1 full attention.
+            "num_hidden_layers": 2, "full_attention_interval": 2,
+            "linear_num_value_heads": 2, "linear_num_key_heads": 1, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+            "linear_conv_kernel_dim": 4,
+            "rope_parameters": {"type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True, "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        }
+        if kind == "qwen3_5_moe":
+            text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "decoder_sparse_step": 1, "norm_topk_prob": True}
+        return text
+    return common | {"model_type": kind if kind != "qwen3_vl" else "qwen3_vl_text", "num_hidden_layers": 2, "rope_theta": 10000.0,
+                     "rope_scaling": {"type": "mrope", "mrope_section": [8, 4, 4]}}
+
+
+def _qwen_vision(kind: str) -> dict:
+    if kind == "qwen2_vl":
+        return {"model_type": "qwen2_vl", "depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
+                "patch_size": 16, "spatial_patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
+    if kind == "qwen2_5_vl":
+        return {"model_type": "qwen2_5_vl", "depth": 1, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64, "num_heads": 2,
+                "patch_size": 16, "spatial_patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 64,
+                "fullatt_block_indexes": [0], "in_chans": 3}
+    return {"model_type": kind if kind != "qwen3_5_moe" else "qwen3_5_moe", "depth": 1, "hidden_size": 32, "intermediate_size": 64,
+            "out_hidden_size": 64, "num_heads": 2, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "num_position_embeddings": 64, "deepstack_visual_indexes": [0] if kind == "qwen3_vl" else [], "in_channels": 3}
+
+
+def build_qwen(out: Path, tokenizer_dir: Path, kind: str = "qwen3_5", seed: int = 0) -> Path:
+    """A tiny `kind` model (mlx-vlm's classes) under Qwen3.5's real chat template, written into `out`."""
+    import importlib
+
+    import mlx.core as mx
+    from mlx_vlm.utils import save_weights, update_module_configs
+    from tokenizers import AddedToken, Tokenizer
+
+    module = importlib.import_module(f"mlx_vlm.models.{kind}")
+    out.mkdir(parents=True)
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
+    tokenizer.save(str(out / "tokenizer.json"))
+    ids = {t: tokenizer.token_to_id(t) for t in QWEN_SPECIAL}
+    vocab = tokenizer.get_vocab_size()
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": 8192,
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": None,
+        "chat_template": (TEMPLATES / "Qwen3.5-4B.jinja").read_text(),
+    }))
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(kind, "Qwen3VLProcessor"),
+        "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "min_pixels": QWEN_MIN_PIXELS, "max_pixels": 4 * QWEN_MIN_PIXELS,
+        "size": {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": 4 * QWEN_MIN_PIXELS},
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+    }))
+    config = {
+        "model_type": kind,
+        "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+        "eos_token_id": [ids["<|im_end|>"]], "vocab_size": vocab, "tie_word_embeddings": False,
+        "text_config": _qwen_text(kind, vocab) | {"eos_token_id": [ids["<|im_end|>"]]},
+        "vision_config": _qwen_vision(kind),
+    }
+    if kind in ("qwen2_vl", "qwen2_5_vl"):
+        config |= {k: v for k, v in config["text_config"].items() if k not in ("model_type", "eos_token_id")}
+    (out / "config.json").write_text(json.dumps(config))
+    mx.random.seed(seed)
+    model_config = update_module_configs(module.ModelConfig.from_dict(config), module, config, ["text", "vision"])
+    model = module.Model(model_config)
+    mx.eval(model.parameters())
+    save_weights(out, model)
+    return out
