@@ -9,7 +9,9 @@ token (p50/p95) of the requests sent together, and how many answers sent togethe
 equal the same request's answer alone (greedy), and how much KV was copied per request
 to merge it into the batch and out again. Then a main turn sent while three
 subagents decode (with Claude Code's request-class header) against the same turn on
-an idle daemon. The daemon runs the tiny profile with the repetition penalty off, so
+an idle daemon. Last, the ceiling on this machine: mlx-lm's own `batch_generate` on the
+same model and prompts, against its `generate_step` one after another (`--no-raw`
+skips it). The daemon runs the tiny profile with the repetition penalty off, so
 that an answer depends on its own request only; each prompt is cached before it is
 measured, so both ways start from the same cache. Ends with one JSON line.
 
@@ -99,7 +101,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--no-raw", action="store_true", help="skip mlx-lm's own batching on the same model")
     args = parser.parse_args()
+    from anyclaude import blas
+
+    blas.preload_and_reexec(sys.orig_argv[1:], module=None)  # as `anyclaude serve` does
     directory = Path(tempfile.mkdtemp(prefix="anyclaude-parallel-"))
     profile = profile_file(directory, "parallel", sampling={"repetition_penalty": 1.0}, engine={"queue_size": 32, "max_batch": max(args.sessions)})
     daemon = Daemon(str(profile), directory / "cache", directory / "daemon.log")
@@ -155,7 +161,54 @@ def main() -> None:
         print(f"main turn, time to first token: idle {idle:.2f} s, while 3 subagents decode {busy:.2f} s ({busy / idle:.1f}x)")
     finally:
         daemon.stop()
+    if not args.no_raw:
+        report["raw_mlx_lm"] = raw_ratios(args.sessions, args.max_tokens)
     print(json.dumps(report))
+
+
+def raw_ratios(sessions: list[int], max_tokens: int) -> list[dict]:
+    """mlx-lm alone, in this process: `batch_generate` of N prompts against `generate_step`
+    on each in turn, every prompt prefilled beforehand (as the daemon's are cached), greedy."""
+    import copy
+
+    import mlx.core as mx
+    from mlx_lm.generate import batch_generate, generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from anyclaude import models, profiles
+    from bench.agent_loop import openai_messages
+
+    loaded = profiles.load("tiny")
+    model = models.loader(loaded.profile.models["smollm2"], loaded.profile.engine, loaded.path.parent)()
+    net, tokenizer = model.model, model.tokenizer
+    eos = set(tokenizer.eos_token_ids)
+    results = []
+    print(f"{'sessions':>8} {'mlx-lm one by one tok/s':>24} {'batch_generate tok/s':>21} {'ratio':>6}")
+    for n in sessions:
+        prompts = []
+        for i in range(n):
+            messages, tools = openai_messages(anthropic_body([{"role": "user", "content": TASKS[i % len(TASKS)]}]), tokenizer)
+            prompts.append(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
+        caches = []
+        for p in prompts:
+            kv = make_prompt_cache(net)
+            for start in range(0, len(p) - 1, 512):
+                net(mx.array(p[start : min(start + 512, len(p) - 1)])[None], cache=kv)
+                mx.eval([c.state for c in kv])
+            caches.append(kv)
+        started, produced = time.perf_counter(), 0
+        for p, kv in zip(prompts, caches):
+            for token, _ in generate_step(mx.array(p[-1:]), net, max_tokens=max_tokens, prompt_cache=copy.deepcopy(kv)):
+                produced += 1
+                if token in eos:
+                    break
+        alone = produced / (time.perf_counter() - started)
+        started = time.perf_counter()
+        response = batch_generate(net, tokenizer, [p[-1:] for p in prompts], prompt_caches=[copy.deepcopy(kv) for kv in caches], max_tokens=max_tokens, return_token_ids=True)
+        together = sum(len(t) for t in response.token_ids) / (time.perf_counter() - started)
+        results.append({"sessions": n, "alone_tokens_per_s": round(alone, 2), "together_tokens_per_s": round(together, 2), "ratio": round(together / alone, 3)})
+        print(f"{n:>8} {alone:>24.2f} {together:>21.2f} {together / alone:>6.2f}")
+    return results
 
 
 def health(daemon: Daemon) -> dict:
