@@ -137,6 +137,9 @@ def check_models(loaded: profiles.Loaded) -> tuple[list[Check], int | None]:
     """One line per model, and the bytes of those on disk (None if any is not there yet)."""
     checks, total = [], 0
     for key, model in loaded.profile.models.items():
+        if model.upstream is not None:
+            checks.append(check_upstream(key, model))
+            continue
         try:
             path, from_hub = model_files(model.path, loaded.path.parent)
         except ModelError as exc:
@@ -261,6 +264,24 @@ def kv_per_token(config: dict, dtype: str) -> tuple[int, str]:
     return full * kv_heads * head_dim * 2 * _DTYPE_BYTES[dtype], how
 
 
+def check_upstream(key: str, model: profiles.Model) -> Check:
+    """A model on another server: whether it answers, and serves the model named."""
+    from .upstream import make
+
+    upstream = make(key, model)
+    upstream.start()
+    upstream.wait_ready()
+    if not upstream.reachable:
+        return FAIL, "upstream", f"{key}: {model.upstream} is not reachable ({upstream.last_error}); requests get 529" + (f" or go to {model.fallback}" if model.fallback else "")
+    if model.api_key_env and not os.environ.get(model.api_key_env):
+        return WARN, "upstream", f"{key}: {model.upstream} answers, but ${model.api_key_env} (api_key_env) is not set"
+    served = upstream.served
+    if model.upstream_model and served and model.upstream_model not in served:
+        return WARN, "upstream", f"{key}: {model.upstream} serves {', '.join(served)}, not {model.upstream_model!r} (upstream_model)"
+    context = upstream.loaded.context_length
+    return OK, "upstream", f"{key}: {model.api} API at {model.upstream}" + (f", {context} tokens of context" if context else "")
+
+
 def check_kv(loaded: profiles.Loaded) -> list[Check]:
     """Per model: its KV bytes per token, and what the KV budget holds (the context
     window, Claude Code's prefix as checkpoints)."""
@@ -270,6 +291,8 @@ def check_kv(loaded: profiles.Loaded) -> list[Check]:
     memory, what = memory_budget()
     models = loaded.profile.models
     for key, model in models.items():
+        if model.upstream is not None:  # its server's memory, not this machine's
+            continue
         try:
             path, _ = model_files(model.path, loaded.path.parent)
         except ModelError:
