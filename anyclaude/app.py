@@ -75,7 +75,8 @@ class App:
                 print(f"anyclaude: model {key!r} failed to load: {engine.load_error}", file=sys.stderr, flush=True)
             else:
                 loaded = engine.loaded
-                print(f"anyclaude: model {key!r} ready ({loaded.context_length} tokens of context; {loaded.device})", flush=True)
+                context = f"{loaded.context_length} tokens of context" if loaded.context_length else "context unknown"
+                print(f"anyclaude: model {key!r} ready ({context}; {loaded.device})", flush=True)
 
 
 class Exchange:

@@ -71,8 +71,14 @@ def status_lines(url: str, health: dict | None, status: int | None = None) -> li
         device = f", {m['device']}" if m.get("device") else ""
         lines.append(f"model     {key}: {state} ({loaded}{context}{device})")
     for key, m in models.items():
+        if m.get("upstream"):
+            reach = {True: "reachable", False: f"not reachable ({m.get('error')})", None: "not asked yet"}.get(m.get("reachable"), MISSING)
+            lines.append(f"upstream  {key}: {m.get('api', MISSING)} API at {m['upstream']}, {reach}")
+    for key, m in models.items():
         lines.append(f"queue     {key}: {_count(m.get('running'))} running, {_count(m.get('waiting'))} waiting")
     for key, m in models.items():
+        if m.get("upstream"):  # its cache is its server's
+            continue
         cache = m.get("cache_bytes")
         lines.append(f"cache     {key}: {human_bytes(cache) if isinstance(cache, int) else MISSING}")
     reload_error = (health["reload_error"] or "none") if "reload_error" in health else MISSING

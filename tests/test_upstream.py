@@ -18,7 +18,7 @@ import anthropic
 import pytest
 import tomli_w
 
-from anyclaude import profiles
+from anyclaude import doctor, launcher, profiles
 from bench.harness import Daemon, free_port, request
 from fault_upstream import FaultUpstream
 from sse_grammar import check
@@ -110,15 +110,15 @@ def record(front, request_id: str) -> dict:
 
 
 def test_an_anthropic_api_upstream_through_the_sdk_streamed_and_not(front, sdk, daemon):
-    with sdk.messages.stream(model="claude-opus-4-8", max_tokens=16, messages=[{"role": "user", "content": "Say hello."}]) as stream:
+    with sdk.messages.stream(model="claude-opus-4-8", max_tokens=8, messages=[{"role": "user", "content": "Say hello."}]) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text and final.content[0].text == text
     assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
     assert final.stop_reason in ("end_turn", "max_tokens") and final.model == "claude-opus-4-8"
-    message = sdk.messages.create(model="anyclaude-anth", max_tokens=8, messages=[{"role": "user", "content": "Say hello."}])
+    message = sdk.messages.create(model="anyclaude-anth", max_tokens=4, messages=[{"role": "user", "content": "Say hello."}])
     assert message.content[0].text and message.usage.input_tokens > 0
-    reply = post(front, ask("anyclaude-anth", "Hi", stream=True, max_tokens=8))
+    reply = post(front, ask("anyclaude-anth", "Hi", stream=True, max_tokens=4))
     check(reply.body)
     line = record(front, reply.headers["request-id"])
     assert line["upstream"] == daemon.url and line["upstream_status"] == 200 and line["upstream_s"] >= 0
@@ -130,15 +130,15 @@ def test_an_anthropic_api_upstream_through_the_sdk_streamed_and_not(front, sdk, 
 
 
 def test_an_openai_api_upstream_mlx_lm_server_through_the_sdk(front, sdk):
-    with sdk.messages.stream(model="claude-sonnet-4-6", max_tokens=12, messages=[{"role": "user", "content": "Say hello."}]) as stream:
+    with sdk.messages.stream(model="claude-sonnet-4-6", max_tokens=6, messages=[{"role": "user", "content": "Say hello."}]) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text and final.content[0].text == text
     # Counted by mlx_lm.server at the end, carried in message_delta (the SDK takes those).
     assert final.usage.input_tokens + final.usage.cache_read_input_tokens > 5 and final.usage.output_tokens > 0
-    message = sdk.messages.create(model="anyclaude-oai", max_tokens=8, system="You are terse.", messages=[{"role": "user", "content": "Hi"}])
+    message = sdk.messages.create(model="anyclaude-oai", max_tokens=4, system="You are terse.", messages=[{"role": "user", "content": "Hi"}])
     assert message.content[0].text
-    reply = post(front, ask("anyclaude-oai", "Hi", stream=True, max_tokens=6))
+    reply = post(front, ask("anyclaude-oai", "Hi", stream=True, max_tokens=4))
     events = check(reply.body)
     assert events[-2]["usage"]["output_tokens"] > 0
     # OpenAI-API servers do not count tokens: a 404 tells the client to estimate.
@@ -286,6 +286,15 @@ def test_health_and_models_show_each_upstream(front):
     assert models["anth"]["reachable"] is True and models["oai"]["api"] == "openai"
     listed = {m["id"]: m for m in request(front.port, "GET", "/v1/models").json()["data"]}
     assert listed["anyclaude-faulty"]["max_input_tokens"] == 32768 and "claude-opus-4-8" in listed
+    health = request(front.port, "GET", "/health").json()
+    lines = doctor.status_lines(front.url, health)
+    assert f"upstream  faulty: anthropic API at {models['faulty']['upstream']}, reachable" in lines
+    assert any(line.startswith("upstream  down: anthropic API at") and "not reachable" in line for line in lines)
+    # `anyclaude claude`: the context window Claude Code is given is the upstream's.
+    profile = profiles.load(health["profile_path"]).profile
+    assert models["anth"]["context_length"] == 8192  # from the upstream daemon's /v1/models
+    assert launcher.context_window(profile, health) == 8192
+    assert launcher.model_ids(profile)["opus"] == "anyclaude-anth"
 
 
 def test_profile_errors_name_the_key(tmp_path):
@@ -312,7 +321,7 @@ def test_a_hot_reload_from_local_to_upstream_mid_stream(front, daemon):
     """Last in this file: it makes the front daemon's local model an upstream one."""
     path = Path(request(front.port, "GET", "/health").json()["profile_path"])
     before = request(front.port, "GET", "/health").json()["revision"]
-    body = json.dumps(ask("anyclaude-local", "Tell me a long story about a cat.", max_tokens=48, stream=True)).encode()
+    body = json.dumps(ask("anyclaude-local", "Tell me a long story about a cat.", max_tokens=24, stream=True)).encode()
     began, result = threading.Event(), {}
 
     def stream():

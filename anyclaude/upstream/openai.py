@@ -131,14 +131,18 @@ class Reader:
             segments += self._calls_done()
             segments.append(Text(delta["content"]))
         for call in delta.get("tool_calls") or []:
-            index = call.get("index", len(self._calls) - 1 if call.get("id") is None and self._calls else len(self._calls))
+            # Without an index (some servers), a delta with an id starts the next call.
+            index = call.get("index")
+            if not isinstance(index, int):
+                index = max(self._calls, default=-1) + (1 if call.get("id") is not None or not self._calls else 0)
             function = call.get("function") or {}
             if index not in self._calls:
                 segments += self._calls_done(before=index)
                 self._calls[index] = ["", ""]
             entry = self._calls[index]
-            if function.get("name"):
-                entry[0] += function["name"] if not entry[0] or entry[0] != function["name"] else ""
+            # The name comes once, in the call's first delta; some servers repeat it whole.
+            if function.get("name") and function["name"] != entry[0]:
+                entry[0] += function["name"]
             if isinstance(function.get("arguments"), str):
                 entry[1] += function["arguments"]
             elif isinstance(function.get("arguments"), dict):  # some servers send the object
