@@ -249,11 +249,19 @@ class Exchange:
         self._describe(request)
         _, engine, _ = self.server.engine_for(request.model)
         if isinstance(engine, upstream.Upstream):
+            if engine.model.api == "openai" and engine.tokenizer is not None:  # its server cannot count: this does
+                tokens = self._upstream_prompt_tokens(request, engine)
+                self.record.prompt_tokens = tokens
+                return tokens
             return request, engine
         loaded = engine.loaded
         rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=self.server.profile.prompt.keep_billing_header, vision=loaded.vision)
         self.record.prompt_tokens = len(rendered.ids)
         return len(rendered.ids)
+
+    def _upstream_prompt_tokens(self, request: wire.CountTokensRequest, engine: upstream.Upstream) -> int:
+        keep = self.server.profile.prompt.keep_billing_header
+        return len(prompt.render(request, engine.tokenizer, keep_billing_header=keep).ids)
 
     def _describe(self, request: wire.CountTokensRequest) -> None:
         record = self.record
@@ -324,8 +332,9 @@ class Exchange:
             raise
         record.upstream_status, record.upstream_s = call.status, round(latency, 3)
         # Until the upstream counts the prompt (an OpenAI-API one does so at the end, and
-        # message_delta carries its figures), about four bytes of request to a token.
-        stream = MessageStream(model=request.model, input_tokens=max(1, len(planned.body) // 4), show_thinking=not (request.thinking and request.thinking.display == "omitted"))
+        # message_delta carries its figures): the profile's tokenizer's count, or about
+        # four bytes of request to a token.
+        stream = MessageStream(model=request.model, input_tokens=planned.counted or max(1, len(planned.body) // 4), show_thinking=not (request.thinking and request.thinking.display == "omitted"))
         single_call = (request.tool_choice or wire.ToolChoice()).disable_parallel_tool_use
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(call))
         try:
@@ -450,7 +459,10 @@ class Exchange:
         key, engine, scheduler = server.engine_for(request.model, key)
         model = server.profile.models[key]
         if isinstance(engine, upstream.Upstream):
-            return _Relayed(request, body, model, engine, scheduler)
+            # message_start's count of the prompt: the upstream's, or the profile's tokenizer's
+            # for an OpenAI-API one (which counts only at the end), else an estimate.
+            counted = self._upstream_prompt_tokens(request, engine) if engine.tokenizer is not None and model.api == "openai" else None
+            return _Relayed(request, body, model, engine, scheduler, counted)
         loaded = engine.loaded
         rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=server.profile.prompt.keep_billing_header, vision=loaded.vision)
         self.record.prompt_tokens = len(rendered.ids)
@@ -646,6 +658,7 @@ class _Relayed(msgspec.Struct):
     model: profiles.Model
     engine: upstream.Upstream
     gate: upstream.Gate
+    counted: int | None = None  # prompt tokens, by the profile's tokenizer
 
 
 def _forced_call(choice: wire.ToolChoice | None, rendered: prompt.Rendered, tokenizer):

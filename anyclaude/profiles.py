@@ -60,6 +60,9 @@ class Model(_Section):
     api_key_env: str | None = None
     # Seconds to connect to the upstream before it counts as down (529, or the fallback).
     timeout_connect: float = 5.0
+    # The model's tokenizer (a Hugging Face repo id or a local directory), for an OpenAI-API
+    # upstream: count_tokens is answered with it, and message_start's input_tokens.
+    tokenizer: str | None = None
     # A local model of this profile that serves the requests the upstream cannot take
     # (refused, down, overloaded) before any byte of the answer was sent.
     fallback: str | None = None
@@ -219,7 +222,7 @@ def parse(data: bytes, path: Path) -> Profile:
     return profile
 
 
-_UPSTREAM_ONLY = ("upstream_model", "api_key_env", "fallback")
+_UPSTREAM_ONLY = ("upstream_model", "api_key_env", "fallback", "tokenizer")
 
 
 def _model_problem(name: str, model: Model, profile: Profile) -> str | None:

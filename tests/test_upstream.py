@@ -34,37 +34,45 @@ def fault():
     server.close()
 
 
-@pytest.fixture(scope="module")
-def mlx_server(tiny_model, tmp_path_factory):
-    """mlx_lm.server on the tiny model (imported from its GGUF as the daemon does it)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("mlx_server") / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(tiny_model), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
+class MlxServer:
+    """mlx_lm.server on the tiny model (imported from its GGUF as the daemon does it),
+    started at once and waited for later, so that it loads while other servers do."""
+
+    def __init__(self, model: Path, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--port", str(self.port)], stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
         while True:  # its /health says when the model is loaded
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlx_lm.server did not start:\n{log.read_text()}")
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlx_lm.server did not start:\n{self.log.read_text()}")
             try:
-                if request(port, "GET", "/health").status == 200:
-                    break
+                if request(self.port, "GET", "/health").status == 200:
+                    return
             except OSError:
                 pass
             time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
-def front_profile(directory: Path, daemon, mlx_server: str, fault: FaultUpstream) -> Path:
+@pytest.fixture(scope="module")
+def mlx_server(tiny_model, tmp_path_factory):
+    server = MlxServer(tiny_model, tmp_path_factory.mktemp("mlx_server") / "server.log")
+    yield server
+    server.process.terminate()
+    server.process.wait(30)
+
+
+def front_profile(directory: Path, daemon, mlx_server: MlxServer, fault: FaultUpstream, tiny_model: Path) -> Path:
     data = tomllib.loads(profiles.find("tiny").read_text())
     local = data["models"]["smollm2"]
     data["models"] = {
         "local": local,
         "anth": {"upstream": daemon.url, "upstream_model": "anyclaude-smollm2", "max_tokens": 64},
-        "oai": {"upstream": mlx_server, "api": "openai", "upstream_model": "default_model", "max_tokens": 64},
+        "oai": {"upstream": mlx_server.url, "api": "openai", "upstream_model": "default_model", "max_tokens": 64, "tokenizer": str(tiny_model)},
         "faulty": {"upstream": fault.url, "upstream_model": "big-model", "max_tokens": 100, "api_key_env": "FAULT_KEY"},
         "faulty-oai": {"upstream": fault.url, "api": "openai", "upstream_model": "big-model"},
         "down": {"upstream": f"http://127.0.0.1:{free_port()}", "timeout_connect": 2},
@@ -78,9 +86,10 @@ def front_profile(directory: Path, daemon, mlx_server: str, fault: FaultUpstream
 
 
 @pytest.fixture(scope="module")
-def front(tmp_path_factory, model_cache, daemon, mlx_server, fault):
+def front(tmp_path_factory, model_cache, mlx_server, daemon, fault, tiny_model):
     directory = tmp_path_factory.mktemp("front")
-    d = Daemon(str(front_profile(directory, daemon, mlx_server, fault)), model_cache, directory / "daemon.log", env={"FAULT_KEY": "sk-upstream"})
+    mlx_server.wait_ready()  # it loaded while the upstream daemon did
+    d = Daemon(str(front_profile(directory, daemon, mlx_server, fault, tiny_model)), model_cache, directory / "daemon.log", env={"FAULT_KEY": "sk-upstream"})
     try:
         d.wait_ready()
         yield d
@@ -129,7 +138,7 @@ def test_an_anthropic_api_upstream_through_the_sdk_streamed_and_not(front, sdk, 
     assert counted.input_tokens > 0
 
 
-def test_an_openai_api_upstream_mlx_lm_server_through_the_sdk(front, sdk):
+def test_an_openai_api_upstream_mlx_lm_server_through_the_sdk(front, sdk, daemon):
     with sdk.messages.stream(model="claude-sonnet-4-6", max_tokens=6, messages=[{"role": "user", "content": "Say hello."}]) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
@@ -141,8 +150,13 @@ def test_an_openai_api_upstream_mlx_lm_server_through_the_sdk(front, sdk):
     reply = post(front, ask("anyclaude-oai", "Hi", stream=True, max_tokens=4))
     events = check(reply.body)
     assert events[-2]["usage"]["output_tokens"] > 0
-    # OpenAI-API servers do not count tokens: a 404 tells the client to estimate.
-    assert post(front, ask("anyclaude-oai", "Hi"), "/v1/messages/count_tokens").status == 404
+    # OpenAI-API servers do not count tokens: the model's `tokenizer` does (as the tiny
+    # daemon counts the same prompt), and message_start says as much...
+    counted = post(front, ask("anyclaude-oai", "Hi"), "/v1/messages/count_tokens").json()["input_tokens"]
+    assert counted == post(daemon, ask("anyclaude-smollm2", "Hi"), "/v1/messages/count_tokens").json()["input_tokens"]
+    assert events[0]["message"]["usage"]["input_tokens"] == counted
+    # ... and without one, a 404 tells the client to estimate.
+    assert post(front, ask("anyclaude-faulty-oai", "Hi"), "/v1/messages/count_tokens").status == 404
 
 
 # --- what is forwarded ------------------------------------------------------------------
@@ -313,6 +327,7 @@ def test_profile_errors_name_the_key(tmp_path):
     assert "models.a.api: Invalid enum value 'grpc'" in error('[models.a]\nupstream = "http://h:1"\napi = "grpc"\n')
     assert "models.a.fallback: expected one of the models" in error('[models.a]\nupstream = "http://h:1"\nfallback = "b"\n')
     assert "models.a.fallback: expected a local model" in error('[models.a]\nupstream = "http://h:1"\nfallback = "b"\n[models.b]\nupstream = "http://h:2"\n')
+    assert "models.a.tokenizer: only for a model with an `upstream`" in error('[models.a]\npath = "x"\ntokenizer = "t"\n')
     assert "models.a.upstream_model: only for a model with an `upstream`" in error('[models.a]\npath = "x"\nupstream_model = "m"\n')
     assert "line 3" in error('[models.a]\nupstream = "http://h:1"\ntimeout_connect = 0\n')
 

@@ -110,11 +110,38 @@ class Upstream:
         self.served: list[str] = []  # the model names its /v1/models lists
         self._ready = threading.Event()
         self._client: httpx2.AsyncClient | None = None
+        # The profile's `tokenizer`, loaded (None: none named, or it failed: `tokenizer_error`).
+        self.tokenizer: Any = None
+        self.tokenizer_error: str | None = None
 
     # -- the Engine interface the server uses --
 
     def start(self) -> None:
-        threading.Thread(target=self._probe, name=f"upstream-{self.key}", daemon=True).start()
+        threading.Thread(target=self._start, name=f"upstream-{self.key}", daemon=True).start()
+
+    def _start(self) -> None:
+        if self.model.tokenizer:
+            self._load_tokenizer(self.model.tokenizer)
+        self._probe()
+
+    def _load_tokenizer(self, spec: str) -> None:
+        """A tokenizer (and chat template) to count prompts with; no MLX is involved."""
+        from pathlib import Path
+
+        from mlx_lm.utils import load_tokenizer
+
+        from ..models import locate
+
+        try:
+            where = locate(spec)
+            if not Path(where).exists():  # a Hugging Face repo id: its tokenizer files only
+                from huggingface_hub import snapshot_download
+
+                where = snapshot_download(where, allow_patterns=["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"])
+            self.tokenizer = load_tokenizer(Path(where))
+        except Exception as exc:  # a count is a nicety: the model serves without one
+            self.tokenizer_error = f"tokenizer {spec!r}: {type(exc).__name__}: {exc}"
+            print(f"anyclaude: model {self.key!r}: cannot load its {self.tokenizer_error}", file=sys.stderr, flush=True)
 
     @property
     def ready(self) -> bool:
@@ -196,6 +223,8 @@ class Upstream:
             "served": self.served,
             "fallback": self.model.fallback,
             "error": self.last_error,
+            "tokenizer": self.model.tokenizer,
+            "tokenizer_error": self.tokenizer_error,
             "path": None,
         }
 
