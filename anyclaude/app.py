@@ -322,21 +322,40 @@ class Exchange:
         timeouts = Timeouts(t.first_token, t.idle, t.total, t.ping_interval, profile=server.loaded.name)
         record = self.record
         record.upstream = engine.url
-        try:
-            call, latency = await upstream.start(
+        opening = asyncio.get_running_loop().create_task(
+            upstream.start(
                 engine, planned.gate, request, planned.body, self.scope["headers"],
                 keep_billing_header=server.profile.prompt.keep_billing_header, wait=t.first_token,
             )
+        )
+        # A client that hangs up while the upstream has not answered yet cancels the
+        # request to it, then the call once there is one.
+        pending = _Pending(opening)
+        watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(pending))
+        try:
+            call, latency = await opening
+        except asyncio.CancelledError:
+            watcher.cancel()
+            if not self.disconnected.is_set():
+                raise
+            record.outcome = "cancelled"
+            return
         except AnthropicError as exc:
+            watcher.cancel()
             record.upstream_status = getattr(exc, "upstream_status", None)
             raise
+        except BaseException:
+            watcher.cancel()
+            raise
+        pending.call = call
+        if self.disconnected.is_set():
+            call.cancel()
         record.upstream_status, record.upstream_s = call.status, round(latency, 3)
         # Until the upstream counts the prompt (an OpenAI-API one does so at the end, and
         # message_delta carries its figures): the profile's tokenizer's count, or about
         # four bytes of request to a token.
         stream = MessageStream(model=request.model, input_tokens=planned.counted or max(1, len(planned.body) // 4), show_thinking=not (request.thinking and request.thinking.display == "omitted"))
         single_call = (request.tool_choice or wire.ToolChoice()).disable_parallel_tool_use
-        watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(call))
         try:
             if request.stream:
 
@@ -648,6 +667,19 @@ class Exchange:
             await self._finish_body()
             return
         await self._json(exc.status, envelope(exc, self.request_id), exc.headers)
+
+
+class _Pending:
+    """What a hang-up cancels while a request goes to its upstream: the sending, then the call."""
+
+    def __init__(self, opening: asyncio.Task):
+        self.opening = opening
+        self.call = None
+
+    def cancel(self) -> None:
+        self.opening.cancel()
+        if self.call is not None:
+            self.call.cancel()
 
 
 class _Relayed(msgspec.Struct):

@@ -3,7 +3,8 @@ its own, speaking just enough of the Anthropic and OpenAI APIs to play a script.
 
 The last `SCRIPT:<name>` in a request body says what it does (see `_play`). Each request
 is kept in `requests` (path, headers, body); each connection a client closed while a
-script held it open is put in `hangups` (the script's name), so that a test can wait for it.
+script held it open is put in `hangups` (the script's name), so that a test can wait for
+it, and a request held before any answer in `held` once it has arrived.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ _BEGUN = {
 _STATUS = {
     "status-500": (500, {"type": "error", "error": {"type": "api_error", "message": "CUDA out of memory"}}),
     "status-529": (529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    "status-401": (401, {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}),
     "status-400": (400, {"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long: 40000 tokens > 32768 maximum"}}),
 }
 
@@ -133,6 +135,7 @@ class FaultUpstream:
         self.url = f"http://127.0.0.1:{self.port}"
         self.requests: list[dict] = []
         self.hangups: queue.Queue[str] = queue.Queue()
+        self.held: queue.Queue[str] = queue.Queue()  # requests held before any answer
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="fault-upstream", daemon=True)
@@ -182,6 +185,11 @@ class FaultUpstream:
             return await _respond(writer, 200, "application/json", b'{"input_tokens": 1234}')
         scripts = re.findall(r"SCRIPT:([\w-]+)", body)
         script = scripts[-1] if scripts else "echo"
+        if script == "no-answer":  # not even headers: held until the client closes
+            self.held.put(script)
+            await reader.read()
+            self.hangups.put(script)
+            return
         if script in _STATUS:
             status, error = _STATUS[script]
             return await _respond(writer, status, "application/json", json.dumps(error).encode(), {"retry-after": "7"} if status == 529 else None)

@@ -6,6 +6,7 @@ do only sometimes: stall, hang up, answer 500 or 529. The client is the official
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -275,6 +276,10 @@ def test_an_upstream_that_refuses_or_fails_is_a_529_with_retry_after_before_any_
 def test_an_upstream_4xx_is_passed_on_with_its_wording(front):
     reply = post(front, ask("anyclaude-faulty", "SCRIPT:status-400"))
     assert reply.status == 400 and reply.json()["error"]["message"] == "prompt is too long: 40000 tokens > 32768 maximum"
+    # Its refusal of the profile's key is not the client's 401 (Claude Code would ask its user to log in).
+    reply = post(front, ask("anyclaude-faulty", "SCRIPT:status-401"))
+    assert reply.status == 500 and "$FAULT_KEY" in reply.json()["error"]["message"]
+    assert record(front, reply.headers["request-id"])["upstream_status"] == 401
 
 
 def test_a_client_that_hangs_up_closes_the_upstream_request(front, sdk, fault):
@@ -283,6 +288,14 @@ def test_a_client_that_hangs_up_closes_the_upstream_request(front, sdk, fault):
             if event.type == "content_block_delta":
                 break
     assert fault.hangups.get(timeout=IDLE - 1) == "stall"  # before the watchdog would have
+
+
+def test_a_client_that_hangs_up_before_the_upstream_answers_closes_its_request(front, fault):
+    body = json.dumps(ask("anyclaude-faulty", "SCRIPT:no-answer", stream=True)).encode()
+    with socket.create_connection(("127.0.0.1", front.port)) as client:
+        client.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        assert fault.held.get(timeout=10) == "no-answer"
+    assert fault.hangups.get(timeout=10) == "no-answer"
 
 
 def test_a_fallback_serves_while_the_upstream_is_down(front):

@@ -22,7 +22,7 @@ import httpx2
 from msgspec import Struct
 
 from .. import profiles, wire
-from ..errors import AnthropicError, InvalidRequest, NotFound, Overloaded, RequestTooLarge, Unauthorized
+from ..errors import AnthropicError, InvalidRequest, NotFound, Overloaded, RequestTooLarge
 
 RETRY_AFTER_SECONDS = 5
 
@@ -75,10 +75,10 @@ class Refused(AnthropicError):
     """The upstream's own 4xx answer, passed on with its status and message (a prompt too
     long keeps its wording, which Claude Code compacts on)."""
 
-    def __init__(self, status: int, kind: str, message: str):
+    def __init__(self, status: int, kind: str, message: str, upstream_status: int | None = None):
         super().__init__(message)
         self.status, self.type = status, kind
-        self.upstream_status = status
+        self.upstream_status = upstream_status or status
 
 
 # --- the engine and queue stand-ins --------------------------------------------------
@@ -274,11 +274,14 @@ class Upstream:
             self.saw(f"HTTP {status}: {message}")
             raise Down(f"upstream {self.url} answered {status}: {message}", response.headers.get("retry-after"), status)
         self.saw(None)
-        kinds = {400: InvalidRequest, 401: Unauthorized, 403: Unauthorized, 404: NotFound, 413: RequestTooLarge}
-        kind = kinds.get(status, InvalidRequest)
         if status in (401, 403):
-            message = f"upstream {self.url} refused the key (HTTP {status}): {message}; check api_key_env"
-        raise Refused(status, kind.type, message)
+            # Not the client's key (a 401 would have Claude Code ask its user to log in): the profile's.
+            variable = f"${self.model.api_key_env}" if self.model.api_key_env else "none: set api_key_env"
+            raise Refused(500, "api_error", f"upstream {self.url} refused the key (HTTP {status}: {message}); check the profile's api_key_env ({variable})", status)
+        if status == 404:
+            message = f"{message} (upstream {self.url}; the profile's upstream_model is {self.model.upstream_model!r})"
+        kinds = {400: InvalidRequest, 404: NotFound, 413: RequestTooLarge}
+        raise Refused(status, kinds.get(status, InvalidRequest).type, message)
 
 
 def _message(text: str) -> str:
