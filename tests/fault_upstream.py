@@ -190,6 +190,12 @@ class FaultUpstream:
             await reader.read()
             self.hangups.put(script)
             return
+        if script.startswith("context"):  # vLLM's answer to a request beyond its context
+            tokens, context, wanted = (1500 if script == "context-prompt" else 900), 2000, json.loads(body)["max_tokens"]
+            if tokens + wanted > context:
+                message = f"This model's maximum context length is {context} tokens. However, you requested {tokens + wanted} tokens ({tokens} in the messages, {wanted} in the completion). Please reduce the length of the messages or completion."
+                return await _respond(writer, 400, "application/json", json.dumps({"object": "error", "message": message, "type": "BadRequestError", "code": 400}).encode())
+            script = "oai-reasoning"
         if script in _STATUS:
             status, error = _STATUS[script]
             return await _respond(writer, status, "application/json", json.dumps(error).encode(), {"retry-after": "7"} if status == 529 else None)

@@ -273,9 +273,15 @@ def test_an_upstream_that_refuses_or_fails_is_a_529_with_retry_after_before_any_
     assert line.get("upstream_status") == (int(script[-3:]) if script else None)
 
 
-def test_an_upstream_4xx_is_passed_on_with_its_wording(front):
+def test_an_upstream_4xx_is_passed_on_with_its_wording(front, fault):
     reply = post(front, ask("anyclaude-faulty", "SCRIPT:status-400"))
     assert reply.status == 400 and reply.json()["error"]["message"] == "prompt is too long: 40000 tokens > 32768 maximum"
+    # A request beyond the upstream's context: with room for an answer, max_tokens is
+    # clamped, as for a local model; without, the prompt is too long, in Claude Code's words.
+    reply = post(front, ask("anyclaude-faulty-oai", "SCRIPT:context", max_tokens=2000))
+    assert reply.status == 200 and fault.last("/v1/chat/completions")["body"]["max_tokens"] == 1100
+    reply = post(front, ask("anyclaude-faulty-oai", "SCRIPT:context-prompt", max_tokens=2000))
+    assert reply.status == 400 and reply.json()["error"]["message"] == "prompt is too long: 1500 tokens > 976 maximum"
     # Its refusal of the profile's key is not the client's 401 (Claude Code would ask its user to log in).
     reply = post(front, ask("anyclaude-faulty", "SCRIPT:status-401"))
     assert reply.status == 500 and "$FAULT_KEY" in reply.json()["error"]["message"]
