@@ -328,6 +328,11 @@ def test_health_and_models_show_each_upstream(front):
     assert models["anth"]["context_length"] == 8192  # from the upstream daemon's /v1/models
     assert launcher.context_window(profile, health) == 8192
     assert launcher.model_ids(profile)["opus"] == "anyclaude-anth"
+    # `anyclaude doctor` asks each upstream itself.
+    assert doctor.check_upstream("oai", profile.models["oai"])[0] == doctor.OK
+    verdict, _, detail = doctor.check_upstream("faulty", profile.models["faulty"])  # its key's variable is not set here
+    assert verdict == doctor.WARN and "$FAULT_KEY" in detail
+    assert doctor.check_upstream("down", profile.models["down"])[0] == doctor.FAIL
 
 
 def test_profile_errors_name_the_key(tmp_path):
