@@ -20,6 +20,7 @@ import pytest
 import tomli_w
 
 from anyclaude import doctor, launcher, profiles
+import claude_code
 from bench.harness import Daemon, free_port, request
 from fault_upstream import FaultUpstream
 from sse_grammar import check
@@ -180,6 +181,17 @@ def test_the_request_is_forwarded_without_the_billing_header_with_unknown_fields
     assert message["usage"]["input_tokens"] == 7 and message["usage"]["cache_read_input_tokens"] == 3
     counted = post(front, ask("anyclaude-faulty", "Hi"), "/v1/messages/count_tokens")
     assert counted.json() == {"input_tokens": 1234} and fault.last("/v1/messages/count_tokens")["body"]["model"] == "big-model"
+
+
+def test_claude_code_s_first_turn_reaches_the_upstream_whole_but_for_the_billing_header(front, fault):
+    turn = {**claude_code.first_turn(), "model": "anyclaude-faulty"}
+    reply = post(front, turn, headers=claude_code.HEADERS)
+    assert reply.status == 200
+    check(reply.body)
+    sent = fault.last()
+    assert sent["body"] == {**turn, "model": "big-model", "max_tokens": 100, "system": turn["system"][1:]}
+    assert sent["headers"]["anthropic-beta"] == claude_code.HEADERS["anthropic-beta"]
+    assert sent["headers"]["x-api-key"] != claude_code.HEADERS["x-api-key"]  # the client's key stays here
 
 
 def test_blocks_are_renumbered_unknown_events_dropped_and_a_call_makes_it_tool_use(front):
