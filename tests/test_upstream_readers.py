@@ -109,3 +109,21 @@ def test_openai_request_tool_choices_and_thinking():
     assert "tool_choice" not in body(tools=[tool])
     assert body(thinking={"type": "enabled", "budget_tokens": 100})["chat_template_kwargs"] == {"enable_thinking": True}
     assert "chat_template_kwargs" not in body() and "temperature" not in body()
+
+
+def test_health_asks_an_upstream_again_once_what_it_knows_is_stale(monkeypatch):
+    from anyclaude.upstream import base, make
+    from fault_upstream import FaultUpstream
+
+    server = FaultUpstream()
+    upstream = make("m", Model(upstream=server.url, upstream_model="big-model", timeout_connect=2))
+    upstream.start()
+    assert upstream.wait_ready(10) and upstream.reachable is True and upstream.loaded.context_length == 32768
+    gate = base.Gate(upstream)
+    assert upstream.health(gate)["reachable"] is True  # fresh: not asked again
+    assert upstream._probing is None or not upstream._probing.is_alive()
+    server.close()  # it goes down
+    monkeypatch.setattr(base, "STALE_SECONDS", 0.0)
+    upstream.health(gate)
+    upstream.refresh().join(10)
+    assert upstream.health(gate)["reachable"] is False and "ConnectError" in upstream.health(gate)["error"]

@@ -25,6 +25,8 @@ from .. import profiles, wire
 from ..errors import AnthropicError, InvalidRequest, NotFound, Overloaded, RequestTooLarge
 
 RETRY_AFTER_SECONDS = 5
+# /health asks an upstream again when nothing has been heard of it for this long.
+STALE_SECONDS = 10.0
 
 
 # --- what a call brings back, in order: Usage and Output any number of times, then
@@ -110,6 +112,8 @@ class Upstream:
         self.served: list[str] = []  # the model names its /v1/models lists
         self._ready = threading.Event()
         self._client: httpx2.AsyncClient | None = None
+        self._checked = 0.0  # when reachability was last seen (monotonic)
+        self._probing: threading.Thread | None = None
         # The profile's `tokenizer`, loaded (None: none named, or it failed: `tokenizer_error`).
         self.tokenizer: Any = None
         self.tokenizer_error: str | None = None
@@ -190,6 +194,7 @@ class Upstream:
             print(f"anyclaude: upstream {self.url} for model {self.key!r} is not reachable: {self.last_error}", file=sys.stderr, flush=True)
         except (ValueError, AttributeError):  # answered, but no list of models (mlx_lm.server's may be empty)
             pass
+        self._checked = time.monotonic()
         entries = [e for e in listed if isinstance(e, dict)] if isinstance(listed, list) else []
         self.served = [str(e.get("id")) for e in entries]
         chosen = [e for e in entries if e.get("id") == self.model.upstream_model] or (entries if len(entries) == 1 else [])
@@ -205,10 +210,22 @@ class Upstream:
     def saw(self, error: str | None) -> None:
         """What the last request found: the upstream answered (None), or not (why)."""
         if error is None and self.reachable is False and self.ready:  # back: ask what it serves
-            threading.Thread(target=self._probe, name=f"upstream-{self.key}", daemon=True).start()
+            self.refresh()
         self.reachable, self.last_error = error is None, error
+        self._checked = time.monotonic()
+
+    def refresh(self) -> threading.Thread:
+        """Ask /v1/models again, in a thread (one at a time), which it returns."""
+        if self._probing is None or not self._probing.is_alive():
+            self._probing = threading.Thread(target=self._probe, name=f"upstream-{self.key}", daemon=True)
+            self._probing.start()
+        return self._probing
 
     def health(self, gate: Gate) -> dict:
+        # What it was when last seen; asked again (for the next look) when that is a while ago
+        # and no request has told since.
+        if self.ready and time.monotonic() - self._checked > STALE_SECONDS:
+            self.refresh()
         loaded = self.loaded
         return {
             "state": "ready" if loaded else "loading",
