@@ -275,8 +275,7 @@ def check_upstream(key: str, model: profiles.Model) -> Check:
     from .upstream import make
 
     upstream = make(key, model)
-    upstream.start()
-    upstream.wait_ready()
+    upstream.refresh().join()  # its /v1/models only (its tokenizer is not needed here)
     if not upstream.reachable:
         return FAIL, "upstream", f"{key}: {model.upstream} is not reachable ({upstream.last_error}); requests get 529" + (f" or go to {model.fallback}" if model.fallback else "")
     if model.api_key_env and not os.environ.get(model.api_key_env):
