@@ -152,6 +152,15 @@ def test_an_openai_api_upstream_mlx_lm_server_through_the_sdk(front, sdk, daemon
     reply = post(front, ask("anyclaude-oai", "Hi", stream=True, max_tokens=4))
     events = check(reply.body)
     assert events[-2]["usage"]["output_tokens"] > 0
+    # A conversation with tool calls and their results, and a system turn mid-way, as
+    # mlx_lm.server renders it with a template that knows no tools.
+    history = [
+        {"role": "user", "content": "Read /tmp/x"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"file_path": "/tmp/x"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "hello"}]},
+        {"role": "system", "content": "Be brief."},
+    ]
+    check(post(front, {"model": "anyclaude-oai", "max_tokens": 4, "stream": True, "tools": TOOLS, "messages": history}).body)
     # OpenAI-API servers do not count tokens: the model's `tokenizer` does (as the tiny
     # daemon counts the same prompt), and message_start says as much...
     counted = post(front, ask("anyclaude-oai", "Hi"), "/v1/messages/count_tokens").json()["input_tokens"]

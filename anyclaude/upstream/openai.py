@@ -51,7 +51,7 @@ def _message(turn: dict) -> dict:
             {"id": c["id"], "type": "function", "function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
             for c in turn["tool_calls"]
         ]
-        out["content"] = out["content"] or None
+        # "" rather than null: templates that add the content to a string fail on null.
     if turn.get("tool_call_id"):
         out["tool_call_id"] = turn["tool_call_id"]
     return out
