@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from . import budget, constrain, lifeline, logs, misses, profiles, prompt, reload, toolcalls, wire
+from . import budget, constrain, lifeline, logs, misses, profiles, prompt, reload, toolcalls, upstream, wire
 from .engine import Job, Sampling
 from .scheduler import RANKS, SIDE
 from .server import Server
@@ -31,7 +31,7 @@ from .errors import (
     prompt_too_long,
 )
 from .output import Output
-from .stream import MessageStream, Timeouts, accumulate, drive, new_id, sse
+from .stream import MessageStream, Timeouts, accumulate, drive, new_id, relay, sse
 
 # Probes and polls that would drown the request log.
 _UNLOGGED = {"/", "/health", "/api/hello"}
@@ -75,7 +75,8 @@ class App:
                 print(f"anyclaude: model {key!r} failed to load: {engine.load_error}", file=sys.stderr, flush=True)
             else:
                 loaded = engine.loaded
-                print(f"anyclaude: model {key!r} ready ({loaded.context_length} tokens of context; {loaded.device})", flush=True)
+                context = f"{loaded.context_length} tokens of context" if loaded.context_length else "context unknown"
+                print(f"anyclaude: model {key!r} ready ({context}; {loaded.device})", flush=True)
 
 
 class Exchange:
@@ -232,24 +233,42 @@ class Exchange:
     async def _count_tokens(self) -> None:
         body = await self._body()
         tokens = await self._off_loop(self._count, body)
+        if isinstance(tokens, tuple):  # a model on another server: it counts
+            request, engine = tokens
+            self.record.upstream = engine.url
+            tokens = await upstream.count_tokens(
+                engine, request, body, self.scope["headers"],
+                keep_billing_header=self.server.profile.prompt.keep_billing_header, wait=engine.model.timeout_connect + self.server.profile.timeouts.idle,
+            )
+            self.record.prompt_tokens = tokens
         await self._json(200, wire.TokenCount(input_tokens=tokens))
 
-    def _count(self, body: bytes) -> int:
+    def _count(self, body: bytes) -> int | tuple:
         """Decode and render a count_tokens request (a worker thread: it may be large)."""
         request = wire.decode_request(body, wire.CountTokensRequest)
         self._describe(request)
         _, engine, _ = self.server.engine_for(request.model)
+        if isinstance(engine, upstream.Upstream):
+            if engine.model.api == "openai" and engine.tokenizer is not None:  # its server cannot count: this does
+                tokens = self._upstream_prompt_tokens(request, engine)
+                self.record.prompt_tokens = tokens
+                return tokens
+            return request, engine
         loaded = engine.loaded
         rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=self.server.profile.prompt.keep_billing_header, vision=loaded.vision)
         self.record.prompt_tokens = len(rendered.ids)
         return len(rendered.ids)
+
+    def _upstream_prompt_tokens(self, request: wire.CountTokensRequest, engine: upstream.Upstream) -> int:
+        keep = self.server.profile.prompt.keep_billing_header
+        return len(prompt.render(request, engine.tokenizer, keep_billing_header=keep).ids)
 
     def _describe(self, request: wire.CountTokensRequest) -> None:
         record = self.record
         record.model = request.model
         record.resolved_model = self.server.profile.resolve(request.model)
         if record.resolved_model:
-            record.model_path = self.server.profile.models[record.resolved_model].path
+            record.model_path = self.server.profile.models[record.resolved_model].where
         record.messages = len(request.messages)
         record.tools = len(request.tools or [])
         record.system_chars = len(prompt.system_text(request.system))
@@ -283,7 +302,102 @@ class Exchange:
 
     async def _messages(self) -> None:
         body = await self._body()
-        request, rendered, scheduler, engine, job, held = await self._off_loop(self._plan, body)
+        planned = await self._off_loop(self._plan, body)
+        if isinstance(planned, _Relayed):  # the one place a model on another server differs
+            try:
+                return await self._relay(planned)
+            except upstream.Down as exc:
+                if planned.model.fallback is None or self.started:
+                    raise
+                self.record.fallback = planned.model.fallback
+                self.record.error = exc.message
+                planned = await self._off_loop(self._plan, body, planned.model.fallback)
+        await self._generate(*planned)
+
+    async def _relay(self, planned: _Relayed) -> None:
+        """A request for a model on another server: sent there, its answer turned into
+        this daemon's events by the same state machine, watchdog and pings as a local one."""
+        server, request, engine = self.server, planned.request, planned.engine
+        t = server.profile.timeouts
+        timeouts = Timeouts(t.first_token, t.idle, t.total, t.ping_interval, profile=server.loaded.name)
+        record = self.record
+        record.upstream = engine.url
+        opening = asyncio.get_running_loop().create_task(
+            upstream.start(
+                engine, planned.gate, request, planned.body, self.scope["headers"],
+                keep_billing_header=server.profile.prompt.keep_billing_header, wait=t.first_token,
+            )
+        )
+        # A client that hangs up while the upstream has not answered yet cancels the
+        # request to it, then the call once there is one.
+        pending = _Pending(opening)
+        watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(pending))
+        try:
+            call, latency = await opening
+        except asyncio.CancelledError:
+            watcher.cancel()
+            if not self.disconnected.is_set():
+                raise
+            record.outcome = "cancelled"
+            return
+        except AnthropicError as exc:
+            watcher.cancel()
+            record.upstream_status = getattr(exc, "upstream_status", None)
+            raise
+        except BaseException:
+            watcher.cancel()
+            raise
+        pending.call = call
+        if self.disconnected.is_set():
+            call.cancel()
+        record.upstream_status, record.upstream_s = call.status, round(latency, 3)
+        # Until the upstream counts the prompt (an OpenAI-API one does so at the end, and
+        # message_delta carries its figures): the profile's tokenizer's count, or about
+        # four bytes of request to a token.
+        stream = MessageStream(model=request.model, input_tokens=planned.counted or max(1, len(planned.body) // 4), show_thinking=not (request.thinking and request.thinking.display == "omitted"))
+        single_call = (request.tool_choice or wire.ToolChoice()).disable_parallel_tool_use
+        try:
+            if request.stream:
+
+                async def send(events: list) -> bool:
+                    # Headers once the upstream has answered something: an upstream that
+                    # breaks before it did is a plain status the SDKs retry.
+                    if not self.started and not self.disconnected.is_set():
+                        await self._start(200, "text/event-stream", {"cache-control": "no-cache"})
+                    return await self._send_events(events)
+
+                outcome = await relay(stream, call, send, timeouts, single_call=single_call)
+                self._record_outcome(None, outcome)
+                record.prompt_tokens = stream.usage.input_tokens + stream.usage.cache_read_input_tokens
+                if outcome.error and not self.started:
+                    raise outcome.error
+                if outcome.error and not self.disconnected.is_set():
+                    await self._send_events([envelope(outcome.error, self.request_id)])
+                if self.started:
+                    await self._finish_body()
+            else:
+                events: list = []
+
+                async def collect(batch: list) -> bool:
+                    events.extend(batch)
+                    return not self.disconnected.is_set()
+
+                quiet = msgspec.structs.replace(timeouts, ping_interval=timeouts.first_token)
+                outcome = await relay(stream, call, collect, quiet, single_call=single_call)
+                self._record_outcome(None, outcome)
+                record.prompt_tokens = stream.usage.input_tokens + stream.usage.cache_read_input_tokens
+                if outcome.error:
+                    raise outcome.error
+                if not outcome.cancelled:
+                    message = accumulate(events)
+                    if server.profile.log.bodies:
+                        record.response = message
+                    await self._json(200, message)
+        finally:
+            watcher.cancel()
+            call.cancel()
+
+    async def _generate(self, request, rendered, scheduler, engine, job, held) -> None:
         server = self.server
         session = (self.record.session_id, request.model) if self.record.session_id else None
         t = server.profile.timeouts
@@ -351,17 +465,23 @@ class Exchange:
             watcher.cancel()
             generation.cancel()
 
-    def _plan(self, body: bytes):
+    def _plan(self, body: bytes, key: str | None = None):
         """Decode, check and render a request, and build its job: in a worker thread, so
-        that a large request never holds up other streams, pings or /health."""
+        that a large request never holds up other streams, pings or /health. (`key`: the
+        model that serves it, when it is not the one asked for: a fallback.)"""
         request: wire.MessagesRequest = wire.decode_request(body)
         server = self.server
         self._describe(request)
         self.record.stream = request.stream
         if server.profile.log.bodies:
             self.record.request = msgspec.Raw(body)
-        key, engine, scheduler = server.engine_for(request.model)
+        key, engine, scheduler = server.engine_for(request.model, key)
         model = server.profile.models[key]
+        if isinstance(engine, upstream.Upstream):
+            # message_start's count of the prompt: the upstream's, or the profile's tokenizer's
+            # for an OpenAI-API one (which counts only at the end), else an estimate.
+            counted = self._upstream_prompt_tokens(request, engine) if engine.tokenizer is not None and model.api == "openai" else None
+            return _Relayed(request, body, model, engine, scheduler, counted)
         loaded = engine.loaded
         rendered = prompt.render(request, loaded.tokenizer, keep_billing_header=server.profile.prompt.keep_billing_header, vision=loaded.vision)
         self.record.prompt_tokens = len(rendered.ids)
@@ -419,7 +539,7 @@ class Exchange:
 
     def _record_outcome(self, generation, outcome) -> None:
         record = self.record
-        if generation.submitted_at is not None and generation.started_at is not None:
+        if generation is not None and generation.submitted_at is not None and generation.started_at is not None:
             record.queue_wait_s = round(generation.started_at - generation.submitted_at, 3)
         record.outcome = outcome.outcome
         record.stop_reason = outcome.stop_reason
@@ -549,6 +669,30 @@ class Exchange:
         await self._json(exc.status, envelope(exc, self.request_id), exc.headers)
 
 
+class _Pending:
+    """What a hang-up cancels while a request goes to its upstream: the sending, then the call."""
+
+    def __init__(self, opening: asyncio.Task):
+        self.opening = opening
+        self.call = None
+
+    def cancel(self) -> None:
+        self.opening.cancel()
+        if self.call is not None:
+            self.call.cancel()
+
+
+class _Relayed(msgspec.Struct):
+    """A request planned for a model on another server: nothing to render here."""
+
+    request: wire.MessagesRequest
+    body: bytes
+    model: profiles.Model
+    engine: upstream.Upstream
+    gate: upstream.Gate
+    counted: int | None = None  # prompt tokens, by the profile's tokenizer
+
+
 def _forced_call(choice: wire.ToolChoice | None, rendered: prompt.Rendered, tokenizer):
     """For tool_choice any/tool: a grammar that lets the model write only a valid call,
     compiled now so that a schema no grammar can express is a 400, or None."""
@@ -606,6 +750,8 @@ def create_app() -> App:
 
 
 def _model_health(engine, scheduler, model: profiles.Model) -> dict:
+    if isinstance(engine, upstream.Upstream):
+        return engine.health(scheduler)
     # Read once: an engine being replaced lets go of its model on its own thread.
     loaded, cache = engine.loaded, engine.cache
     return {

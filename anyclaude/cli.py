@@ -105,7 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _profiles_list(args: argparse.Namespace) -> int:
     for name, path in profiles.names().items():
         try:
-            models = ", ".join(m.path for m in profiles.load(str(path)).profile.models.values())
+            models = ", ".join(m.where for m in profiles.load(str(path)).profile.models.values())
         except profiles.ProfileError as exc:
             models = f"INVALID: {exc}"
         print(f"{name:<16}{models}\n{'':<16}{path}")

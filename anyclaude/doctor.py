@@ -71,8 +71,14 @@ def status_lines(url: str, health: dict | None, status: int | None = None) -> li
         device = f", {m['device']}" if m.get("device") else ""
         lines.append(f"model     {key}: {state} ({loaded}{context}{device})")
     for key, m in models.items():
+        if m.get("upstream"):
+            reach = {True: "reachable", False: f"not reachable ({m.get('error')})", None: "not asked yet"}.get(m.get("reachable"), MISSING)
+            lines.append(f"upstream  {key}: {m.get('api', MISSING)} API at {m['upstream']}, {reach}")
+    for key, m in models.items():
         lines.append(f"queue     {key}: {_count(m.get('running'))} running, {_count(m.get('waiting'))} waiting")
     for key, m in models.items():
+        if m.get("upstream"):  # its cache is its server's
+            continue
         cache = m.get("cache_bytes")
         lines.append(f"cache     {key}: {human_bytes(cache) if isinstance(cache, int) else MISSING}")
     reload_error = (health["reload_error"] or "none") if "reload_error" in health else MISSING
@@ -137,6 +143,9 @@ def check_models(loaded: profiles.Loaded) -> tuple[list[Check], int | None]:
     """One line per model, and the bytes of those on disk (None if any is not there yet)."""
     checks, total = [], 0
     for key, model in loaded.profile.models.items():
+        if model.upstream is not None:
+            checks.append(check_upstream(key, model))
+            continue
         try:
             path, from_hub = model_files(model.path, loaded.path.parent)
         except ModelError as exc:
@@ -261,6 +270,23 @@ def kv_per_token(config: dict, dtype: str) -> tuple[int, str]:
     return full * kv_heads * head_dim * 2 * _DTYPE_BYTES[dtype], how
 
 
+def check_upstream(key: str, model: profiles.Model) -> Check:
+    """A model on another server: whether it answers, and serves the model named."""
+    from .upstream import make
+
+    upstream = make(key, model)
+    upstream.refresh().join()  # its /v1/models only (its tokenizer is not needed here)
+    if not upstream.reachable:
+        return FAIL, "upstream", f"{key}: {model.upstream} is not reachable ({upstream.last_error}); requests get 529" + (f" or go to {model.fallback}" if model.fallback else "")
+    if model.api_key_env and not os.environ.get(model.api_key_env):
+        return WARN, "upstream", f"{key}: {model.upstream} answers, but ${model.api_key_env} (api_key_env) is not set"
+    served = upstream.served
+    if model.upstream_model and served and model.upstream_model not in served:
+        return WARN, "upstream", f"{key}: {model.upstream} serves {', '.join(served)}, not {model.upstream_model!r} (upstream_model)"
+    context = upstream.loaded.context_length
+    return OK, "upstream", f"{key}: {model.api} API at {model.upstream}" + (f", {context} tokens of context" if context else "")
+
+
 def check_kv(loaded: profiles.Loaded) -> list[Check]:
     """Per model: its KV bytes per token, and what the KV budget holds (the context
     window, Claude Code's prefix as checkpoints)."""
@@ -270,6 +296,8 @@ def check_kv(loaded: profiles.Loaded) -> list[Check]:
     memory, what = memory_budget()
     models = loaded.profile.models
     for key, model in models.items():
+        if model.upstream is not None:  # its server's memory, not this machine's
+            continue
         try:
             path, _ = model_files(model.path, loaded.path.parent)
         except ModelError:

@@ -39,6 +39,12 @@ class Record(Struct, omit_defaults=True):
     model: str | None = None
     resolved_model: str | None = None
     model_path: str | None = None
+    # A model on another server: its base URL, its HTTP status, the seconds to its response
+    # headers; and the local model that served the request instead, when it could not.
+    upstream: str | None = None
+    upstream_status: int | None = None
+    upstream_s: float | None = None
+    fallback: str | None = None
     stream: bool | None = None
     system_chars: int | None = None
     tools: int | None = None

@@ -84,6 +84,8 @@ def _cached(repo: str) -> Path | None:
 
 def size_on_disk(model: Model, relative_to: Path) -> int | None:
     """Bytes of a model's files, about what its weights take in memory; None if not on disk yet."""
+    if model.upstream is not None:  # another server's memory
+        return 0
     try:
         path, _ = model_files(model.path, relative_to)
     except ModelError:

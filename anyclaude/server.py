@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import logs, misses, profiles
+from . import logs, misses, profiles, upstream
 from .cache import PrefixCache
 from .engine import Engine, KVQuantization
 from .errors import ApiError, NotFound, NotReady
@@ -62,11 +62,16 @@ class Server:
             name=f"engine-{key}",
         )
 
+    def _engine(self, key: str, model: profiles.Model, profile: profiles.Profile):
+        if model.upstream is not None:  # another server runs it: nothing loads here
+            return upstream.make(key, model)
+        return self._make_engine(key, model, profile)
+
     def start(self) -> None:
         for key, model in self.profile.models.items():
-            engine = self._make_engine(key, model, self.profile)
+            engine = self._engine(key, model, self.profile)
             self.engines[key] = engine
-            self.schedulers[key] = Scheduler(engine, queue_size=self.profile.engine.queue_size)
+            self.schedulers[key] = _queue(engine, self.profile.engine.queue_size)
             engine.start()
 
     def stop(self) -> None:
@@ -79,8 +84,9 @@ class Server:
         for scheduler in [*self.schedulers.values(), *self._retiring]:
             scheduler.close(self._stopping)
 
-    def engine_for(self, requested: str) -> tuple[str, Engine, Scheduler]:
-        key = self.profile.resolve(requested)
+    def engine_for(self, requested: str, key: str | None = None) -> tuple[str, Engine, Scheduler]:
+        """What serves a requested model name (or the model `key`, a fallback)."""
+        key = key or self.profile.resolve(requested)
         if key is None:
             raise NotFound(f"model: {requested} is not served by profile {self.loaded.name!r}")
         engine, scheduler = self.engines[key], self.schedulers[key]
@@ -140,7 +146,7 @@ class Server:
                 await asyncio.gather(*(asyncio.to_thread(self.engines[k].wait_stopped) for k in replaced))
             self.reloading = f"loading {', '.join(changed)}"
             self._event("profile.reload.loading", models=changed)
-            fresh = {k: self._make_engine(k, loaded.profile.models[k], loaded.profile) for k in changed}
+            fresh = {k: self._engine(k, loaded.profile.models[k], loaded.profile) for k in changed}
             for engine in fresh.values():
                 engine.start()
             await asyncio.gather(*(asyncio.to_thread(e.wait_ready) for e in fresh.values()))
@@ -165,7 +171,7 @@ class Server:
 
     def _room_for(self, keys: list[str], profile: profiles.Profile) -> bool:
         """Whether models `keys` of `profile` fit in memory beside all that is loaded now."""
-        held = {k: e.loaded for k, e in self.engines.items() if e.loaded is not None}
+        held = {k: e.loaded for k, e in self.engines.items() if e.loaded is not None and not isinstance(e, upstream.Upstream)}
         budget = max((m.memory_budget for m in held.values()), default=0)
         sizes = [size_on_disk(profile.models[k], self.loaded.path.parent) for k in keys]
         if not budget or None in sizes:
@@ -185,7 +191,7 @@ class Server:
         schedulers = {}
         for key, engine in engines.items():
             kept = self.schedulers.get(key)
-            schedulers[key] = kept if kept is not None and kept.engine is engine else Scheduler(engine, queue_size=queue_size)
+            schedulers[key] = kept if kept is not None and kept.engine is engine else _queue(engine, queue_size)
             schedulers[key].queue_size = queue_size
             engine.set_prefill_step(loaded.profile.engine.prefill_step)
             engine.set_max_batch(loaded.profile.engine.max_batch)
@@ -214,6 +220,11 @@ class Server:
             self.log.write(record)
         except OSError:
             pass
+
+
+def _queue(engine, queue_size: int):
+    """The queue in front of an engine; an upstream queues on its own (a Gate counts its calls)."""
+    return upstream.Gate(engine) if isinstance(engine, upstream.Upstream) else Scheduler(engine, queue_size=queue_size)
 
 
 def _budget(cache: profiles.Cache) -> int | None:

@@ -21,6 +21,7 @@ from .engine import Done, Failed, Generation, Prefilled, Token
 from .errors import AnthropicError, ApiError, ErrorEnvelope, Overloaded
 from .output import Output
 from .toolcalls import BadCall, CallDelta, CallStart, Text, Thinking, ToolCall
+from .upstream import base as upstream
 
 _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
@@ -53,8 +54,10 @@ class MessageStream:
         self._index = -1
         self._open: str | None = None
         self.finished = False
+        self.started = False
 
     def start(self) -> list[wire.Event]:
+        self.started = True
         body = wire.MessageBody(
             id=self.id, model=self.model, content=[], stop_reason=None, stop_sequence=None, usage=self.usage
         )
@@ -113,6 +116,18 @@ class MessageStream:
             self.usage.cache_read_input_tokens = tokens
             self.usage.input_tokens = total - tokens
             self._usage_changed = True
+
+    def counted(self, input_tokens: int | None, cache_read: int | None, cache_creation: int | None = None) -> None:
+        """Prompt tokens as an upstream counts them: in message_start if it has not gone
+        out yet, else in message_delta."""
+        usage, changed = self.usage, False
+        if input_tokens is not None and input_tokens != usage.input_tokens:
+            usage.input_tokens, changed = input_tokens, True
+        if cache_read is not None and cache_read != usage.cache_read_input_tokens:
+            usage.cache_read_input_tokens, changed = cache_read, True
+        if cache_creation is not None:
+            usage.cache_creation_input_tokens = cache_creation
+        self._usage_changed = self._usage_changed or (changed and self.started)
 
     def finish(self, stop_reason: str, stop_sequence: str | None = None) -> list[wire.Event]:
         if self.finished:
@@ -177,7 +192,10 @@ def accumulate(events: list[wire.Event]) -> wire.MessageBody:
             elif isinstance(delta, wire.InputJsonDelta):
                 partial_json[event.index] = partial_json.get(event.index, "") + delta.partial_json
         elif isinstance(event, wire.ContentBlockStop) and event.index in partial_json:
-            message.content[event.index].input = msgspec.json.decode(partial_json.pop(event.index))
+            try:
+                message.content[event.index].input = msgspec.json.decode(partial_json.pop(event.index))
+            except msgspec.DecodeError:  # a call an upstream's stream cut short: no input
+                pass
         elif isinstance(event, wire.MessageDelta):
             message.stop_reason = event.delta.stop_reason
             message.stop_sequence = event.delta.stop_sequence
@@ -367,5 +385,104 @@ async def _time_out(kind, stream, output, emit, outcome: Outcome, timeouts: Time
 async def _end(emit, events: list, outcome: Outcome) -> Outcome:
     # A client gone before message_stop reached it ended the stream itself.
     if not await emit(events):
+        outcome.outcome = "cancelled"
+    return outcome
+
+
+async def relay(
+    stream: MessageStream,
+    call,
+    emit: Callable[[list[Any]], Awaitable[bool]],
+    timeouts: Timeouts,
+    *,
+    single_call: bool = False,
+) -> Outcome:
+    """Run an upstream's answer (an `upstream.Call`) to its end, emitting events, as `drive`
+    runs a generation: the same watchdog, pings and endings. message_start goes out with
+    the first piece of the answer or the first ping, so that it carries the upstream's
+    count of the prompt when the upstream gives one first; the call is closed whenever
+    this returns before the upstream is done."""
+    outcome = Outcome()
+    started = sent_at = time.monotonic()
+    first = last = None
+    pieces = 0  # output events, the count of output tokens if the upstream gives none
+    reported: int | None = None
+
+    async def send(events: list) -> bool:
+        nonlocal sent_at
+        if not stream.started:
+            events = stream.start() + events
+        sent_at = time.monotonic()
+        return await emit(events)
+
+    try:
+        while True:
+            if first is None:
+                deadline, kind = started + timeouts.first_token, "timeout_first_token"
+            else:
+                deadline, kind = min((last + timeouts.idle, "timeout_idle"), (started + timeouts.total, "timeout_total"))
+            now = time.monotonic()
+            wait = max(0.0, min(sent_at + timeouts.ping_interval, deadline) - now)
+            event = await call.next(timeout=wait)
+            now = time.monotonic()
+            if call.cancelled and event is None:  # the client hung up
+                outcome.outcome = "cancelled"
+                return outcome
+            if isinstance(event, upstream.Usage):
+                stream.counted(event.input_tokens, event.cache_read, event.cache_creation)
+                if event.input_tokens is not None:
+                    outcome.cached_tokens = event.cache_read
+                reported = event.output_tokens if event.output_tokens is not None else reported
+            elif isinstance(event, upstream.Output):
+                first = first or now
+                last = now
+                pieces += 1
+                stream.output_tokens = max(stream.output_tokens, reported or 0, pieces)
+                events = _events(stream, event.segments)
+                outcome.tool_parse_errors += [s.reason for s in event.segments if isinstance(s, BadCall)]
+                if events and not await send(events):
+                    outcome.outcome = "cancelled"
+                    return outcome
+                if single_call and stream.tool_uses:
+                    return await _settle(stream, send, outcome, "tool_use", None, pieces, reported)
+            elif isinstance(event, upstream.Ended):
+                return await _settle(stream, send, outcome, event.stop_reason, event.stop_sequence, pieces, reported)
+            elif isinstance(event, upstream.Broke):
+                # overloaded_error is the one clients retry by themselves.
+                outcome.error = Overloaded(event.message) if event.overloaded else ApiError(event.message)
+                return outcome
+            if now >= deadline:
+                outcome.outcome = kind
+                if kind == "timeout_first_token":
+                    where = f" in profile {timeouts.profile}" if timeouts.profile else ""
+                    outcome.error = Overloaded(f"the upstream sent no output within {timeouts.first_token:g} s (timeouts.first_token{where})")
+                    return outcome
+                return await _settle(stream, send, outcome, "max_tokens", None, pieces, reported, cut=True)
+            if now - sent_at >= timeouts.ping_interval and not await send([wire.Ping()]):
+                outcome.outcome = "cancelled"
+                return outcome
+    finally:
+        call.cancel()
+        outcome.output_tokens = stream.output_tokens
+        if first is not None:
+            outcome.first_token_seconds = first - started
+            outcome.decode_seconds = last - first
+
+
+async def _settle(stream: MessageStream, send, outcome: Outcome, reason: str, sequence: str | None, pieces: int, reported: int | None, *, cut: bool = False) -> Outcome:
+    """End a relayed message. Its stop_reason follows what was sent: tool_use when a call
+    was, never when none was; max_tokens for a call cut short."""
+    stream.output_tokens = reported if reported is not None else max(stream.output_tokens, pieces)
+    cut_call = cut and stream.open_block == "tool_use"
+    if stream.tool_uses or (stream.open_block == "tool_use" and not cut_call):
+        reason = "tool_use"
+    elif reason == "tool_use" or cut_call:
+        reason = "max_tokens" if cut_call else "end_turn"
+    if reason != "stop_sequence":
+        sequence = None
+    outcome.stop_reason = reason
+    if outcome.outcome not in ("timeout_idle", "timeout_total"):
+        outcome.outcome = "complete" if reason == "end_turn" else reason
+    if not await send(stream.finish(reason, sequence)):
         outcome.outcome = "cancelled"
     return outcome

@@ -384,26 +384,36 @@ class Parser:
         return self._family.parse(self.fmt, self._marker, body, self._tool_list)
 
     def _check(self, name: str, arguments: Any) -> ToolCall | str:
-        function = self._tools.get(name)
-        if function is None:
-            return f"unknown tool {name!r}"
-        if not isinstance(arguments, dict):
-            return f"{name}: arguments are not a JSON object"
-        schema = function.get("parameters") or {}
-        validator = _validator(json.dumps(schema, sort_keys=True))
-        try:
-            if validator.is_valid(arguments):
-                return ToolCall(name=name, arguments=arguments)
-            fixed = repair.coerce(arguments, schema)
-            if validator.is_valid(fixed):
-                return ToolCall(name=name, arguments=fixed)
-            error = best_match(validator.iter_errors(fixed))
-        except Unresolvable:
-            # A $ref that leads nowhere (remote ones are never fetched): an
-            # object is all that can be asked.
+        return check_call(self._tools, name, arguments)
+
+
+def functions(tools: list[dict] | None) -> dict[str, dict]:
+    """OpenAI-style tools by name, as `check_call` takes them."""
+    return {f["name"]: f for f in map(_function, list(tools or [])) if f}
+
+
+def check_call(tools: dict[str, dict], name: str, arguments: Any) -> ToolCall | str:
+    """A call made valid for its tool's schema (repaired where that suffices), or why it cannot be."""
+    function = tools.get(name)
+    if function is None:
+        return f"unknown tool {name!r}"
+    if not isinstance(arguments, dict):
+        return f"{name}: arguments are not a JSON object"
+    schema = function.get("parameters") or {}
+    validator = _validator(json.dumps(schema, sort_keys=True))
+    try:
+        if validator.is_valid(arguments):
             return ToolCall(name=name, arguments=arguments)
-        where = "/".join(str(p) for p in error.absolute_path) or "arguments"
-        return f"{name}: invalid {where}: {error.message}"
+        fixed = repair.coerce(arguments, schema)
+        if validator.is_valid(fixed):
+            return ToolCall(name=name, arguments=fixed)
+        error = best_match(validator.iter_errors(fixed))
+    except Unresolvable:
+        # A $ref that leads nowhere (remote ones are never fetched): an
+        # object is all that can be asked.
+        return ToolCall(name=name, arguments=arguments)
+    where = "/".join(str(p) for p in error.absolute_path) or "arguments"
+    return f"{name}: invalid {where}: {error.message}"
 
 
 @functools.lru_cache(maxsize=256)
