@@ -84,6 +84,12 @@ class Batch:
             return [member.decoder.step(member.last)]
         inputs = mx.array([[m.last] for m in self.members])
         logits = self.model(inputs, cache=self._merged)[:, -1, :]
+        first = self.members[0].decoder
+        if all(m.decoder.processors is None and m.decoder.sampling == first.sampling is not None for m in self.members):
+            # One sampler call for them all: the same settings, nothing to process per row.
+            for member in self.members:
+                member.decoder.position += 1
+            return first.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).tolist()
         picked: list[mx.array | Exception] = []
         for i, member in enumerate(self.members):
             member.decoder.position += 1

@@ -14,7 +14,7 @@ those that batch in one forward pass (`batch.Batch`, which calls `Decoder.pick`)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
@@ -36,6 +36,7 @@ class Decoder:
     `processors` are mlx-lm logits processors; they see history and prompt and the
     tokens generated so far, as with `generate_step` on a fresh cache, so that a
     reused cache does not change the answer. `quantize`: see `KVQuantization`.
+    `sampling`: the settings `sampler` was made from (None: its own).
     """
 
     def __init__(
@@ -47,8 +48,11 @@ class Decoder:
         processors: list[Processor] | None = None,
         history: Sequence[int] = (),
         quantize: KVQuantization | None = None,
+        sampling: Hashable | None = None,
     ):
         self.model, self.cache, self.sampler = model, cache, sampler
+        # What `sampler` was made from: decoders with equal settings may share one call.
+        self.sampling = sampling
         self.processors = processors
         self.quantize = quantize
         self.position = len(history)

@@ -482,7 +482,7 @@ class Engine:
             # The budget holds this request's KV too, as long as it may grow.
             self.cache.reserve(seq, len(job.prompt) + job.max_tokens)
         model = _with_images(loaded.model, job, cached)
-        seq.decoder = Decoder(model, kv, sampler=sampler, processors=self._processors(job), history=job.prompt[:cached], quantize=self._quantize)
+        seq.decoder = Decoder(model, kv, sampler=sampler, processors=self._processors(job), history=job.prompt[:cached], quantize=self._quantize, sampling=s)
         seq.steps = self._prefill(seq, cached)
 
     def _prefill(self, seq: _Sequence, cached: int) -> Iterator[int | None]:

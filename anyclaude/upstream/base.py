@@ -168,6 +168,9 @@ class Upstream:
     def set_prefill_step(self, tokens: int | None) -> None:
         pass
 
+    def set_max_batch(self, sequences: int | None) -> None:
+        pass  # the upstream batches as it will
+
     def configure_cache(self, max_bytes: int | None, persist: bool) -> None:
         pass
 
