@@ -376,13 +376,7 @@ class Exchange:
                 if self.started:
                     await self._finish_body()
             else:
-                events: list = []
-
-                async def collect(batch: list) -> bool:
-                    events.extend(batch)
-                    return not self.disconnected.is_set()
-
-                quiet = msgspec.structs.replace(timeouts, ping_interval=timeouts.first_token)
+                events, collect, quiet = self._collecting(timeouts)
                 outcome = await relay(stream, call, collect, quiet, single_call=single_call)
                 self._record_outcome(None, outcome)
                 record.prompt_tokens = stream.usage.input_tokens + stream.usage.cache_read_input_tokens
@@ -442,13 +436,7 @@ class Exchange:
                 await self._note_miss(located)
                 await self._finish_body()
             else:
-                events: list = []
-
-                async def collect(batch: list) -> bool:
-                    events.extend(batch)
-                    return not self.disconnected.is_set()
-
-                quiet = msgspec.structs.replace(timeouts, ping_interval=timeouts.first_token)
+                events, collect, quiet = self._collecting(timeouts)
                 outcome = await drive(stream, generation, output, collect, quiet, single_call=single_call)
                 self._record_outcome(generation, outcome)
                 if session:
@@ -626,6 +614,17 @@ class Exchange:
         self.started = True
         self.status = status
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    def _collecting(self, timeouts):
+        """For a response sent whole: the list the stream's events gather in, the sender
+        that gathers them, and the timeouts with no pings (nothing is sent meanwhile)."""
+        events: list = []
+
+        async def collect(batch: list) -> bool:
+            events.extend(batch)
+            return not self.disconnected.is_set()
+
+        return events, collect, msgspec.structs.replace(timeouts, ping_interval=timeouts.first_token)
 
     async def _send_events(self, events: list) -> bool:
         """Send SSE events, awaiting the transport; False once the client is gone."""

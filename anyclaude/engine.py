@@ -110,10 +110,6 @@ class Failed(Struct, frozen=True):
 EngineEvent = Prefilled | Token | Done | Failed
 
 
-class Cancelled(Exception):
-    pass
-
-
 class Loaded(Struct):
     """What a loader returns: the model, its tokenizer wrapper, its context length, where it runs."""
 

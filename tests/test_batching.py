@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -35,12 +37,17 @@ class Watched:
         return getattr(self.model, name)
 
 
-def engine(model, tokenizer, cache: PrefixCache | None = None, step: int = 32) -> Engine:
+@contextmanager
+def engine(model, tokenizer, cache: PrefixCache | None = None, step: int = 32) -> Iterator[Engine]:
     loaded = Loaded(model=model, tokenizer=tokenizer, context_length=8192, eos_ids=frozenset())
     e = Engine(lambda: loaded, prefill_step=step, cache=cache)
     e.start()
     e.wait_ready()
-    return e
+    try:
+        yield e
+    finally:
+        e.stop()
+        e.wait_stopped()
 
 
 class Answer:
@@ -99,15 +106,11 @@ def prompts(tokenizer) -> list[list[int]]:
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_answers_decoded_together_equal_answers_alone(architecture, tokenizer):
     model = Watched(build(architecture))
-    e = engine(model, tokenizer, PrefixCache(2**30))
-    try:
+    with engine(model, tokenizer, PrefixCache(2**30)) as e:
         jobs = [Job(prompt=p, max_tokens=ANSWER, sampling=GREEDY) for p in prompts(tokenizer)]
         alone = [run(e, [job])[0].tokens for job in jobs]
         model.batches.clear()
         together = run(e, jobs)
-    finally:
-        e.stop()
-        e.wait_stopped()
     assert [a.tokens for a in together] == alone
     assert all(a.end == Done("length", a.end.store) for a in together)
     # They were decoded together, all four in one pass at some point.
@@ -116,8 +119,7 @@ def test_answers_decoded_together_equal_answers_alone(architecture, tokenizer):
 
 def test_an_ending_or_a_cancel_leaves_the_others_going(tokenizer):
     model = Watched(build("llama"))
-    e = engine(model, tokenizer, PrefixCache(2**30))
-    try:
+    with engine(model, tokenizer, PrefixCache(2**30)) as e:
         ps = prompts(tokenizer)
         jobs = [Job(prompt=ps[0], max_tokens=12, sampling=GREEDY), Job(prompt=ps[1], max_tokens=ANSWER, sampling=GREEDY), Job(prompt=ps[2], max_tokens=ANSWER, sampling=GREEDY)]
         alone = [run(e, [job])[0].tokens for job in jobs]
@@ -125,9 +127,6 @@ def test_an_ending_or_a_cancel_leaves_the_others_going(tokenizer):
         together = run(e, jobs, cancel_after={2: 6})
         # The cancelled one's KV is kept: its retry resumes from it.
         retry = run(e, [Job(prompt=ps[2] + together[2].tokens[:5], max_tokens=2, sampling=GREEDY)])[0]
-    finally:
-        e.stop()
-        e.wait_stopped()
     assert together[0].tokens == alone[0] and together[0].end.reason == "length"
     assert together[1].tokens == alone[1] and together[1].end.reason == "length"
     assert together[2].end.reason == "cancelled" and together[2].tokens == alone[2][: len(together[2].tokens)]
@@ -138,17 +137,13 @@ def test_an_ending_or_a_cancel_leaves_the_others_going(tokenizer):
 
 def test_prefill_goes_by_rank(tokenizer):
     model = Watched(build("llama"))
-    e = engine(model, tokenizer)
-    try:
+    with engine(model, tokenizer) as e:
         long = prompts(tokenizer)[3] * 4  # many prefill chunks
         short = prompts(tokenizer)[0]
         subagents = [Job(prompt=long, max_tokens=2, sampling=GREEDY, rank=1) for _ in range(3)]
         main = Job(prompt=short, max_tokens=2, sampling=GREEDY, rank=0)
         model.gate.clear()  # nothing runs until all four are in
         answers = run(e, [*subagents, main], before=model.gate.set)
-    finally:
-        e.stop()
-        e.wait_stopped()
     # The main conversation, sent last, had its first token first.
     assert answers[3].prefilled_at == 0, [a.prefilled_at for a in answers]
 
@@ -156,8 +151,7 @@ def test_prefill_goes_by_rank(tokenizer):
 def test_a_request_whose_kv_does_not_fit_beside_the_others_waits(tokenizer):
     model = Watched(build("llama"))
     cache = PrefixCache(2**30)
-    e = engine(model, tokenizer, cache)
-    try:
+    with engine(model, tokenizer, cache) as e:
         jobs = [Job(prompt=p, max_tokens=ANSWER, sampling=GREEDY) for p in prompts(tokenizer)[:3]]
         alone = [run(e, [job])[0].tokens for job in jobs]
         # Room for two of them live at once, not three.
@@ -166,9 +160,6 @@ def test_a_request_whose_kv_does_not_fit_beside_the_others_waits(tokenizer):
         cache.peak_bytes = 0
         model.batches.clear()
         together = run(e, jobs)
-    finally:
-        e.stop()
-        e.wait_stopped()
     assert [a.tokens for a in together] == alone
     assert max(model.batches) == 2
     assert cache.peak_bytes <= cache.max_bytes
@@ -176,7 +167,6 @@ def test_a_request_whose_kv_does_not_fit_beside_the_others_waits(tokenizer):
 
 def test_a_processor_that_fails_ends_its_own_request_only(tokenizer):
     model = Watched(build("llama"))
-    e = engine(model, tokenizer)
 
     def failing(_tokenizer):
         calls = []
@@ -189,15 +179,12 @@ def test_a_processor_that_fails_ends_its_own_request_only(tokenizer):
 
         return [processor]
 
-    try:
+    with engine(model, tokenizer) as e:
         ps = prompts(tokenizer)
         jobs = [Job(prompt=ps[0], max_tokens=ANSWER, sampling=GREEDY), Job(prompt=ps[1], max_tokens=ANSWER, sampling=GREEDY, processors=failing)]
         alone = run(e, [jobs[0]])[0].tokens
         model.batches.clear()
         together = run(e, jobs)
-    finally:
-        e.stop()
-        e.wait_stopped()
     assert together[0].tokens == alone and together[0].end.reason == "length"
     assert isinstance(together[1].end, Failed) and "no way on" in together[1].end.message
     assert len(together[1].tokens) == 4
