@@ -19,7 +19,7 @@ import numpy as np
 from . import prompt
 
 if TYPE_CHECKING:
-    from . import wire
+    from .api import wire
     from .families.base import Format
 
 # When the profile clamps max_tokens, what the answer keeps of it at least.

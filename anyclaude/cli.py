@@ -78,7 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from . import blas
+    from .engine.cpu import blas
 
     blas.preload_and_reexec(sys.argv[1:])
     from granian import Granian
@@ -90,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"anyclaude: profile {loaded.name} ({loaded.path})", flush=True)
     print(f"anyclaude: listening on http://{host}:{port} (the model is loading; GET /health says when it is ready)", flush=True)
     Granian(
-        "anyclaude.app:create_app",
+        "anyclaude.http.app:create_app",
         factory=True,
         address=host,
         port=port,

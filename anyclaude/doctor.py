@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import launcher, logs, profiles
-from .metal import metal_info
+from .engine.metal import metal_info
 from .models import ModelError, disk_size, gguf_directory, memory_budget, model_files
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
@@ -130,7 +130,7 @@ def check_device() -> Check:
     metal = metal_info()
     if metal is not None:
         return OK, "device", f"Metal ({metal.get('device_name', 'GPU')})"
-    from . import blas
+    from .engine.cpu import blas
 
     found = blas.openblas_path()
     if found:
@@ -186,7 +186,7 @@ def check_memory(model_bytes: int | None, loaded: profiles.Loaded) -> Check:
 
 def _openblas() -> bool:
     # The daemon dequantizes on the CPU only with OpenBLAS to run the float32 matmuls.
-    from . import blas
+    from .engine.cpu import blas
 
     return blas.openblas_path() is not None
 
@@ -290,7 +290,7 @@ def check_upstream(key: str, model: profiles.Model) -> Check:
 def check_kv(loaded: profiles.Loaded) -> list[Check]:
     """Per model: its KV bytes per token, and what the KV budget holds (the context
     window, Claude Code's prefix as checkpoints)."""
-    from .cache import default_budget
+    from .engine.cache import default_budget
 
     checks = []
     memory, what = memory_budget()

@@ -34,7 +34,7 @@ class Record(Struct, omit_defaults=True):
     request_class: str | None = None
     agent_id: str | None = None
     parent_agent_id: str | None = None
-    # Queued after main requests, cached apart (see anyclaude.scheduler).
+    # Queued after main requests, cached apart (see anyclaude.engine.scheduler).
     side: bool | None = None
     model: str | None = None
     resolved_model: str | None = None

@@ -14,8 +14,9 @@ from collections import OrderedDict
 import msgspec
 import numpy as np
 
-from . import prompt, wire
-from .cache import common_prefix
+from . import prompt
+from .api import wire
+from .engine.cache import common_prefix
 
 
 class Miss(msgspec.Struct):

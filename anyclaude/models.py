@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import blas, vision
-from .engine import Loaded
-from .metal import metal_info
+from . import vision
+from .engine.cpu import blas
+from .engine.engine import Loaded
+from .engine.metal import metal_info
 from .profiles import Engine as EngineSettings
 from .profiles import Model
 
@@ -153,7 +154,7 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
         from mlx_lm import load as mlx_load
         from mlx_lm.models.cache import make_prompt_cache
 
-        from .cache import kinds
+        from .engine.cache import kinds
 
         where = prepare(model, relative_to)
         seeing = None
@@ -170,7 +171,7 @@ def loader(model: Model, settings: EngineSettings, relative_to: Path | None = No
         if mx.metal.is_available():
             device = "Metal"
         else:
-            from . import cpu
+            from .engine.cpu import fast as cpu
 
             cpu.use_numpy_exp()
             if settings.cpu_dequantize and blas.loaded():

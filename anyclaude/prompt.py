@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 from msgspec import Struct
 
-from . import families, pdf, signature, wire
+from . import families, pdf, signature
+from .api import wire
 from .families.base import Format
-from .cache import common_prefix
-from .errors import InvalidRequest
+from .engine.cache import common_prefix
+from .api.errors import InvalidRequest
 
 BILLING_HEADER = "x-anthropic-billing-header:"
 IMAGE_NOTE = "[the user attached an image, which this model cannot see]"

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import logs, misses, profiles, upstream
-from .cache import PrefixCache
-from .engine import Engine, KVQuantization
-from .errors import ApiError, NotFound, NotReady
+from .engine.cache import PrefixCache
+from .engine.engine import Engine, KVQuantization
+from .api.errors import ApiError, NotFound, NotReady
 from .models import loader, size_on_disk
-from .scheduler import Scheduler
+from .engine.scheduler import Scheduler
 
 
 class Server:

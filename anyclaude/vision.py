@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from msgspec import Struct
 
-from .errors import InvalidRequest
+from .api.errors import InvalidRequest
 
 # mlx-vlm model types whose positions are mrope's: three per token (time, height, width),
 # an image's tokens placed on its grid, the text after it shifted by what the grid saved.

@@ -163,7 +163,8 @@ def openai_messages(body: dict, tokenizer) -> tuple[list[dict], list[dict] | Non
     anyclaude writes them into the system turn in its generic tool format for such
     templates; we ask it for the same messages so both servers prefill the same tokens.
     """
-    from anyclaude import families, prompt, wire
+    from anyclaude import families, prompt
+    from anyclaude.api import wire
 
     messages, _, tools = prompt.template_inputs(wire.decode_request(json.dumps(body).encode()), families.detect(tokenizer))
     if not tools:
@@ -176,6 +177,7 @@ def openai_messages(body: dict, tokenizer) -> tuple[list[dict], list[dict] | Non
 
 def prompt_ids(body: dict, tokenizer) -> list[int]:
     """The token ids anyclaude prefills for `body` (for the in-process reference)."""
-    from anyclaude import prompt, wire
+    from anyclaude import prompt
+    from anyclaude.api import wire
 
     return prompt.render(wire.decode_request(json.dumps(body).encode()), tokenizer).ids

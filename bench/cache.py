@@ -25,8 +25,8 @@ tables, PASS/FAIL per target and one JSON line; exits 0 whatever the verdicts.
 On Linux with OpenBLAS installed, the command re-runs itself with OpenBLAS preloaded
 (as `anyclaude serve` does), so that the in-process reference and mlx_lm.server run
 dequantized float32 weights on the same BLAS as the daemon. The rest of anyclaude's CPU
-path (attention's softmax and SwiGLU in NumPy, anyclaude.cpu) and its merged first
-forward pass (anyclaude.decode) are its own: the other two run plain mlx-lm.
+path (attention's softmax and SwiGLU in NumPy, anyclaude.engine.cpu.fast) and its merged first
+forward pass (anyclaude.engine.decode) are its own: the other two run plain mlx-lm.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ TARGETS = {"warm_loop": 0.10, "warm_interleaved": 0.15, "restart": 0.15, "decode
 _MLX_SERVER = """
 import sys
 import mlx_lm.server as server
-from anyclaude import blas
-from anyclaude.cpu import dequantize
+from anyclaude.engine.cpu import blas
+from anyclaude.engine.cpu.fast import dequantize
 plain_load = server.load
 wanted = sys.argv[1] == "dequantize"
 def load(*args, **kwargs):
@@ -289,12 +289,12 @@ class Reference:
     def __init__(self, model_dir: str, prefill_step: int):
         from mlx_lm import load
 
-        from anyclaude import blas
+        from anyclaude.engine.cpu import blas
 
         self.prefill_step = prefill_step
         self.model, self.tokenizer = load(model_dir)
         if blas.loaded():
-            from anyclaude.cpu import dequantize
+            from anyclaude.engine.cpu.fast import dequantize
 
             dequantize(self.model)
         self.kept: dict[str, tuple[list[int], list]] = {}
@@ -372,7 +372,7 @@ class Engine(Reference):
     def send(self, label: str, session: str, body: dict) -> Turn:
         import mlx.core as mx
 
-        from anyclaude import decode
+        from anyclaude.engine import decode
 
         ids = agent_loop.prompt_ids(body, self.tokenizer)
         kv, reused = self._best_cache(session, ids)
@@ -586,7 +586,9 @@ def model_directory() -> str:
 def run(turns: int, max_tokens: int, max_gb: float) -> dict:
     from mlx_lm.utils import load_tokenizer
 
-    from anyclaude import blas, metal, profiles
+    from anyclaude import profiles
+    from anyclaude.engine.cpu import blas
+    from anyclaude.engine import metal
 
     model_dir = model_directory()
     # The reference prefills in the same chunks as the daemon, so that the ratio shows what
@@ -739,7 +741,8 @@ def _kv_peak(health: dict) -> int | None:
 
 
 def _checkpoint(tokenizer) -> int:
-    from anyclaude import prompt, wire
+    from anyclaude import prompt
+    from anyclaude.api import wire
 
     body = agent_loop.anthropic_body(agent_loop.Session("main", agent_loop.MAIN).messages)
     return prompt.render(wire.decode_request(json.dumps(body).encode()), tokenizer).checkpoint
@@ -909,7 +912,7 @@ def random_model(directory: Path, layers: int, window: int) -> Path:
 def scaled_budget(name: str, kv_per_token: int) -> tuple[int, int]:
     """A shipped profile's default KV budget, as tokens of its model, and in bytes of a model
     with `kv_per_token`."""
-    from anyclaude.cache import default_budget
+    from anyclaude.engine.cache import default_budget
 
     shipped = SHIPPED[name]
     budget = shipped.get("budget") or default_budget(shipped["working_set"], shipped["weights"])
@@ -1019,7 +1022,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=8, help="for --claude-code: the random model's layers (the tiny model has 30)")
     parser.add_argument("--engine-worker", nargs=2, metavar=("MODEL_DIR", "PREFILL_STEP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from anyclaude import blas
+    from anyclaude.engine.cpu import blas
 
     blas.preload_and_reexec(sys.orig_argv[1:], module=None)  # as `anyclaude serve` does
     if args.engine_worker:

@@ -28,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from anyclaude import blas, constrain, models, profiles  # noqa: E402
+from anyclaude import constrain, models, profiles
+from anyclaude.engine.cpu import blas  # noqa: E402
 
 PROMPT = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -145,7 +146,7 @@ def main() -> None:
     model, tokenizer = load(models.prepare(spec))
     device = "Metal" if mx.metal.is_available() else "CPU, quantized, bundled BLAS"
     if not mx.metal.is_available() and blas.loaded():
-        from anyclaude.cpu import dequantize
+        from anyclaude.engine.cpu.fast import dequantize
 
         dequantize(model)
         device = "CPU, dequantized, OpenBLAS"

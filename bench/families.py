@@ -33,7 +33,7 @@ checked against the no-cache ones too. Targets (issue 12), per architecture, PAS
 
 On Linux with OpenBLAS installed the command re-runs itself with OpenBLAS preloaded, as
 `anyclaude serve` does, and attention's softmax and SwiGLU go through NumPy
-(anyclaude.cpu), as the engine's loader sets up on a CPU. Prints a table per
+(anyclaude.engine.cpu.fast), as the engine's loader sets up on a CPU. Prints a table per
 architecture, a summary, the verdicts and one JSON line; exits 0 whatever the verdicts.
 """
 
@@ -136,7 +136,8 @@ class Workload:
 
 
 def workload(tokenizer, turns: int) -> Workload:
-    from anyclaude import prompt, wire
+    from anyclaude import prompt
+    from anyclaude.api import wire
 
     body = agent_loop.anthropic_body([{"role": "user", "content": agent_loop.MAIN[0]}])
     rendered = prompt.render(wire.decode_request(json.dumps(body).encode()), tokenizer)
@@ -163,8 +164,8 @@ def _user_text(turn: int) -> str:
 
 
 def start_engine(model, tokenizer, prefill_step: int, cached: bool):
-    from anyclaude.cache import PrefixCache
-    from anyclaude.engine import Engine, Loaded
+    from anyclaude.engine.cache import PrefixCache
+    from anyclaude.engine.engine import Engine, Loaded
 
     # No end-of-sequence ids: a random-weight model would otherwise stop at random, and
     # every answer is the full 24 tokens.
@@ -178,7 +179,7 @@ def start_engine(model, tokenizer, prefill_step: int, cached: bool):
 def ask(engine, prompt: list[int], checkpoint: int = 0, max_tokens: int = ANSWER) -> tuple[list[int], int, float]:
     """One request: its answer, the prompt tokens the cache gave, and the seconds from
     submitting it to its first Token event."""
-    from anyclaude.engine import Done, Failed, Generation, Job, Prefilled, Sampling, Token
+    from anyclaude.engine.events import Done, Failed, Generation, Job, Prefilled, Sampling, Token
 
     greedy = Sampling(temperature=0.0, top_p=1.0, top_k=0)
 
@@ -220,7 +221,7 @@ class Ideal:
 
     def first_token(self, prompt: list[int]) -> float:
         """Seconds to the first token of `prompt`, which must start with what the cache holds."""
-        from anyclaude import decode
+        from anyclaude.engine import decode
 
         assert prompt[: len(self.held)] == self.held, "the ideal cache is not a prefix of the prompt"
         started = time.perf_counter()
@@ -314,8 +315,8 @@ def run_architecture(architecture: str, tokenizer, work: Workload, prefill_step:
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    from anyclaude import cpu
-    from anyclaude.cache import kinds
+    from anyclaude.engine.cpu import fast as cpu
+    from anyclaude.engine.cache import kinds
 
     model = build(architecture)
     if not mx.metal.is_available():
@@ -467,13 +468,14 @@ def main() -> int:
         parser.error("--turns must be at least 2: the first turn is the cold one")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    from anyclaude import blas
+    from anyclaude.engine.cpu import blas
 
     blas.preload_and_reexec(sys.orig_argv[1:], module=None)  # as `anyclaude serve` does
     import mlx.core as mx
     from mlx_lm.utils import load_tokenizer
 
-    from anyclaude import metal, models, profiles
+    from anyclaude import models, profiles
+    from anyclaude.engine import metal
 
     started = time.monotonic()
     profile = profiles.load("tiny").profile

@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--no-raw", action="store_true", help="skip mlx-lm's own batching on the same model")
     args = parser.parse_args()
-    from anyclaude import blas
+    from anyclaude.engine.cpu import blas
 
     blas.preload_and_reexec(sys.orig_argv[1:], module=None)  # as `anyclaude serve` does
     directory = Path(tempfile.mkdtemp(prefix="anyclaude-parallel-"))

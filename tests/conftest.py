@@ -9,7 +9,7 @@ from pathlib import Path
 import anthropic
 import pytest
 
-from anyclaude import blas
+from anyclaude.engine.cpu import blas
 from bench.harness import Daemon
 
 
@@ -46,7 +46,7 @@ def tiny_net(tiny_model):
     on a CPU (much faster there). Shared: tests must not change its weights."""
     from mlx_lm import load
 
-    from anyclaude import cpu
+    from anyclaude.engine.cpu import fast as cpu
 
     model, tokenizer = load(str(tiny_model))
     cpu.dequantize(model)

@@ -12,9 +12,10 @@ import re
 import threading
 
 from anyclaude import constrain, profiles
-from anyclaude.app import App
+from anyclaude.http.app import App
 from anyclaude.server import Server
-from anyclaude.engine import Done, Failed, Generation, Job, Loaded, Prefilled, Token
+from anyclaude.engine.engine import Loaded
+from anyclaude.engine.events import Done, Failed, Generation, Job, Prefilled, Token
 
 
 class ScriptedEngine:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import base64
 import json
 
-from anyclaude import prompt, wire
+from anyclaude import prompt
+from anyclaude.api import wire
 
 
 def pdf(*pages: str) -> bytes:

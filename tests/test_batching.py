@@ -11,8 +11,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from anyclaude.cache import PrefixCache
-from anyclaude.engine import Done, Engine, Failed, Generation, Job, Loaded, Prefilled, Sampling, Token
+from anyclaude.engine.cache import PrefixCache
+from anyclaude.engine.engine import Engine, Loaded
+from anyclaude.engine.events import Done, Failed, Generation, Job, Prefilled, Sampling, Token
 from families import ARCHITECTURES, build
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, top_k=0)

@@ -14,9 +14,12 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from sse_grammar import check
 
-from anyclaude import budget, decode, families, prompt, wire
+from anyclaude import budget, families, prompt
+from anyclaude.engine import decode
+from anyclaude.api import wire
 from anyclaude.budget import Budget, limit
-from anyclaude.engine import Engine, Job, Loaded, Sampling
+from anyclaude.engine.engine import Engine, Loaded
+from anyclaude.engine.events import Job, Sampling
 from bench.harness import request, serving
 
 PROMPT = "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n"

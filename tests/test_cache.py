@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from anyclaude.cache import CHECKPOINT, PrefixCache, Reuse, _digest, length, nbytes
+from anyclaude.engine.cache import CHECKPOINT, PrefixCache, Reuse, _digest, length, nbytes
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_the_budget_holds_the_live_request_s_kv_too(model):
 
 
 def test_the_default_budget_is_the_memory_left_by_the_weights():
-    from anyclaude.cache import default_budget
+    from anyclaude.engine.cache import default_budget
 
     gb = 2**30
     reserve = int(64 * gb * 0.1)  # a tenth

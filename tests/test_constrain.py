@@ -506,7 +506,8 @@ def test_a_schema_with_defs_is_forced_through_its_refs(tiny):
     """Pydantic-made schemas (MCP tools) put their types in `$defs` and point at them."""
     import json
 
-    from anyclaude import prompt, wire
+    from anyclaude import prompt
+    from anyclaude.api import wire
 
     _, tokenizer = tiny
     schema = {

@@ -1,4 +1,4 @@
-"""The CPU path's attention and SwiGLU (anyclaude.cpu) against MLX's own, on random
+"""The CPU path's attention and SwiGLU (anyclaude.engine.cpu.fast) against MLX's own, on random
 inputs and through the tiny model."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from anyclaude import cpu
+from anyclaude.engine.cpu import fast as cpu
 
-# MLX's own, as anyclaude.cpu kept them (an engine loaded in this process replaces them).
+# MLX's own, as anyclaude.engine.cpu.fast kept them (an engine loaded in this process replaces them).
 MLX = cpu._mlx_attention
 MLX_SWIGLU = cpu._mlx_swiglu
 

@@ -1,4 +1,4 @@
-"""The token loop (anyclaude.decode) against mlx-lm's generate_step, on the tiny model."""
+"""The token loop (anyclaude.engine.decode) against mlx-lm's generate_step, on the tiny model."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from anyclaude import decode
-from anyclaude.cache import length
+from anyclaude.engine import decode
+from anyclaude.engine.cache import length
 
 
 @pytest.fixture(scope="module")

@@ -224,8 +224,9 @@ def test_a_sampler_that_fails_leaves_nothing_broken_for_the_next_request(tiny_ne
     # failure (here mlx-lm refusing a top_k of the whole vocabulary) break later requests.
     import asyncio
 
-    from anyclaude.cache import PrefixCache
-    from anyclaude.engine import Done, Engine, Failed, Generation, Job, Loaded, Sampling
+    from anyclaude.engine.cache import PrefixCache
+    from anyclaude.engine.engine import Engine, Loaded
+    from anyclaude.engine.events import Done, Failed, Generation, Job, Sampling
 
     model, tokenizer = tiny_net
     loaded = Loaded(model=model, tokenizer=tokenizer, context_length=8192, eos_ids=frozenset(tokenizer.eos_token_ids))

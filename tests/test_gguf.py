@@ -11,8 +11,8 @@ import mlx_lm
 import pytest
 from mlx import nn
 
-from anyclaude.blas import openblas_path
-from anyclaude.cpu import dequantize
+from anyclaude.engine.cpu.blas import openblas_path
+from anyclaude.engine.cpu.fast import dequantize
 from anyclaude.gguf import bundled_gguf, import_gguf
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]

@@ -11,8 +11,10 @@ import asyncio
 import mlx.core as mx
 import pytest
 
-from anyclaude import metal, profiles
-from anyclaude.engine import Done, Engine, Generation, Job, Loaded, Sampling
+from anyclaude import profiles
+from anyclaude.engine import metal
+from anyclaude.engine.engine import Engine, Loaded
+from anyclaude.engine.events import Done, Generation, Job, Sampling
 from families import build
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, top_k=0)

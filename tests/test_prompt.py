@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from anyclaude import prompt, wire
-from anyclaude.errors import InvalidRequest
+from anyclaude import prompt
+from anyclaude.api import wire
+from anyclaude.api.errors import InvalidRequest
 
 
 def req(**body) -> wire.MessagesRequest:

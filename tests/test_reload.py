@@ -141,7 +141,7 @@ class Sized:
     go are recorded."""
 
     def __init__(self, model, budget: int, events: list, growth: int = 1):
-        from anyclaude.engine import Loaded
+        from anyclaude.engine.engine import Loaded
 
         self.path, self.events, self.cache = model.path, events, None
         found = Path(model.path).exists()
@@ -183,7 +183,7 @@ class Sized:
 def test_a_model_swap_unloads_the_old_model_first_when_memory_cannot_hold_both(tmp_path, budget, growth, order):
     import asyncio
 
-    from anyclaude.errors import Overloaded
+    from anyclaude.api.errors import Overloaded
     from anyclaude.server import Server
 
     for name in ("a", "b"):
@@ -211,7 +211,7 @@ def test_a_model_swap_unloads_the_old_model_first_when_memory_cannot_hold_both(t
 def test_a_broken_model_does_not_hold_other_edits_back_and_a_stopping_daemon_refuses_work(tmp_path):
     import asyncio
 
-    from anyclaude.errors import Overloaded
+    from anyclaude.api.errors import Overloaded
     from anyclaude.server import Server
 
     log = {"path": str(tmp_path / "requests.jsonl")}

@@ -15,7 +15,8 @@ import re
 
 import pytest
 
-from anyclaude import prompt, toolcalls, wire
+from anyclaude import prompt, toolcalls
+from anyclaude.api import wire
 from anyclaude.output import Output
 
 READ = {

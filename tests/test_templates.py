@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from anyclaude import constrain, prompt, signature, toolcalls, wire
+from anyclaude import constrain, prompt, signature, toolcalls
+from anyclaude.api import wire
 from anyclaude.families import qwen3_coder
 from anyclaude.output import Output
 

@@ -8,7 +8,8 @@ import json
 import pytest
 from test_templates import family_tokenizer, grammar_writes, QWEN_THINK
 
-from anyclaude import constrain, prompt, toolcalls, wire
+from anyclaude import constrain, prompt, toolcalls
+from anyclaude.api import wire
 from anyclaude.output import Output
 
 

@@ -8,7 +8,7 @@ import json
 
 import msgspec
 
-from anyclaude import wire
+from anyclaude.api import wire
 from anyclaude.profiles import Model
 from anyclaude.toolcalls import BadCall, CallDelta, CallStart, Text, Thinking, ToolCall
 from anyclaude.upstream import anthropic, openai

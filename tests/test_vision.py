@@ -13,9 +13,11 @@ import anthropic
 import numpy as np
 import pytest
 
-from anyclaude import profiles, prompt, vision, wire
-from anyclaude.cache import PrefixCache
-from anyclaude.engine import Done, Engine, Failed, Generation, Job, KVQuantization, Loaded, Prefilled, Sampling, Token
+from anyclaude import profiles, prompt, vision
+from anyclaude.api import wire
+from anyclaude.engine.cache import PrefixCache
+from anyclaude.engine.engine import Engine, KVQuantization, Loaded
+from anyclaude.engine.events import Done, Failed, Generation, Job, Prefilled, Sampling, Token
 from bench.harness import Daemon, request
 from vision_model import IMAGE_TOKENS, build
 

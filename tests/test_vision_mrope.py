@@ -19,7 +19,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from anyclaude import prompt, vision, wire
+from anyclaude import prompt, vision
+from anyclaude.api import wire
 from bench.harness import Daemon, request
 from vision_model import build_qwen
 
@@ -211,8 +212,8 @@ def test_an_image_read_by_the_read_tool_answers_as_mlx_vlm_does(sdk, daemon, loa
 def test_a_hybrid_model_resumes_a_prefill_cut_inside_or_past_the_image(loaded, tmp_path):
     """Qwen3.5's linear-attention cache is reused at exact snapshots only: here the one an
     interrupted prefill leaves at its last chunk's end, inside the image or past it."""
-    from anyclaude.cache import PrefixCache
-    from anyclaude.engine import Engine, Loaded
+    from anyclaude.engine.cache import PrefixCache
+    from anyclaude.engine.engine import Engine, Loaded
     from test_vision import Cutting, ask
 
     seeing = loaded["qwen3_5"]
@@ -274,8 +275,8 @@ def test_two_sequences_interleaved_on_one_model_answer_as_each_alone(loaded):
 def test_a_hybrid_model_s_saved_cache_is_reused_after_a_restart(loaded, tmp_path):
     """`[cache] persist`: Qwen3.5's linear-attention layers' caches (mlx-vlm's
     ArraysCache) are saved as mlx-lm's and loaded back as mlx-vlm's."""
-    from anyclaude.cache import PrefixCache
-    from anyclaude.engine import Engine, Loaded
+    from anyclaude.engine.cache import PrefixCache
+    from anyclaude.engine.engine import Engine, Loaded
     from test_vision import Cutting, ask
 
     seeing = loaded["qwen3_5"]

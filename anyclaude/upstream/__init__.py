@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import re
 
-from .. import profiles, wire
-from ..errors import prompt_too_long
+from .. import profiles
+from ..api import wire
+from ..api.errors import prompt_too_long
 from . import anthropic, openai
 from .base import Broke, Call, Down, Ended, Gate, Output, Refused, Upstream, Usage, clamp, forwarded
 
@@ -76,7 +77,7 @@ def context_overflow(exc: Refused) -> tuple[int, int] | None:
 async def count_tokens(upstream: Upstream, request: wire.CountTokensRequest, body: bytes, headers: list, *, keep_billing_header: bool, wait: float) -> int:
     """count_tokens, asked of an Anthropic-API upstream; an OpenAI-API one cannot count (404:
     the client estimates)."""
-    from ..errors import NotFound
+    from ..api.errors import NotFound
 
     if upstream.api is not anthropic:
         raise NotFound(f"count_tokens: model {upstream.key!r} runs on an OpenAI-API upstream, which does not count tokens")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from .. import prompt, wire
+from .. import prompt
+from ..api import wire
 from ..toolcalls import CallDelta, CallStart, Text, Thinking, ToolCall
 from .base import Broke, Ended, Output, Usage, usage_of
 

@@ -21,8 +21,9 @@ from typing import Any
 import httpx2
 from msgspec import Struct
 
-from .. import profiles, wire
-from ..errors import AnthropicError, InvalidRequest, NotFound, Overloaded, RequestTooLarge
+from .. import profiles
+from ..api import wire
+from ..api.errors import AnthropicError, InvalidRequest, NotFound, Overloaded, RequestTooLarge
 
 RETRY_AFTER_SECONDS = 5
 # /health asks an upstream again when nothing has been heard of it for this long.

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 
-from .. import prompt, repair, toolcalls, wire
+from .. import prompt, repair, toolcalls
+from ..api import wire
 from ..toolcalls import BadCall, Text, Thinking
 from .base import Broke, Ended, Output, Usage, usage_of
 

@@ -16,12 +16,13 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
-from . import signature, wire
-from .engine import Done, Failed, Generation, Prefilled, Token
+from .. import signature
+from . import wire
+from ..engine.events import Done, Failed, Generation, Prefilled, Token
 from .errors import AnthropicError, ApiError, ErrorEnvelope, Overloaded
-from .output import Output
-from .toolcalls import BadCall, CallDelta, CallStart, Text, Thinking, ToolCall
-from .upstream import base as upstream
+from ..output import Output
+from ..toolcalls import BadCall, CallDelta, CallStart, Text, Thinking, ToolCall
+from ..upstream import base as upstream
 
 _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 

@@ -25,8 +25,9 @@ import time
 
 from msgspec import Struct
 
-from .engine import Engine, Failed, Generation, Job
-from .errors import Overloaded
+from .engine import Engine
+from .events import Failed, Generation, Job
+from ..api.errors import Overloaded
 
 MAX_WAIT = 30.0
 # x-claude-code-request-class -> rank (a class it does not know ranks as main).

@@ -15,11 +15,12 @@ from typing import Any
 
 import msgspec
 
-from . import budget, constrain, lifeline, logs, misses, profiles, prompt, reload, toolcalls, upstream, wire
-from .engine import Job, Sampling
-from .scheduler import RANKS, SIDE
-from .server import Server
-from .errors import (
+from .. import budget, constrain, lifeline, logs, misses, profiles, prompt, reload, toolcalls, upstream
+from ..api import wire
+from ..engine.events import Job, Sampling
+from ..engine.scheduler import RANKS, SIDE
+from ..server import Server
+from ..api.errors import (
     AnthropicError,
     ApiError,
     InvalidRequest,
@@ -30,8 +31,8 @@ from .errors import (
     envelope,
     prompt_too_long,
 )
-from .output import Output
-from .stream import MessageStream, Timeouts, accumulate, drive, new_id, relay, sse
+from ..output import Output
+from ..api.stream import MessageStream, Timeouts, accumulate, drive, new_id, relay, sse
 
 # Probes and polls that would drown the request log.
 _UNLOGGED = {"/", "/health", "/api/hello"}

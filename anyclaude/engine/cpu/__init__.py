@@ -1,0 +1,1 @@
+"""The Linux CPU speed path: an optimised BLAS and NumPy kernels, fenced off from Metal."""

@@ -1,0 +1,1 @@
+"""The ASGI transport: routes, body limits, auth, SSE and JSON, disconnects."""
