@@ -79,6 +79,26 @@ _ANSWERS = {
         stop(2),
         *end("end_turn", 12),
     ),
+    # Calls whose input a model wrote wrong: a string for an integer and a trailing comma
+    # (repaired), a required key missing (shown as text); then one no repair makes JSON.
+    "tool-repair": anthropic_events(
+        start(),
+        block(0, {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}),
+        delta(0, {"type": "input_json_delta", "partial_json": '{"file_path": "/tmp/x", '}),
+        delta(0, {"type": "input_json_delta", "partial_json": '"limit": "5",}'}),
+        stop(0),
+        block(1, {"type": "tool_use", "id": "toolu_2", "name": "Read", "input": {}}),
+        delta(1, {"type": "input_json_delta", "partial_json": '{"limit": 3}'}),
+        stop(1),
+        *end("tool_use", 20),
+    ),
+    "tool-unparseable": anthropic_events(
+        start(),
+        block(0, {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}),
+        delta(0, {"type": "input_json_delta", "partial_json": "{file_path /tmp/x"}),
+        stop(0),
+        *end("tool_use", 9),
+    ),
     "error-event": anthropic_events(start(), block(0, {"type": "text", "text": ""}), delta(0, _text("Hel")), {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
     "oai-tool": b"".join(
         [
