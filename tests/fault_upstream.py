@@ -141,6 +141,22 @@ _BEGUN = {
     "oai-stall": chunk({"role": "assistant", "content": "Hel"}),
 }
 
+# Scripts that write a few words, then a long call slowly: a piece each PACE seconds, for
+# longer in all than the front daemon's idle timeout (but never silent for as long).
+PACE = 1.0
+_PACED = {
+    "slow-tool": [
+        anthropic_events(start(), block(0, {"type": "text", "text": "Reading."}), stop(0), block(1, {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}})),
+        *(anthropic_events(delta(1, {"type": "input_json_delta", "partial_json": p})) for p in ['{"file_path": ', '"/tmp/', "long/", "path", '"}']),
+        anthropic_events(stop(1), *end("tool_use", 9)),
+    ],
+    "oai-slow-tool": [
+        chunk({"content": "Reading."}) + chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "Read", "arguments": ""}}]}),
+        *(chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in ['{"file_path": ', '"/tmp/', "long/", "path", '"}']),
+        chunk(finish="tool_calls") + b"data: [DONE]\n\n",
+    ],
+}
+
 _STATUS = {
     "status-500": (500, {"type": "error", "error": {"type": "api_error", "message": "CUDA out of memory"}}),
     "status-529": (529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
@@ -221,6 +237,14 @@ class FaultUpstream:
             return await _respond(writer, status, "application/json", json.dumps(error).encode(), {"retry-after": "7"} if status == 529 else None)
         if script in _ANSWERS:
             return await _respond(writer, 200, "text/event-stream", _ANSWERS[script])
+        if script in _PACED:
+            first, *rest = _PACED[script]
+            await _respond(writer, 200, "text/event-stream", first, end=False)
+            for piece in rest:
+                await asyncio.sleep(PACE)  # the upstream's pace, not a wait for anything
+                writer.write(piece)
+                await writer.drain()
+            return
         await _respond(writer, 200, "text/event-stream", _BEGUN[script], end=False)
         if "stall" in script:
             await reader.read()  # b"" once the client closes the connection

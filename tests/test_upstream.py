@@ -22,6 +22,7 @@ import tomli_w
 from anyclaude import doctor, launcher, profiles
 import claude_code
 from bench.harness import Daemon, free_port, request
+import fault_upstream
 from fault_upstream import FaultUpstream
 from sse_grammar import check
 
@@ -352,6 +353,19 @@ def test_a_stalled_upstream_meets_the_watchdog_and_the_stream_ends_well_formed(f
     assert IDLE <= took < IDLE + 10
     assert record(front, reply.headers["request-id"])["outcome"] == "timeout_idle"
     assert fault.hangups.get(timeout=10) == "stall"  # the upstream request was closed
+
+
+@pytest.mark.parametrize("model", ["anyclaude-faulty", "anyclaude-faulty-oai"])
+def test_a_call_written_for_longer_than_the_idle_timeout_is_not_cut(front, model):
+    """Its arguments show nothing until the call ends, but the upstream is not silent."""
+    script = "SCRIPT:oai-slow-tool" if model.endswith("oai") else "SCRIPT:slow-tool"
+    assert 6 * fault_upstream.PACE > IDLE > fault_upstream.PACE  # what the script is for
+    reply = post(front, ask(model, script, stream=True, tools=TOOLS))
+    events = check(reply.body)
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+    json_text = "".join(e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta" and e["delta"]["type"] == "input_json_delta")
+    assert json.loads(json_text) == {"file_path": "/tmp/long/path"}
+    assert record(front, reply.headers["request-id"])["outcome"] == "tool_use"
 
 
 @pytest.mark.parametrize("script", ["hangup", "error-event", "oai-hangup"])
