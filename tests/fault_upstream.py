@@ -157,6 +157,11 @@ _PACED = {
     ],
 }
 
+_HELD = (
+    anthropic_events(start(), block(0, {"type": "text", "text": "Reading."}), stop(0), block(1, {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}), delta(1, {"type": "input_json_delta", "partial_json": '{"file_path":'})),
+    anthropic_events(delta(1, {"type": "input_json_delta", "partial_json": '"/tmp/x"}'}), stop(1), *end("tool_use", 9)),
+)
+
 _STATUS = {
     "status-500": (500, {"type": "error", "error": {"type": "api_error", "message": "CUDA out of memory"}}),
     "status-529": (529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
@@ -172,6 +177,7 @@ class FaultUpstream:
         self.requests: list[dict] = []
         self.hangups: queue.Queue[str] = queue.Queue()
         self.held: queue.Queue[str] = queue.Queue()  # requests held before any answer
+        self.released = threading.Event()  # lets "held-tool" finish its call
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="fault-upstream", daemon=True)
@@ -237,6 +243,15 @@ class FaultUpstream:
             return await _respond(writer, status, "application/json", json.dumps(error).encode(), {"retry-after": "7"} if status == 529 else None)
         if script in _ANSWERS:
             return await _respond(writer, 200, "text/event-stream", _ANSWERS[script])
+        if script == "held-tool":  # a call that goes on (a space each PACE / 4) until released
+            await _respond(writer, 200, "text/event-stream", _HELD[0], end=False)
+            while not self.released.is_set():
+                await asyncio.sleep(PACE / 4)
+                writer.write(anthropic_events(delta(1, {"type": "input_json_delta", "partial_json": " "})))
+                await writer.drain()
+            writer.write(_HELD[1])
+            await writer.drain()
+            return
         if script in _PACED:
             first, *rest = _PACED[script]
             await _respond(writer, 200, "text/event-stream", first, end=False)

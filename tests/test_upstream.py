@@ -471,18 +471,16 @@ def test_profile_errors_name_the_key(tmp_path):
     assert "line 3" in error('[models.a]\nupstream = "http://h:1"\ntimeout_connect = 0\n')
 
 
-def test_a_hot_reload_from_local_to_upstream_mid_stream(front, daemon):
-    """Last in this file: it makes the front daemon's local model an upstream one."""
-    path = Path(request(front.port, "GET", "/health").json()["profile_path"])
-    before = request(front.port, "GET", "/health").json()["revision"]
-    body = json.dumps(ask("anyclaude-local", "Tell me a long story about a cat.", max_tokens=24, stream=True)).encode()
+def streaming(front, body: dict) -> tuple[threading.Event, dict, threading.Thread]:
+    """A streamed request read in a thread: set once its first bytes came, its body and
+    request id in the dict once it ended."""
     began, result = threading.Event(), {}
 
-    def stream():
+    def read():
         import http.client
 
         conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=120)
-        conn.request("POST", "/v1/messages", body, {"content-type": "application/json"})
+        conn.request("POST", "/v1/messages", json.dumps(body).encode(), {"content-type": "application/json"})
         response = conn.getresponse()
         chunks = [response.read1()]
         began.set()
@@ -490,16 +488,38 @@ def test_a_hot_reload_from_local_to_upstream_mid_stream(front, daemon):
             chunks.append(chunk)
         result["body"], result["id"] = b"".join(chunks), response.getheader("request-id")
 
-    reader = threading.Thread(target=stream)
+    reader = threading.Thread(target=read)
     reader.start()
+    return began, result, reader
+
+
+def reloaded(front, path: Path, data: dict) -> dict:
+    """Write the profile and wait for the daemon to log the swap, watching its log: a busy
+    poll of /health would take the CPU the daemon needs (this machine has two), and a
+    model loading beside a stream starves it enough already."""
+    import watchfiles
+
+    seen = len(front.events())
+    profiles.write(path, data)
+    deadline = time.monotonic() + 120
+    for _ in watchfiles.watch(front.requests, debounce=50, rust_timeout=5000, yield_on_timeout=True):
+        new = [e["event"] for e in front.events()[seen:]]
+        assert "profile.reload.error" not in new, front.events()[seen:]
+        if "profile.reload" in new:
+            return request(front.port, "GET", "/health").json()
+        assert time.monotonic() < deadline, new
+
+
+def test_a_hot_reload_from_local_to_upstream_mid_stream(front, daemon):
+    """Near the end of this file: it makes the front daemon's local model an upstream one."""
+    path = Path(request(front.port, "GET", "/health").json()["profile_path"])
+    before = request(front.port, "GET", "/health").json()["revision"]
+    began, result, reader = streaming(front, ask("anyclaude-local", "Tell me a long story about a cat.", max_tokens=24, stream=True))
     assert began.wait(60)
     data = tomllib.loads(path.read_text())
     data["models"]["local"] = {"upstream": daemon.url, "upstream_model": "anyclaude-smollm2", "max_tokens": 8}
     del data["models"]["down-fb"]  # its fallback is not local any more
-    profiles.write(path, data)
-    deadline = time.monotonic() + 30
-    while (health := request(front.port, "GET", "/health").json())["revision"] == before:  # the daemon's own report
-        assert time.monotonic() < deadline, health
+    health = reloaded(front, path, data)
     reader.join(60)
     check(result["body"])  # the stream begun on the local engine ended on it, well-formed
     streamed = record(front, result["id"])
@@ -510,3 +530,28 @@ def test_a_hot_reload_from_local_to_upstream_mid_stream(front, daemon):
     assert health["models"]["local"]["upstream"] == daemon.url
     after = post(front, ask("anyclaude-local", "Hi", max_tokens=4))
     assert after.status == 200 and record(front, after.headers["request-id"])["upstream"] == daemon.url
+
+
+def test_a_hot_reload_from_upstream_to_local_mid_stream(front, fault):
+    """Last in this file: the front daemon's `faulty` becomes a local model while a call
+    streams from its upstream, which finishes the call only once the swap is done."""
+    path = Path(request(front.port, "GET", "/health").json()["profile_path"])
+    before = request(front.port, "GET", "/health").json()["revision"]
+    began, result, reader = streaming(front, ask("anyclaude-faulty", "SCRIPT:held-tool", stream=True, tools=TOOLS))
+    try:
+        assert began.wait(60)
+        data = tomllib.loads(path.read_text())
+        data["models"]["faulty"] = tomllib.loads(profiles.find("tiny").read_text())["models"]["smollm2"]
+        health = reloaded(front, path, data)
+        assert "upstream" not in health["models"]["faulty"]
+    finally:
+        fault.released.set()
+    reader.join(60)
+    events = check(result["body"])  # the call begun on the upstream ended there, whole
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+    json_text = "".join(e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta" and e["delta"]["type"] == "input_json_delta")
+    assert json.loads(json_text) == {"file_path": "/tmp/x"}
+    streamed = record(front, result["id"])
+    assert streamed["revision"] == before and streamed["upstream"] == fault.url and streamed["outcome"] == "tool_use"
+    after = post(front, ask("anyclaude-faulty", "Hi", max_tokens=4))
+    assert after.status == 200 and "upstream" not in record(front, after.headers["request-id"])
