@@ -163,6 +163,9 @@ def test_an_answer_without_the_forced_call_is_refused_never_passed_off_as_text()
     # A forced call the cap cut short ends as max_tokens, as a local one does.
     cut = read(forced(anthropic.Reader(anthropic_tools(READ)), {"type": "any"}), [*call(0, "Read", '{"n": 2'), *stop_with("max_tokens")])
     assert segments(cut) == [] and cut[-1] == Ended("max_tokens")
+    # ... but text or another tool until the cap is still not the call.
+    talked = read(forced(openai.Reader(TOOLS), {"type": "any"}), [delta(content="Well,"), {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}, "[DONE]"])
+    assert talked[-1].invalid and "stop_reason max_tokens" in talked[-1].message
 
 
 def test_sse_framing_multi_line_data_and_comments():

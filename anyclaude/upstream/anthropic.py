@@ -9,7 +9,7 @@ import json
 from .. import prompt, repair, toolcalls
 from ..api import wire
 from ..toolcalls import BadCall, Text, Thinking, ToolCall
-from .base import Broke, Ended, Output, Usage, usage_of
+from .base import Broke, Ended, Output, Usage, usage_of, whole_json
 
 PATH = "/v1/messages"
 
@@ -99,7 +99,7 @@ class Reader:
             if self._kinds.pop(index, None) != "tool_use" or index not in self._calls:
                 return []
             call = self._calls.pop(index)
-            if not _whole(call[1]):
+            if not whole_json(call[1]):
                 # Not whole JSON: cut short if the message ends at max_tokens next (the API
                 # closes the block all the same), else repaired.
                 self._pending = call
@@ -175,15 +175,6 @@ class Reader:
             return ToolCall(name, parsed) if isinstance(parsed, dict) else BadCall(raw=raw, reason=f"{name}: input is not a JSON object")
         checked = toolcalls.check_call(self._tools, name, parsed)
         return checked if isinstance(checked, ToolCall) else BadCall(raw=raw, reason=checked)
-
-
-def _whole(text: str) -> bool:
-    """Whether a call's input is complete JSON as it stands (repair closes what is cut)."""
-    try:
-        json.loads(text or "{}")
-    except ValueError:
-        return False
-    return True
 
 
 def _raw(name: str, text: str) -> str:

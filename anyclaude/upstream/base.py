@@ -468,7 +468,7 @@ class Forced:
                 # Kept even when empty: the relay's watchdog and pings go by the upstream's output.
                 out.append(Output(self._segments(event.segments)))
             elif isinstance(event, Ended):
-                if event.stop_reason == "max_tokens" and self._missed:
+                if event.stop_reason == "max_tokens" and "truncated" in self._missed:
                     out.append(Ended("max_tokens"))  # a call was being written: cut short, not refused
                 else:
                     out.append(Broke(self._refusal(event.stop_reason), overloaded=False, invalid=True))
@@ -533,6 +533,16 @@ def forwarded(scope_headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
         if key in ("anthropic-version", "anthropic-beta") or key.startswith("x-claude-code-"):
             out[key] = value.decode("latin-1")
     return out
+
+
+def whole_json(text: str) -> bool:
+    """Whether a call's arguments are complete JSON as they stand (repair would close
+    what a cap cut short into a call the model did not write)."""
+    try:
+        json.loads(text or "{}")
+    except ValueError:
+        return False
+    return True
 
 
 def usage_of(data: dict | None) -> dict:

@@ -9,7 +9,7 @@ import json
 from .. import prompt, repair, toolcalls
 from ..api import wire
 from ..toolcalls import BadCall, Text, Thinking
-from .base import Broke, Ended, Output, Usage, usage_of
+from .base import Broke, Ended, Output, Usage, usage_of, whole_json
 
 PATH = "/v1/chat/completions"
 
@@ -175,7 +175,7 @@ class Reader:
         self.done = True
         events: list = []
         last, cut = max(self._calls, default=None), []
-        if self._finish == "length" and last is not None and not _whole(self._calls[last][1]):
+        if self._finish == "length" and last is not None and not whole_json(self._calls[last][1]):
             # The cap cut the last call short: repair would close it into a wrong call.
             name, arguments = self._calls.pop(last)
             cut = [BadCall(raw=json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False), reason="truncated")]
@@ -185,11 +185,3 @@ class Reader:
         if self._matched:
             reason = "stop_sequence"
         return events + [Ended(reason, self._matched)]
-
-
-def _whole(arguments: str) -> bool:
-    try:
-        json.loads(arguments or "{}")
-    except ValueError:
-        return False
-    return True
