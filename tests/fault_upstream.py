@@ -79,6 +79,26 @@ _ANSWERS = {
         stop(2),
         *end("end_turn", 12),
     ),
+    # Calls whose input a model wrote wrong: a string for an integer and a trailing comma
+    # (repaired), a required key missing (shown as text); then one no repair makes JSON.
+    "tool-repair": anthropic_events(
+        start(),
+        block(0, {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}),
+        delta(0, {"type": "input_json_delta", "partial_json": '{"file_path": "/tmp/x", '}),
+        delta(0, {"type": "input_json_delta", "partial_json": '"limit": "5",}'}),
+        stop(0),
+        block(1, {"type": "tool_use", "id": "toolu_2", "name": "Read", "input": {}}),
+        delta(1, {"type": "input_json_delta", "partial_json": '{"limit": 3}'}),
+        stop(1),
+        *end("tool_use", 20),
+    ),
+    "tool-unparseable": anthropic_events(
+        start(),
+        block(0, {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}),
+        delta(0, {"type": "input_json_delta", "partial_json": "{file_path /tmp/x"}),
+        stop(0),
+        *end("tool_use", 9),
+    ),
     "error-event": anthropic_events(start(), block(0, {"type": "text", "text": ""}), delta(0, _text("Hel")), {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
     "oai-tool": b"".join(
         [
@@ -121,6 +141,27 @@ _BEGUN = {
     "oai-stall": chunk({"role": "assistant", "content": "Hel"}),
 }
 
+# Scripts that write a few words, then a long call slowly: a piece each PACE seconds, for
+# longer in all than the front daemon's idle timeout (but never silent for as long).
+PACE = 1.0
+_PACED = {
+    "slow-tool": [
+        anthropic_events(start(), block(0, {"type": "text", "text": "Reading."}), stop(0), block(1, {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}})),
+        *(anthropic_events(delta(1, {"type": "input_json_delta", "partial_json": p})) for p in ['{"file_path": ', '"/tmp/', "long/", "path", '"}']),
+        anthropic_events(stop(1), *end("tool_use", 9)),
+    ],
+    "oai-slow-tool": [
+        chunk({"content": "Reading."}) + chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "Read", "arguments": ""}}]}),
+        *(chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in ['{"file_path": ', '"/tmp/', "long/", "path", '"}']),
+        chunk(finish="tool_calls") + b"data: [DONE]\n\n",
+    ],
+}
+
+_HELD = (
+    anthropic_events(start(), block(0, {"type": "text", "text": "Reading."}), stop(0), block(1, {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}), delta(1, {"type": "input_json_delta", "partial_json": '{"file_path":'})),
+    anthropic_events(delta(1, {"type": "input_json_delta", "partial_json": '"/tmp/x"}'}), stop(1), *end("tool_use", 9)),
+)
+
 _STATUS = {
     "status-500": (500, {"type": "error", "error": {"type": "api_error", "message": "CUDA out of memory"}}),
     "status-529": (529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
@@ -136,6 +177,7 @@ class FaultUpstream:
         self.requests: list[dict] = []
         self.hangups: queue.Queue[str] = queue.Queue()
         self.held: queue.Queue[str] = queue.Queue()  # requests held before any answer
+        self.released = threading.Event()  # lets "held-tool" finish its call
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="fault-upstream", daemon=True)
@@ -201,6 +243,23 @@ class FaultUpstream:
             return await _respond(writer, status, "application/json", json.dumps(error).encode(), {"retry-after": "7"} if status == 529 else None)
         if script in _ANSWERS:
             return await _respond(writer, 200, "text/event-stream", _ANSWERS[script])
+        if script == "held-tool":  # a call that goes on (a space each PACE / 4) until released
+            await _respond(writer, 200, "text/event-stream", _HELD[0], end=False)
+            while not self.released.is_set():
+                await asyncio.sleep(PACE / 4)
+                writer.write(anthropic_events(delta(1, {"type": "input_json_delta", "partial_json": " "})))
+                await writer.drain()
+            writer.write(_HELD[1])
+            await writer.drain()
+            return
+        if script in _PACED:
+            first, *rest = _PACED[script]
+            await _respond(writer, 200, "text/event-stream", first, end=False)
+            for piece in rest:
+                await asyncio.sleep(PACE)  # the upstream's pace, not a wait for anything
+                writer.write(piece)
+                await writer.drain()
+            return
         await _respond(writer, 200, "text/event-stream", _BEGUN[script], end=False)
         if "stall" in script:
             await reader.read()  # b"" once the client closes the connection

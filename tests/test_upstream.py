@@ -22,6 +22,7 @@ import tomli_w
 from anyclaude import doctor, launcher, profiles
 import claude_code
 from bench.harness import Daemon, free_port, request
+import fault_upstream
 from fault_upstream import FaultUpstream
 from sse_grammar import check
 
@@ -73,7 +74,7 @@ def front_profile(directory: Path, daemon, mlx_server: MlxServer, fault: FaultUp
     local = data["models"]["smollm2"]
     data["models"] = {
         "local": local,
-        "anth": {"upstream": daemon.url, "upstream_model": "anyclaude-smollm2", "max_tokens": 64},
+        "anth": {"upstream": daemon.url, "upstream_model": "anyclaude-smollm2", "max_tokens": 200},
         "oai": {"upstream": mlx_server.url, "api": "openai", "upstream_model": "default_model", "max_tokens": 64, "tokenizer": str(tiny_model)},
         "faulty": {"upstream": fault.url, "upstream_model": "big-model", "max_tokens": 100, "api_key_env": "FAULT_KEY"},
         "faulty-oai": {"upstream": fault.url, "api": "openai", "upstream_model": "big-model"},
@@ -218,7 +219,7 @@ def test_a_conversation_is_translated_to_chat_completions(front, fault):
         "max_tokens": 50,
         "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2"}, {"type": "text", "text": "Be brief."}],
         "temperature": 0.3, "top_p": 0.9, "top_k": 20, "stop_sequences": ["END"],
-        "tools": TOOLS, "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+        "tools": TOOLS, "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
         "messages": [
             {"role": "user", "content": "Read /tmp/x"},
             {"role": "assistant", "content": [{"type": "text", "text": "Reading."}, {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"file_path": "/tmp/x"}}]},
@@ -237,7 +238,7 @@ def test_a_conversation_is_translated_to_chat_completions(front, fault):
     assert messages[3] == {"role": "tool", "tool_call_id": "toolu_1", "content": "hello"}
     # A system message mid-conversation reaches servers that take one at the start only.
     assert messages[-1]["role"] == "user" and "The user is in a hurry." in messages[-1]["content"]
-    assert sent["tools"][0]["function"]["name"] == "Read" and sent["tool_choice"] == "required" and sent["parallel_tool_calls"] is False
+    assert sent["tools"][0]["function"]["name"] == "Read" and sent["tool_choice"] == "auto" and sent["parallel_tool_calls"] is False
     assert (sent["temperature"], sent["top_p"], sent["top_k"], sent["stop"], sent["max_tokens"]) == (0.3, 0.9, 20, ["END"], 50)
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True} and sent["model"] == "big-model"
     message = reply.json()
@@ -260,6 +261,86 @@ def test_streamed_openai_tool_calls_become_tool_use_blocks_repaired_to_the_schem
     assert record(front, bad.headers["request-id"])["tool_parse_errors"]
 
 
+def test_tool_input_from_an_anthropic_api_upstream_is_repaired_and_checked_as_a_local_model_s(front, sdk):
+    message = sdk.messages.create(model="anyclaude-faulty", max_tokens=50, tools=TOOLS, messages=[{"role": "user", "content": "SCRIPT:tool-repair"}])
+    assert [b.type for b in message.content] == ["tool_use", "text"] and message.stop_reason == "tool_use"
+    assert message.content[0].name == "Read" and message.content[0].input == {"file_path": "/tmp/x", "limit": 5}
+    assert '"limit": 3' in message.content[1].text  # the call no repair makes valid, as its words
+    reply = post(front, ask("anyclaude-faulty", "SCRIPT:tool-repair", stream=True, tools=TOOLS))
+    events = check(reply.body)
+    json_text = "".join(e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta" and e["delta"]["type"] == "input_json_delta")
+    assert json.loads(json_text) == {"file_path": "/tmp/x", "limit": 5}
+    (reason,) = record(front, reply.headers["request-id"])["tool_parse_errors"]
+    assert "file_path" in reason and "required" in reason
+    # Input that is not JSON at all: text, and the turn ends as text does.
+    bad = post(front, ask("anyclaude-faulty", "SCRIPT:tool-unparseable", tools=TOOLS))
+    body = bad.json()
+    assert body["stop_reason"] == "end_turn" and [b["type"] for b in body["content"]] == ["text"]
+    assert "unparseable" in record(front, bad.headers["request-id"])["tool_parse_errors"][0]
+
+
+def test_mlx_lm_server_ignores_tool_choice():
+    """What the forced-call tests below build on: mlx-lm 0.32's server reads neither
+    tool_choice nor response_format, and renders tools only into templates that know them."""
+    import inspect
+
+    from mlx_lm import server
+
+    source = inspect.getsource(server)
+    assert "tool_choice" not in source and "response_format" not in source
+
+
+def test_a_forced_tool_call_through_mlx_lm_server_is_refused_never_answered_as_text(front, sdk, mlx_server):
+    forced = dict(model="anyclaude-oai", max_tokens=24, tools=TOOLS, messages=[{"role": "user", "content": "Read the file /tmp/x."}])
+    # mlx_lm.server takes the forced request (tool_choice named, or "required") and answers
+    # it with text: anyclaude says so, in a 400 (the streamed request, in an error event
+    # if pings began the stream first), rather than pass that text off as the call.
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk.messages.create(**forced, tool_choice={"type": "tool", "name": "Read"})
+    message = caught.value.body["error"]["message"]
+    assert caught.value.body["error"]["type"] == "invalid_request_error"
+    assert message.startswith("tool_choice tool: the upstream ") and mlx_server.url in message and "without a call to 'Read'" in message
+    line = record(front, caught.value.response.headers["request-id"])
+    assert line["upstream"] == mlx_server.url and line["upstream_status"] == 200 and line["outcome"] == "error" and line["error"] == message
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with sdk.messages.stream(**forced, tool_choice={"type": "any"}) as stream:
+            for _ in stream:
+                pass
+    assert caught.value.body["error"]["type"] == "invalid_request_error" and "tool_choice any" in caught.value.body["error"]["message"]
+    # Not forced, the same request is answered as text.
+    assert sdk.messages.create(**forced).content[0].type == "text"
+    # A forced tool that is not among the tools is refused before anything is sent, as for a local model.
+    reply = post(front, {**forced, "tool_choice": {"type": "tool", "name": "Write"}})
+    assert reply.status == 400 and reply.json()["error"]["message"] == "tool_choice.name: no tool named 'Write' among the tools"
+    assert record(front, reply.headers["request-id"]).get("upstream_status") is None
+
+
+def test_a_forced_tool_call_through_an_anthropic_api_upstream_that_forces_it(front, sdk, daemon):
+    """The upstream daemon forces the call with its grammar; this one checks it again."""
+    message = sdk.messages.create(
+        model="anyclaude-anth", max_tokens=200, tools=TOOLS, tool_choice={"type": "tool", "name": "Read"},
+        messages=[{"role": "user", "content": "What is in my notes file?"}], extra_body={"temperature": 0},
+    )
+    assert message.stop_reason == "tool_use"
+    (call,) = [b for b in message.content if b.type == "tool_use"]
+    assert call.name == "Read" and isinstance(call.input["file_path"], str)
+    assert daemon.records()[-1]["call_grammar"] == "forced"
+
+
+def test_a_forced_tool_call_through_upstreams_that_answer_with_a_call_or_without(front, fault):
+    # An OpenAI-API server that forces it (vLLM, SGLang) is asked to: "required", or the function named.
+    message = post(front, ask("anyclaude-faulty-oai", "SCRIPT:oai-tool", tools=TOOLS, tool_choice={"type": "any"})).json()
+    assert fault.last("/v1/chat/completions")["body"]["tool_choice"] == "required"
+    assert message["stop_reason"] == "tool_use" and [b["type"] for b in message["content"]] == ["text", "tool_use", "tool_use"]
+    post(front, ask("anyclaude-faulty-oai", "SCRIPT:oai-tool", tools=TOOLS, tool_choice={"type": "tool", "name": "Read"}))
+    assert fault.last("/v1/chat/completions")["body"]["tool_choice"] == {"type": "function", "function": {"name": "Read"}}
+    # An Anthropic-API upstream that answers text, or a call that cannot be made valid.
+    for script, missing in [("echo", "without a tool call"), ("tool-unparseable", "unparseable input")]:
+        reply = post(front, ask("anyclaude-faulty", f"SCRIPT:{script}", tools=TOOLS, tool_choice={"type": "any"}))
+        assert reply.status == 400 and missing in reply.json()["error"]["message"], reply.body
+        assert fault.last()["body"]["tool_choice"] == {"type": "any"}
+
+
 # --- faults -------------------------------------------------------------------------------
 
 
@@ -272,6 +353,19 @@ def test_a_stalled_upstream_meets_the_watchdog_and_the_stream_ends_well_formed(f
     assert IDLE <= took < IDLE + 10
     assert record(front, reply.headers["request-id"])["outcome"] == "timeout_idle"
     assert fault.hangups.get(timeout=10) == "stall"  # the upstream request was closed
+
+
+@pytest.mark.parametrize("model", ["anyclaude-faulty", "anyclaude-faulty-oai"])
+def test_a_call_written_for_longer_than_the_idle_timeout_is_not_cut(front, model):
+    """Its arguments show nothing until the call ends, but the upstream is not silent."""
+    script = "SCRIPT:oai-slow-tool" if model.endswith("oai") else "SCRIPT:slow-tool"
+    assert 6 * fault_upstream.PACE > IDLE > fault_upstream.PACE  # what the script is for
+    reply = post(front, ask(model, script, stream=True, tools=TOOLS))
+    events = check(reply.body)
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+    json_text = "".join(e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta" and e["delta"]["type"] == "input_json_delta")
+    assert json.loads(json_text) == {"file_path": "/tmp/long/path"}
+    assert record(front, reply.headers["request-id"])["outcome"] == "tool_use"
 
 
 @pytest.mark.parametrize("script", ["hangup", "error-event", "oai-hangup"])
@@ -377,18 +471,16 @@ def test_profile_errors_name_the_key(tmp_path):
     assert "line 3" in error('[models.a]\nupstream = "http://h:1"\ntimeout_connect = 0\n')
 
 
-def test_a_hot_reload_from_local_to_upstream_mid_stream(front, daemon):
-    """Last in this file: it makes the front daemon's local model an upstream one."""
-    path = Path(request(front.port, "GET", "/health").json()["profile_path"])
-    before = request(front.port, "GET", "/health").json()["revision"]
-    body = json.dumps(ask("anyclaude-local", "Tell me a long story about a cat.", max_tokens=24, stream=True)).encode()
+def streaming(front, body: dict) -> tuple[threading.Event, dict, threading.Thread]:
+    """A streamed request read in a thread: set once its first bytes came, its body and
+    request id in the dict once it ended."""
     began, result = threading.Event(), {}
 
-    def stream():
+    def read():
         import http.client
 
         conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=120)
-        conn.request("POST", "/v1/messages", body, {"content-type": "application/json"})
+        conn.request("POST", "/v1/messages", json.dumps(body).encode(), {"content-type": "application/json"})
         response = conn.getresponse()
         chunks = [response.read1()]
         began.set()
@@ -396,16 +488,38 @@ def test_a_hot_reload_from_local_to_upstream_mid_stream(front, daemon):
             chunks.append(chunk)
         result["body"], result["id"] = b"".join(chunks), response.getheader("request-id")
 
-    reader = threading.Thread(target=stream)
+    reader = threading.Thread(target=read)
     reader.start()
+    return began, result, reader
+
+
+def reloaded(front, path: Path, data: dict) -> dict:
+    """Write the profile and wait for the daemon to log the swap, watching its log: a busy
+    poll of /health would take the CPU the daemon needs (this machine has two), and a
+    model loading beside a stream starves it enough already."""
+    import watchfiles
+
+    seen = len(front.events())
+    profiles.write(path, data)
+    deadline = time.monotonic() + 120
+    for _ in watchfiles.watch(front.requests, debounce=50, rust_timeout=5000, yield_on_timeout=True):
+        new = [e["event"] for e in front.events()[seen:]]
+        assert "profile.reload.error" not in new, front.events()[seen:]
+        if "profile.reload" in new:
+            return request(front.port, "GET", "/health").json()
+        assert time.monotonic() < deadline, new
+
+
+def test_a_hot_reload_from_local_to_upstream_mid_stream(front, daemon):
+    """Near the end of this file: it makes the front daemon's local model an upstream one."""
+    path = Path(request(front.port, "GET", "/health").json()["profile_path"])
+    before = request(front.port, "GET", "/health").json()["revision"]
+    began, result, reader = streaming(front, ask("anyclaude-local", "Tell me a long story about a cat.", max_tokens=24, stream=True))
     assert began.wait(60)
     data = tomllib.loads(path.read_text())
     data["models"]["local"] = {"upstream": daemon.url, "upstream_model": "anyclaude-smollm2", "max_tokens": 8}
     del data["models"]["down-fb"]  # its fallback is not local any more
-    profiles.write(path, data)
-    deadline = time.monotonic() + 30
-    while (health := request(front.port, "GET", "/health").json())["revision"] == before:  # the daemon's own report
-        assert time.monotonic() < deadline, health
+    health = reloaded(front, path, data)
     reader.join(60)
     check(result["body"])  # the stream begun on the local engine ended on it, well-formed
     streamed = record(front, result["id"])
@@ -416,3 +530,28 @@ def test_a_hot_reload_from_local_to_upstream_mid_stream(front, daemon):
     assert health["models"]["local"]["upstream"] == daemon.url
     after = post(front, ask("anyclaude-local", "Hi", max_tokens=4))
     assert after.status == 200 and record(front, after.headers["request-id"])["upstream"] == daemon.url
+
+
+def test_a_hot_reload_from_upstream_to_local_mid_stream(front, fault):
+    """Last in this file: the front daemon's `faulty` becomes a local model while a call
+    streams from its upstream, which finishes the call only once the swap is done."""
+    path = Path(request(front.port, "GET", "/health").json()["profile_path"])
+    before = request(front.port, "GET", "/health").json()["revision"]
+    began, result, reader = streaming(front, ask("anyclaude-faulty", "SCRIPT:held-tool", stream=True, tools=TOOLS))
+    try:
+        assert began.wait(60)
+        data = tomllib.loads(path.read_text())
+        data["models"]["faulty"] = tomllib.loads(profiles.find("tiny").read_text())["models"]["smollm2"]
+        health = reloaded(front, path, data)
+        assert "upstream" not in health["models"]["faulty"]
+    finally:
+        fault.released.set()
+    reader.join(60)
+    events = check(result["body"])  # the call begun on the upstream ended there, whole
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+    json_text = "".join(e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta" and e["delta"]["type"] == "input_json_delta")
+    assert json.loads(json_text) == {"file_path": "/tmp/x"}
+    streamed = record(front, result["id"])
+    assert streamed["revision"] == before and streamed["upstream"] == fault.url and streamed["outcome"] == "tool_use"
+    after = post(front, ask("anyclaude-faulty", "Hi", max_tokens=4))
+    assert after.status == 200 and "upstream" not in record(front, after.headers["request-id"])

@@ -19,7 +19,7 @@ from msgspec import Struct
 from .. import signature
 from . import wire
 from ..engine.events import Done, Failed, Generation, Prefilled, Token
-from .errors import AnthropicError, ApiError, ErrorEnvelope, Overloaded
+from .errors import AnthropicError, ApiError, ErrorEnvelope, InvalidRequest, Overloaded
 from ..output import Output
 from ..toolcalls import BadCall, CallDelta, CallStart, Text, Thinking, ToolCall
 from ..upstream import base as upstream
@@ -450,7 +450,7 @@ async def relay(
                 return await _settle(stream, send, outcome, event.stop_reason, event.stop_sequence, pieces, reported)
             elif isinstance(event, upstream.Broke):
                 # overloaded_error is the one clients retry by themselves.
-                outcome.error = Overloaded(event.message) if event.overloaded else ApiError(event.message)
+                outcome.error = InvalidRequest(event.message) if event.invalid else Overloaded(event.message) if event.overloaded else ApiError(event.message)
                 return outcome
             if now >= deadline:
                 outcome.outcome = kind

@@ -8,15 +8,15 @@ from __future__ import annotations
 import json
 import re
 
-from .. import profiles
+from .. import profiles, prompt
 from ..api import wire
-from ..api.errors import prompt_too_long
+from ..api.errors import InvalidRequest, prompt_too_long
 from . import anthropic, openai
-from .base import Broke, Call, Down, Ended, Gate, Output, Refused, Upstream, Usage, clamp, forwarded
+from .base import Broke, Call, Down, Ended, Forced, Gate, Output, Refused, Upstream, Usage, clamp, forwarded
 
 APIS = {"anthropic": anthropic, "openai": openai}
 
-__all__ = ["Broke", "Call", "Down", "Ended", "Gate", "Output", "Refused", "Upstream", "Usage", "make", "start"]
+__all__ = ["Broke", "Call", "Down", "Ended", "Forced", "Gate", "Output", "Refused", "Upstream", "Usage", "make", "start"]
 
 
 def make(key: str, model: profiles.Model) -> Upstream:
@@ -30,6 +30,7 @@ async def start(
     to the upstream's response headers. Down (529, or the fallback) when it cannot take it."""
     gate.check_open()
     api = upstream.api
+    forced = _forced(request, api)
     sent = api.body(json.loads(body), request, upstream.model, clamp(request, upstream.model), keep_billing_header=keep_billing_header)
     try:
         response, latency = await upstream.open(sent, api.headers(forwarded(headers)), wait)
@@ -47,8 +48,25 @@ async def start(
         # Only the answer's room was: as for a local model, max_tokens is clamped, not refused.
         sent["max_tokens"] = room
         response, latency = await upstream.open(sent, api.headers(forwarded(headers)), wait)
-    reader = api.Reader.for_request(request) if api is openai else api.Reader()
+    reader = api.Reader.for_request(request)
+    if forced is not None:
+        reader = Forced(reader, forced, f"{upstream.url} ({upstream.model.api} API)")
     return Call(gate, response, reader), latency
+
+
+def _forced(request: wire.MessagesRequest, api) -> wire.ToolChoice | None:
+    """A tool_choice that forces a call, checked as for a local model (a 400 before anything
+    is sent), or None."""
+    choice = request.tool_choice
+    if choice is None or choice.type not in ("any", "tool"):
+        return None
+    # What the upstream is given: an OpenAI-API one only the functions chat_inputs makes.
+    names = {f["function"]["name"] for f in prompt.chat_inputs(request)[1]} if api is openai else {t.name for t in request.tools or []}
+    if not names:
+        raise InvalidRequest(f"tool_choice: {choice.type} needs tools")
+    if choice.type == "tool" and choice.name not in names:
+        raise InvalidRequest(f"tool_choice.name: no tool named {choice.name!r} among the tools")
+    return choice
 
 
 # The fewest tokens a prompt must leave for its answer (as app.ANSWER_FLOOR).

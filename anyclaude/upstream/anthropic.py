@@ -1,14 +1,15 @@
 """An upstream that speaks the Anthropic Messages API (vLLM, SGLang, llama-server,
-another anyclaude): the request forwarded nearly as it came, its events read back."""
+another anyclaude): the request forwarded nearly as it came, its events read back, each
+tool call validated and repaired as a local one is."""
 
 from __future__ import annotations
 
 import json
 
-from .. import prompt
+from .. import prompt, repair, toolcalls
 from ..api import wire
-from ..toolcalls import CallDelta, CallStart, Text, Thinking, ToolCall
-from .base import Broke, Ended, Output, Usage, usage_of
+from ..toolcalls import BadCall, Text, Thinking, ToolCall
+from .base import Broke, Ended, Output, Usage, usage_of, whole_json
 
 PATH = "/v1/messages"
 
@@ -55,19 +56,37 @@ def headers(forwarded: dict[str, str]) -> dict[str, str]:
 
 class Reader:
     """The upstream's events, as the events of `base`: its block indexes and types are
-    not trusted, only what the blocks hold (the stream state machine numbers them)."""
+    not trusted, only what the blocks hold (the stream state machine numbers them). A
+    tool_use block's input is gathered until the block ends, then repaired and checked
+    against its tool's schema, as an OpenAI-API upstream's calls and a local model's are:
+    what is streamed to the client cannot be taken back."""
 
-    def __init__(self) -> None:
+    def __init__(self, tools: list[wire.Tool] | None = None) -> None:
         self.done = False
+        # Custom tools are checked against their schema (deferred ones too: the upstream may
+        # load them itself); Anthropic-defined ones (bash_20250124...) have none to check.
+        custom = [t for t in tools or [] if t.type in (None, "custom")]
+        self._tools = toolcalls.functions([{"name": t.name, "parameters": t.input_schema} for t in custom])
+        self._schemaless = {t.name for t in tools or [] if t.type not in (None, "custom")}
         self._kinds: dict[int, str] = {}
-        self._names: dict[int, str] = {}
+        self._calls: dict[int, list[str]] = {}  # index -> [name, input JSON so far]
         self._stop: tuple[str, str | None] | None = None
+        self._pending: list[str] | None = None  # a closed call whose input is not whole JSON
+
+    @classmethod
+    def for_request(cls, request: wire.MessagesRequest) -> Reader:
+        return cls(request.tools)
 
     def feed(self, name: str, data: str) -> list:
         event = json.loads(data)
         if not isinstance(event, dict):
             raise ValueError("an event that is not a JSON object")
         kind = event.get("type") or name
+        # A call held at its block's end is settled by what comes next (pings say nothing).
+        events = self._settle(kind, event) if kind in ("content_block_start", "message_delta", "message_stop", "error") else []
+        return events + self._event(kind, event)
+
+    def _event(self, kind: str, event: dict) -> list:
         if kind == "message_start":
             usage = usage_of((event.get("message") or {}).get("usage"))
             return [_usage(usage)]
@@ -77,9 +96,15 @@ class Reader:
             return self._delta(event.get("index", 0), event.get("delta") or {})
         if kind == "content_block_stop":
             index = event.get("index", 0)
-            if self._kinds.pop(index, None) == "tool_use":
-                return [Output([ToolCall(name=self._names.pop(index, ""), arguments={})])]  # closes the streamed call
-            return []
+            if self._kinds.pop(index, None) != "tool_use" or index not in self._calls:
+                return []
+            call = self._calls.pop(index)
+            if not whole_json(call[1]):
+                # Not whole JSON: cut short if the message ends at max_tokens next (the API
+                # closes the block all the same), else repaired.
+                self._pending = call
+                return [Output([])]
+            return [Output([self._check(*call)])]
         if kind == "message_delta":
             delta = event.get("delta") or {}
             if delta.get("stop_reason"):
@@ -87,8 +112,10 @@ class Reader:
             return [_usage(usage_of(event.get("usage")))]
         if kind == "message_stop":
             self.done = True
+            # A call whose block never closed was cut short: shown as text, as a local one.
+            events = [Output([_truncated(*self._calls.pop(i))]) for i in sorted(self._calls)]
             reason, sequence = self._stop or ("end_turn", None)
-            return [Ended(reason, sequence)]
+            return events + [Ended(reason, sequence)]
         if kind == "error":
             self.done = True
             error = event.get("error") or {}
@@ -111,11 +138,9 @@ class Reader:
         if kind == "thinking" and block.get("thinking"):
             return [Output([Thinking(block["thinking"])])]
         if kind == "tool_use":
-            self._names[index] = str(block.get("name") or "")
-            segments: list = [CallStart(self._names[index])]
-            if block.get("input"):
-                segments.append(CallDelta(json.dumps(block["input"], ensure_ascii=False)))
-            return [Output(segments)]
+            # The input comes in deltas, or whole in the start (an upstream that does not stream it).
+            given = block.get("input")
+            self._calls[index] = [str(block.get("name") or ""), json.dumps(given, ensure_ascii=False) if given else ""]
         return []
 
     def _delta(self, index: int, delta: dict) -> list:
@@ -124,9 +149,41 @@ class Reader:
             return [Output([Text(delta["text"])])]
         if kind == "thinking_delta" and open_as == "thinking" and delta.get("thinking"):
             return [Output([Thinking(delta["thinking"])])]
-        if kind == "input_json_delta" and open_as == "tool_use" and delta.get("partial_json"):
-            return [Output([CallDelta(delta["partial_json"])])]
+        if kind == "input_json_delta" and open_as == "tool_use" and isinstance(delta.get("partial_json"), str) and index in self._calls:
+            self._calls[index][1] += delta["partial_json"]
+            # Nothing to show yet, but the upstream is not silent: the watchdog's idle
+            # clock and the client's pings go by this.
+            return [Output([])]
         return []  # signatures (this daemon seals its own), and deltas of blocks it dropped
+
+    def _settle(self, kind: str, event: dict) -> list:
+        """The call held at its block's end, once the event after it shows whether the
+        message was cut there (max_tokens) or went on."""
+        if self._pending is None:
+            return []
+        call, self._pending = self._pending, None
+        cut = kind == "message_delta" and (event.get("delta") or {}).get("stop_reason") == "max_tokens"
+        return [Output([_truncated(*call) if cut else self._check(*call)])]
+
+    def _check(self, name: str, text: str) -> ToolCall | BadCall:
+        raw = _raw(name, text)
+        try:
+            parsed = repair.loads(text) if text.strip() else {}
+        except ValueError as exc:
+            return BadCall(raw=raw, reason=f"{name}: unparseable input: {exc}")
+        if name in self._schemaless and name not in self._tools:
+            return ToolCall(name, parsed) if isinstance(parsed, dict) else BadCall(raw=raw, reason=f"{name}: input is not a JSON object")
+        checked = toolcalls.check_call(self._tools, name, parsed)
+        return checked if isinstance(checked, ToolCall) else BadCall(raw=raw, reason=checked)
+
+
+def _raw(name: str, text: str) -> str:
+    """A call that cannot be made valid, as the client is shown it: its input as written."""
+    return '{"type": "tool_use", "name": %s, "input": %s}' % (json.dumps(name, ensure_ascii=False), text or "{}")
+
+
+def _truncated(name: str, text: str) -> BadCall:
+    return BadCall(raw=_raw(name, text), reason="truncated")
 
 
 def _usage(usage: dict) -> Usage:

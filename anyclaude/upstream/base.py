@@ -24,6 +24,7 @@ from msgspec import Struct
 from .. import profiles
 from ..api import wire
 from ..api.errors import AnthropicError, InvalidRequest, NotFound, Overloaded, RequestTooLarge
+from ..toolcalls import BadCall, ToolCall
 
 RETRY_AFTER_SECONDS = 5
 # /health asks an upstream again when nothing has been heard of it for this long.
@@ -56,10 +57,12 @@ class Ended(Struct, frozen=True):
 
 class Broke(Struct, frozen=True):
     """The answer cannot go on: the upstream hung up, sent an error, or the daemon stops.
-    `overloaded`: worth a retry (Claude Code retries overloaded_error by itself)."""
+    `overloaded`: worth a retry (Claude Code retries overloaded_error by itself);
+    `invalid`: what the request asked cannot be had from this upstream (a 400)."""
 
     message: str
     overloaded: bool = True
+    invalid: bool = False
 
 
 Event = Usage | Output | Ended | Broke
@@ -432,6 +435,71 @@ class Call:
                 pass
 
 
+class Forced:
+    """A reader whose answer must call a tool (tool_choice any, or tool: that one), as a
+    local model's grammar makes it. Not every server forces the call (mlx_lm.server
+    ignores tool_choice), so what comes before a call is held back, and an answer that
+    ends without one is an invalid_request_error that says so: never text passed off as
+    the forced call. A call cut short by max_tokens ends as max_tokens, as a local one."""
+
+    def __init__(self, reader: Any, choice: wire.ToolChoice, where: str):
+        self.reader, self.where = reader, where
+        self.kind, self.name = choice.type, choice.name if choice.type == "tool" else None
+        self._called = False
+        self._held: list = []  # text and thinking before the call
+        self._missed: list[str] = []  # calls that came and do not count, and why
+
+    @property
+    def done(self) -> bool:
+        return self.reader.done
+
+    def feed(self, name: str, data: str) -> list:
+        return self._filter(self.reader.feed(name, data))
+
+    def close(self) -> list:
+        return self._filter(self.reader.close())
+
+    def _filter(self, events: list) -> list:
+        out: list = []
+        for event in events:
+            if self._called or isinstance(event, (Usage, Broke)):
+                out.append(event)
+            elif isinstance(event, Output):
+                # Kept even when empty: the relay's watchdog and pings go by the upstream's output.
+                out.append(Output(self._segments(event.segments)))
+            elif isinstance(event, Ended):
+                if event.stop_reason == "max_tokens" and "truncated" in self._missed:
+                    out.append(Ended("max_tokens"))  # a call was being written: cut short, not refused
+                else:
+                    out.append(Broke(self._refusal(event.stop_reason), overloaded=False, invalid=True))
+        return out
+
+    def _segments(self, segments: list) -> list:
+        out: list = []
+        for segment in segments:
+            if self._called:
+                out.append(segment)
+            elif isinstance(segment, ToolCall) and self.name in (None, segment.name):
+                self._called = True
+                out += self._held + [segment]
+                self._held = []
+            elif isinstance(segment, ToolCall):
+                self._missed.append(f"it called {segment.name!r}")
+            elif isinstance(segment, BadCall):  # not shown: the forced answer is the call
+                self._missed.append(segment.reason)
+            else:
+                self._held.append(segment)
+        return out
+
+    def _refusal(self, stop_reason: str) -> str:
+        wanted = f"a call to {self.name!r}" if self.name else "a tool call"
+        missed = f" ({'; '.join(self._missed)})" if self._missed else ""
+        return (
+            f"tool_choice {self.kind}: the upstream {self.where} ended its answer (stop_reason {stop_reason}) without "
+            f"{wanted}{missed}; it does not force the call (mlx_lm.server ignores tool_choice, vLLM and SGLang force it)"
+        )
+
+
 _WAKE = object()  # not an event: wakes a `next` waiting on a cancelled call
 
 
@@ -465,6 +533,16 @@ def forwarded(scope_headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
         if key in ("anthropic-version", "anthropic-beta") or key.startswith("x-claude-code-"):
             out[key] = value.decode("latin-1")
     return out
+
+
+def whole_json(text: str) -> bool:
+    """Whether a call's arguments are complete JSON as they stand (repair would close
+    what a cap cut short into a call the model did not write)."""
+    try:
+        json.loads(text or "{}")
+    except ValueError:
+        return False
+    return True
 
 
 def usage_of(data: dict | None) -> dict:

@@ -9,7 +9,7 @@ import json
 from .. import prompt, repair, toolcalls
 from ..api import wire
 from ..toolcalls import BadCall, Text, Thinking
-from .base import Broke, Ended, Output, Usage, usage_of
+from .base import Broke, Ended, Output, Usage, usage_of, whole_json
 
 PATH = "/v1/chat/completions"
 
@@ -148,7 +148,9 @@ class Reader:
                 entry[1] += function["arguments"]
             elif isinstance(function.get("arguments"), dict):  # some servers send the object
                 entry[1] = json.dumps(function["arguments"])
-        return [Output(segments)] if segments else []
+        # A call's arguments show nothing until the call ends, but the upstream is not
+        # silent: the relay's idle watchdog goes by these (a long Write takes minutes).
+        return [Output(segments)] if segments or delta.get("tool_calls") else []
 
     def _calls_done(self, before: int | None = None) -> list:
         """The calls gathered so far (those before index `before`), checked."""
@@ -172,7 +174,12 @@ class Reader:
     def _end(self) -> list:
         self.done = True
         events: list = []
-        if segments := self._calls_done():
+        last, cut = max(self._calls, default=None), []
+        if self._finish == "length" and last is not None and not whole_json(self._calls[last][1]):
+            # The cap cut the last call short: repair would close it into a wrong call.
+            name, arguments = self._calls.pop(last)
+            cut = [BadCall(raw=json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False), reason="truncated")]
+        if segments := self._calls_done() + cut:
             events.append(Output(segments))
         reason = _STOPS.get(self._finish or "stop", "end_turn")
         if self._matched:
