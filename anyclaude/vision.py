@@ -27,11 +27,18 @@ same positions in every prompt (its indexes), and the positions after an image d
 the images before, whose hashes the cache key holds: a cached prefix, text-only or past
 the same image, is valid for any prompt it begins. Decode steps are at index + delta.
 
-Not fed images yet: Gemma 4, whose image tokens attend to each other both ways (mlx-vlm's
-`use_bidirectional_attention = "vision"`), so a prefill chunk or a cached prefix that ends
-inside an image gives its first tokens other keys and values than a whole pass would; it
-needs the engine to keep an image's tokens in one pass (and the cache to resume at image
-boundaries only). It loads as a text model.
+Gemma 4's positions are its indexes too, but its image tokens attend to each other both
+ways (mlx-vlm's `use_bidirectional_attention = "vision"`), so a prefill chunk or a cached
+prefix that ends inside an image would give its first tokens other keys and values than
+a whole pass does. So for such a model (`LanguageModel.whole_images`) the engine computes
+each image in one forward pass (`whole_spans`: a prefill chunk ends before an image or
+runs to its end) and resumes a cached prefix at an image boundary only (`resume_at`: one
+that ends inside an image is cut back to its start). mlx-vlm lets an image's tokens see
+each other only in a pass from an empty cache (as its generate computes a prompt with
+images, whole); here a pass after a cached prefix (a checkpoint, an earlier turn) gets
+that too (`_overlay_after_cache`). An image pass is also given what Gemma 4's
+`get_input_embeddings` makes besides the embeddings: the per-layer inputs (of its small
+models), with the image tokens' taken from the padding id.
 """
 
 from __future__ import annotations
@@ -404,7 +411,8 @@ class Prompted:
     It follows the position of each pass from `position` (the tokens the cache holds).
     An image's features are computed whole, with the text around it that the pass (and
     the image) covers, even when the pass begins or ends inside the image (a prefill
-    chunk boundary, or a cached prefix that stopped there).
+    chunk boundary, or a cached prefix that stopped there), which the engine allows for
+    every model but Gemma 4 (`whole_spans`).
 
     For an mrope model it also holds the request's positions, computed from the prompt
     and its images alone (`mrope_positions`): the prompt's, and past it (the decode
@@ -432,14 +440,15 @@ class Prompted:
         window = self._embeddings(min(start, first), max(end, last), touched)
         low, _, embeddings = window
         extra = {}
+        # Gemma 4's small models (E2B, E4B): per-layer inputs, the image tokens' those of
+        # the padding id (as the model's embeddings give them, not those of the ids passed).
+        if getattr(embeddings, "per_layer_inputs", None) is not None:
+            extra["per_layer_inputs"] = embeddings.per_layer_inputs[:, start - low : end - low]
         if getattr(self.model, "whole_images", False):
             import mlx.core as mx
 
-            # Gemma 4: the per-layer inputs of the image's tokens are the padding id's (the
-            # model's embeddings give them), and the image's tokens are marked as such,
-            # for the mask that lets them attend to each other both ways.
-            if embeddings.per_layer_inputs is not None:  # the small models' (E2B, E4B)
-                extra["per_layer_inputs"] = embeddings.per_layer_inputs[:, start - low : end - low]
+            # The image's tokens marked as such, for the mask that lets them attend to
+            # each other both ways.
             types = np.zeros((1, end - start), dtype=np.int32)
             for i in touched:
                 a, b = self.images.spans[i]

@@ -11,6 +11,7 @@ And no forward pass of the engine begins or ends inside an image."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import anthropic
@@ -48,16 +49,18 @@ def rendered(seeing, messages: list[dict], tools: list[dict] | None = None) -> p
 
 def reference(seeing, messages: list[dict], seeds: list[int], tmp_path, tools: list[dict] | None = None) -> list[int]:
     """mlx-vlm's own greedy tokens for the prompt anyclaude renders, cold."""
-    import base64
-
-    from mlx_vlm import stream_generate
-
-    model, tokenizer, v = seeing
     paths = []
     for seed in seeds:
         paths.append(tmp_path / f"{seed}.png")
         paths[-1].write_bytes(base64.b64decode(png(seed)))
-    text = rendered(seeing, messages, tools).text
+    return generated(seeing, rendered(seeing, messages, tools).text, paths)
+
+
+def generated(seeing, text: str, paths) -> list[int]:
+    """mlx-vlm's generate, greedy, on a rendered prompt and its images' files."""
+    from mlx_vlm import stream_generate
+
+    model, tokenizer, v = seeing
     tokens = [g.token for g in stream_generate(model.vlm, v.processor, text, image=[str(p) for p in paths] or None, max_tokens=N, temperature=0.0)][:N]
     eos = set(tokenizer.eos_token_ids)
     if stop := [i for i, t in enumerate(tokens) if t in eos]:
@@ -182,17 +185,19 @@ def test_a_cached_prefix_that_ends_inside_the_image_is_resumed_at_its_start(seei
         answer, cached = asked(running, passes, r)
     finally:
         stop(running)
-    assert cached == start and passes.passes[0][0] == start
     assert answer == reference(seeing, looking(1), [1], tmp_path)
+    assert cached == start and passes.passes[0][0] == start
 
 
-def test_two_images_of_different_sizes_in_one_pass(seeing, tmp_path):
-    """Images whose pixels differ in shape: mlx-vlm's vision tower takes them as a list."""
+def test_two_images_of_different_sizes_answer_as_mlx_vlm_does(seeing, tmp_path):
+    """Images whose pixels differ in shape (the processor keeps each one's aspect): they
+    reach mlx-vlm's vision tower as a list; chunks of 6 tokens would cut both."""
     from test_vision_mrope import png as sized
 
     model, _, _ = seeing
-    small = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": __import__("base64").b64encode(sized(7, (64, 30))).decode()}}
-    messages = [{"role": "user", "content": [{"type": "text", "text": "Which:"}, image(1), {"type": "text", "text": "or"}, small, {"type": "text", "text": "?"}]}]
+    other = sized(7, (64, 30))
+    tall = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": base64.b64encode(other).decode()}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Which:"}, image(1), {"type": "text", "text": "or"}, tall, {"type": "text", "text": "?"}]}]
     r = rendered(seeing, messages)
     assert len(r.seen_images.spans) == 2 and r.seen_images.pixels[0].shape != r.seen_images.pixels[1].shape
     passes = Passes(model)
@@ -202,12 +207,9 @@ def test_two_images_of_different_sizes_in_one_pass(seeing, tmp_path):
     finally:
         stop(running)
     paths = [tmp_path / "1.png", tmp_path / "7.png"]
-    paths[0].write_bytes(__import__("base64").b64decode(png(1)))
-    paths[1].write_bytes(sized(7, (64, 30)))
-    from mlx_vlm import stream_generate
-
-    expected = [g.token for g in stream_generate(model.vlm, seeing[2].processor, r.text, image=[str(p) for p in paths], max_tokens=N, temperature=0.0)][:N]
-    assert answer == expected
+    paths[0].write_bytes(base64.b64decode(png(1)))
+    paths[1].write_bytes(other)
+    assert answer == generated(seeing, r.text, paths)
 
 
 # --- through the daemon ----------------------------------------------------------
