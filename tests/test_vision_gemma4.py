@@ -189,6 +189,33 @@ def test_a_cached_prefix_that_ends_inside_the_image_is_resumed_at_its_start(seei
     assert cached == start and passes.passes[0][0] == start
 
 
+def test_a_sliding_window_shorter_than_the_prompt(tmp_path_factory, tiny_model, tmp_path):
+    """Sliding-window layers of 16 tokens (a RotatingKVCache past its window cannot be
+    trimmed: its entries are reused by exact prefix only): the image computed in one
+    pass after the window has rotated, cold, resumed from the system prompt, and in the
+    next turn, as mlx-vlm's generate computes it."""
+    seeing = vision.load(str(build_gemma4(tmp_path_factory.mktemp("gemma4-narrow") / "m", tiny_model, seed=1, sliding_window=16)), "gemma4")
+    model, tokenizer, _ = seeing
+    first = looking(3)
+    r = rendered(seeing, first)
+    assert r.checkpoint > 16
+    expected = reference(seeing, first, [3], tmp_path)
+    passes = Passes(model)
+    running = engine(seeing, passes, 8, PrefixCache(2**30))
+    try:
+        answer, cached = asked(running, passes, r)
+        assert (answer, cached) == (expected, 0)
+        # A retry shares all but the last token of the stored prompt, which cannot be
+        # trimmed to it; the next turn parts from it before its end (Gemma 4's template
+        # renders an earlier answer without the empty thought channel its prompt ended
+        # with). Both resume from the system prompt's checkpoint, past the window.
+        assert asked(running, passes, r) == (expected, r.checkpoint)
+        turn = first + [{"role": "assistant", "content": tokenizer.decode(expected)}, {"role": "user", "content": "Say more."}]
+        assert asked(running, passes, rendered(seeing, turn)) == (reference(seeing, turn, [3], tmp_path), r.checkpoint)
+    finally:
+        stop(running)
+
+
 def test_two_images_of_different_sizes_answer_as_mlx_vlm_does(seeing, tmp_path):
     """Images whose pixels differ in shape (the processor keeps each one's aspect): they
     reach mlx-vlm's vision tower as a list; chunks of 6 tokens would cut both."""
