@@ -276,6 +276,6 @@ def test_an_image_in_a_message_and_in_a_tool_result_through_the_daemon(sdk, daem
     assert said(reply) == tokenizer.decode(reference(seeing, looking(1), [1], tmp_path))
     # Claude Code's Read of a PNG: the image inside a tool result.
     r = rendered(seeing, read_back(2), [READ])
-    assert len(r.seen_images.spans) == 1
+    assert len(r.seen_images.spans) == 1 and "<|turn>tool\n\n\n<|image|>" in r.text
     reply = sdk.messages.create(model="gemma4", max_tokens=N, system=SYSTEM, messages=read_back(2), tools=[READ])
     assert said(reply) == tokenizer.decode(reference(seeing, read_back(2), [2], tmp_path, [READ]))
