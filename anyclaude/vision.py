@@ -27,11 +27,18 @@ same positions in every prompt (its indexes), and the positions after an image d
 the images before, whose hashes the cache key holds: a cached prefix, text-only or past
 the same image, is valid for any prompt it begins. Decode steps are at index + delta.
 
-Not fed images yet: Gemma 4, whose image tokens attend to each other both ways (mlx-vlm's
-`use_bidirectional_attention = "vision"`), so a prefill chunk or a cached prefix that ends
-inside an image gives its first tokens other keys and values than a whole pass would; it
-needs the engine to keep an image's tokens in one pass (and the cache to resume at image
-boundaries only). It loads as a text model.
+Gemma 4's positions are its indexes too, but its image tokens attend to each other both
+ways (mlx-vlm's `use_bidirectional_attention = "vision"`), so a prefill chunk or a cached
+prefix that ends inside an image would give its first tokens other keys and values than
+a whole pass does. So for such a model (`LanguageModel.whole_images`) the engine computes
+each image in one forward pass (`whole_spans`: a prefill chunk ends before an image or
+runs to its end) and resumes a cached prefix at an image boundary only (`resume_at`: one
+that ends inside an image is cut back to its start). mlx-vlm lets an image's tokens see
+each other only in a pass from an empty cache (as its generate computes a prompt with
+images, whole); here a pass after a cached prefix (a checkpoint, an earlier turn) gets
+that too (`_overlay_after_cache`). An image pass is also given what Gemma 4's
+`get_input_embeddings` makes besides the embeddings: the per-layer inputs (of its small
+models), with the image tokens' taken from the padding id.
 """
 
 from __future__ import annotations
@@ -54,9 +61,9 @@ from .api.errors import InvalidRequest
 # mlx-vlm model types whose positions are mrope's: three per token (time, height, width),
 # an image's tokens placed on its grid, the text after it shifted by what the grid saved.
 MROPE = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe"})
-# mlx-vlm model types whose images anyclaude feeds: Gemma 3's positions are plain token
-# indexes, mrope's are computed here from the prompt and its images' grids.
-SUPPORTED = frozenset({"gemma3"}) | MROPE
+# mlx-vlm model types whose images anyclaude feeds: Gemma 3's and Gemma 4's positions are
+# plain token indexes, mrope's are computed here from the prompt and its images' grids.
+SUPPORTED = frozenset({"gemma3", "gemma4"}) | MROPE
 
 
 # mlx-vlm imports a model's modules when it loads it, and one model type's modules import
@@ -162,14 +169,18 @@ class Vision:
         # The processor hands back MLX arrays made from NumPy (copies; nothing is computed
         # on any stream). They go back to NumPy here: MLX lives on the engine thread.
         ids = [int(i) for i in np.asarray(out["input_ids"])[0]]
-        pixels = np.asarray(out["pixel_values"])
+        raw = out["pixel_values"]
         spans = _runs(ids, self.image_token)
         grids = None
-        if "image_grid_thw" in out:  # Qwen: the patches of all images in one array, each image's grid
+        if isinstance(raw, (list, tuple)):  # Gemma 4: images of different sizes, each its own array
+            each = [np.asarray(p)[None] for p in raw]
+        elif "image_grid_thw" in out:  # Qwen: the patches of all images in one array, each image's grid
+            pixels = np.asarray(raw)
             grids = [(int(t), int(h), int(w)) for t, h, w in np.asarray(out["image_grid_thw"])]
             ends = np.cumsum([0] + [t * h * w for t, h, w in grids])
             each = [pixels[a:b] for a, b in zip(ends[:-1], ends[1:])]
         else:
+            pixels = np.asarray(raw)
             each = [pixels[i : i + 1] for i in range(len(pixels))]
         if len(spans) != len(pictures) or len(each) != len(pictures):
             raise InvalidRequest(f"image: the chat template placed {len(spans)} of the {len(pictures)} images of this conversation")
@@ -212,6 +223,11 @@ class LanguageModel:
         self.kind = kind
         # An mrope model's patches merged per token, per side; None for plain positions.
         self.merge = int(model.config.vision_config.spatial_merge_size) if kind in MROPE else None
+        # Gemma 4: an image's tokens attend to each other both ways, so each image is
+        # computed in one pass (`whole_spans`), which is told which tokens are the image's.
+        self.whole_images = getattr(getattr(self.language_model, "config", None), "use_bidirectional_attention", None) == "vision"
+        if self.whole_images:
+            _overlay_after_cache(self.language_model.model)
 
     def __call__(self, inputs, cache=None):
         if self.merge is None:
@@ -221,10 +237,12 @@ class LanguageModel:
         # Given explicitly, so that no position state mlx-vlm keeps on the model is read.
         return self.positioned(inputs, _text_positions(inputs, cache), cache=cache)
 
-    def embedded(self, inputs, embeddings, cache=None):
-        """A pass whose input embeddings are given (image features among them)."""
+    def embedded(self, inputs, embeddings, cache=None, **extra):
+        """A pass whose input embeddings are given (image features among them); `extra`:
+        what else the model's `get_input_embeddings` gave for these tokens (Gemma 4's
+        per-layer inputs, its token types)."""
         _adopt(cache)
-        return self.language_model(inputs, inputs_embeds=embeddings, cache=cache).logits
+        return self.language_model(inputs, inputs_embeds=embeddings, cache=cache, **extra).logits
 
     def positioned(self, inputs, positions, embeddings=None, cache=None, **extra):
         """An mrope model's pass at the given positions, (3, batch, tokens): mlx-vlm's
@@ -260,6 +278,49 @@ class LanguageModel:
 
     def parameters(self):
         return self.vlm.parameters()
+
+
+def _overlay_after_cache(text_model) -> None:
+    """Make Gemma 4's both-ways attention among an image's tokens hold in a pass after a
+    cached prefix too.
+
+    mlx-vlm adds it to a mask only when the mask is square: a pass from an empty cache,
+    as its generate computes a prompt with images, whole. A pass after a cached prefix
+    (a checkpoint, an earlier turn) has a mask wider than the pass, whose last columns are
+    the pass's own tokens. The engine never begins or ends a pass inside an image, so the
+    cached keys are all before the pass's images, seen causally: the library's own
+    overlay is applied to the square of the pass's own keys."""
+    import mlx.core as mx
+
+    original = text_model._apply_blockwise_bidirectional_overlay
+
+    def overlay(base, types):
+        past = base.shape[-1] - base.shape[-2]
+        if past <= 0 or types is None or types.shape[1] != base.shape[-2]:
+            return original(base, types)
+        own = original(base[..., past:], types)
+        before = mx.broadcast_to(base[..., :past], (*own.shape[:-1], past))
+        return mx.concatenate([before, own], axis=-1)
+
+    text_model._apply_blockwise_bidirectional_overlay = overlay
+
+
+def whole_spans(model, images: Images | None) -> list[tuple[int, int]]:
+    """The image spans a model must compute each in one forward pass (its image tokens
+    attend to each other both ways: a pass that ends inside an image gives the image's
+    first tokens keys and values computed without the rest), or none."""
+    if images is None or not getattr(model, "whole_images", False):
+        return []
+    return list(images.spans)
+
+
+def resume_at(spans: list[tuple[int, int]], cached: int) -> int:
+    """Where a prompt whose cached prefix holds `cached` tokens may resume: there, or at
+    the start of the image of `spans` that the prefix ends inside of."""
+    for start, end in spans:
+        if start < cached < end:
+            return start
+    return cached
 
 
 @functools.cache
@@ -350,7 +411,8 @@ class Prompted:
     It follows the position of each pass from `position` (the tokens the cache holds).
     An image's features are computed whole, with the text around it that the pass (and
     the image) covers, even when the pass begins or ends inside the image (a prefill
-    chunk boundary, or a cached prefix that stopped there).
+    chunk boundary, or a cached prefix that stopped there), which the engine allows for
+    every model but Gemma 4 (`whole_spans`).
 
     For an mrope model it also holds the request's positions, computed from the prompt
     and its images alone (`mrope_positions`): the prompt's, and past it (the decode
@@ -377,7 +439,22 @@ class Prompted:
         first, last = self.images.spans[touched[0]][0], self.images.spans[touched[-1]][1]
         window = self._embeddings(min(start, first), max(end, last), touched)
         low, _, embeddings = window
-        return self.model.embedded(inputs, embeddings.inputs_embeds[:, start - low : end - low], cache=cache)
+        extra = {}
+        # Gemma 4's small models (E2B, E4B): per-layer inputs, the image tokens' those of
+        # the padding id (as the model's embeddings give them, not those of the ids passed).
+        if getattr(embeddings, "per_layer_inputs", None) is not None:
+            extra["per_layer_inputs"] = embeddings.per_layer_inputs[:, start - low : end - low]
+        if getattr(self.model, "whole_images", False):
+            import mlx.core as mx
+
+            # The image's tokens marked as such, for the mask that lets them attend to
+            # each other both ways.
+            types = np.zeros((1, end - start), dtype=np.int32)
+            for i in touched:
+                a, b = self.images.spans[i]
+                types[0, max(a, start) - start : min(b, end) - start] = 1
+            extra["mm_token_type_ids"] = mx.array(types)
+        return self.model.embedded(inputs, embeddings.inputs_embeds[:, start - low : end - low], cache=cache, **extra)
 
     def positions(self, start: int, end: int):
         """The mrope positions of tokens [start, end) of this request, (3, end - start)."""
@@ -412,7 +489,11 @@ class Prompted:
         if held is not None and held[0] <= low and high <= held[1]:
             return held
         ids = mx.array(self.prompt[low:high])[None]
-        pixels = mx.array(np.concatenate([self.images.pixels[i] for i in touched]))
+        chosen = [self.images.pixels[i] for i in touched]
+        if len({p.shape[1:] for p in chosen}) == 1:
+            pixels = mx.array(np.concatenate(chosen))
+        else:  # Gemma 4's images of different sizes: its vision tower takes them as a list
+            pixels = [mx.array(p) for p in chosen]
         more = {}
         if self.images.grids is not None:
             more["image_grid_thw"] = mx.array([self.images.grids[i] for i in touched])

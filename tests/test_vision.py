@@ -106,9 +106,9 @@ class Cutting:
         self._count()
         return self.model(inputs, cache=cache)
 
-    def embedded(self, inputs, embeddings, cache=None):
+    def embedded(self, inputs, embeddings, cache=None, **extra):  # Gemma 4's: per-layer inputs, token types
         self._count()
-        return self.model.embedded(inputs, embeddings, cache=cache)
+        return self.model.embedded(inputs, embeddings, cache=cache, **extra)
 
     def positioned(self, inputs, positions, embeddings=None, cache=None, **extra):  # an mrope model's passes
         self._count()

@@ -176,3 +176,82 @@ def build_qwen(out: Path, tokenizer_dir: Path, kind: str = "qwen3_5", seed: int 
     mx.eval(model.parameters())
     save_weights(out, model)
     return out
+
+
+# --- Gemma 4: image tokens that attend to each other both ways --------------------------
+
+GEMMA4_SPECIAL = [
+    "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|audio>", "<audio|>", "<|audio|>", "<|video|>",
+    "<|channel>", "<channel|>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>",
+    '<|"|>', "<|think|>",
+]
+# The processor resizes an image (aspect kept) to sides that are multiples of 16 pixels, at
+# most GEMMA4_TOKENS x 4 patches of 8 pixels, pooled 2x2 into image tokens: a 40x30 image
+# becomes 64x48 pixels, 12 image tokens.
+GEMMA4_TOKENS = 16
+
+
+def build_gemma4(out: Path, tokenizer_dir: Path, seed: int = 0, *, sliding_window: int = 512) -> Path:
+    """A tiny Gemma 4 (mlx-vlm's classes) under Gemma 4's real chat template, written into
+    `out`: four text layers of width 64 (sliding, full, sliding, full: the last two use the
+    first two's keys and values, as Gemma 4's small models share them), per-layer inputs,
+    image tokens that attend to each other both ways, and a one-layer vision tower of
+    width 32."""
+    import mlx.core as mx
+    from mlx_vlm.models import gemma4
+    from mlx_vlm.utils import save_weights, update_module_configs
+    from tokenizers import AddedToken, Tokenizer
+
+    out.mkdir(parents=True)
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GEMMA4_SPECIAL])
+    tokenizer.save(str(out / "tokenizer.json"))
+    ids = {t: tokenizer.token_to_id(t) for t in GEMMA4_SPECIAL}
+    vocab = tokenizer.get_vocab_size()
+    base = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": 8192,
+        "bos_token": base["bos_token"], "eos_token": "<turn|>", "unk_token": base["unk_token"], "pad_token": base["pad_token"],
+        # What Gemma 4's processor reads from its tokenizer: the image and audio tokens by role.
+        "extra_special_tokens": {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                                 "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"},
+        "chat_template": (TEMPLATES / "google-gemma-4-31B-it-interleaved.jinja").read_text(),
+    }))
+    (out / "processor_config.json").write_text(json.dumps({
+        "processor_class": "Gemma4Processor",
+        "image_processor": {"image_processor_type": "Gemma4ImageProcessor", "patch_size": 8, "max_soft_tokens": GEMMA4_TOKENS,
+                            "pooling_kernel_size": 2, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": False},
+    }))
+    config = {
+        "model_type": "gemma4",
+        "architectures": ["Gemma4ForConditionalGeneration"],
+        "image_token_id": ids["<|image|>"], "boi_token_id": ids["<|image>"], "eoi_token_id": ids["<image|>"],
+        "audio_token_id": ids["<|audio|>"], "boa_token_id": ids["<|audio>"], "eoa_token_id": ids["<audio|>"],
+        "eos_token_id": [ids["<turn|>"]], "vocab_size": vocab, "hidden_size": 64,
+        "vision_soft_tokens_per_image": GEMMA4_TOKENS,
+        "text_config": {
+            "model_type": "gemma4_text", "hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "global_head_dim": 32,
+            "vocab_size": vocab, "vocab_size_per_layer_input": vocab, "hidden_size_per_layer_input": 8,
+            "num_kv_shared_layers": 2, "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "sliding_window": sliding_window, "max_position_embeddings": 8192,
+            "use_bidirectional_attention": "vision", "use_double_wide_mlp": False, "eos_token_id": [ids["<turn|>"]],
+        },
+        "vision_config": {
+            "model_type": "gemma4_vision", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "global_head_dim": 16,
+            "patch_size": 8, "position_embedding_size": 64, "pooling_kernel_size": 2, "default_output_length": GEMMA4_TOKENS,
+        },
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    mx.random.seed(seed)
+    model_config = update_module_configs(gemma4.ModelConfig.from_dict(config), gemma4, config, ["text", "vision"])
+    model = gemma4.Model(model_config)
+    # Random position embeddings: the default ones would give every patch the same large
+    # offset, and every image nearly the same tokens.
+    patches = model.vision_tower.patch_embedder
+    patches.position_embedding_table = mx.random.normal(patches.position_embedding_table.shape) * 0.1
+    mx.eval(model.parameters())
+    save_weights(out, model)
+    return out

@@ -37,6 +37,8 @@ class Decoder:
     tokens generated so far, as with `generate_step` on a fresh cache, so that a
     reused cache does not change the answer. `quantize`: see `KVQuantization`.
     `sampling`: the settings `sampler` was made from (None: its own).
+    `whole`: spans of positions, [start, end), that a prefill chunk must not end inside
+    of (images whose tokens attend to each other both ways, `vision.whole_spans`).
     """
 
     def __init__(
@@ -49,8 +51,10 @@ class Decoder:
         history: Sequence[int] = (),
         quantize: KVQuantization | None = None,
         sampling: Hashable | None = None,
+        whole: Sequence[tuple[int, int]] = (),
     ):
         self.model, self.cache, self.sampler = model, cache, sampler
+        self.whole = whole
         # What `sampler` was made from: decoders with equal settings may share one call.
         self.sampling = sampling
         self.processors = processors
@@ -62,7 +66,7 @@ class Decoder:
     def extend(self, tokens: list[int], prefill_step: int = 512) -> Iterator[None]:
         """Compute `tokens` without sampling after them: None after each chunk."""
         while tokens:
-            n = min(prefill_step, len(tokens), chunk_end(self.quantize, self.position) - self.position)
+            n = min(self._cut(min(prefill_step, len(tokens), chunk_end(self.quantize, self.position) - self.position)), len(tokens))
             self._chunk(tokens[:n])
             tokens = tokens[n:]
             yield None
@@ -72,11 +76,23 @@ class Decoder:
         token generated after it, and no more."""
         rest = prompt
         while len(rest) > prefill_step or len(rest) > MERGED or 0 < chunk_end(self.quantize, self.position) - self.position < len(rest):
-            n = min(prefill_step, len(rest) - 1, chunk_end(self.quantize, self.position) - self.position)
+            n = self._cut(min(prefill_step, len(rest) - 1, chunk_end(self.quantize, self.position) - self.position))
+            if n >= len(rest):  # an image that runs to the prompt's end: one pass with it
+                break
             self._chunk(rest[:n])
             rest = rest[n:]
             yield None
         yield self.step_array(mx.array(rest)).item()
+
+    def _cut(self, n: int) -> int:
+        """A chunk of `n` tokens from here, moved off a `whole` span it would end inside
+        of: back to the span's start, or, for a chunk that starts the span, on to its end
+        (past `prefill_step` and a KV quantization start: an image is computed whole)."""
+        end = self.position + n
+        for start, stop in self.whole:
+            if start < end < stop:
+                return (start if start > self.position else stop) - self.position
+        return n
 
     def _chunk(self, tokens: list[int]) -> None:
         chunk = mx.array(tokens)

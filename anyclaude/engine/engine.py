@@ -339,11 +339,15 @@ class Engine:
         reuse = seq.reuse = self.cache.fetch(seq.key) if self.cache else None
         kv = reuse.cache if reuse and reuse.cache is not None else make_prompt_cache(loaded.model)
         cached = reuse.tokens if reuse else 0
+        whole = _whole_images(loaded.model, job)
+        if reuse and whole:
+            kv, cached = _resumable(loaded.model, kv, cached, whole)
+            reuse.tokens = cached
         if self.cache:
             # The budget holds this request's KV too, as long as it may grow.
             self.cache.reserve(seq, len(job.prompt) + job.max_tokens)
         model = _with_images(loaded.model, job, cached)
-        seq.decoder = Decoder(model, kv, sampler=sampler, processors=self._processors(job), history=job.prompt[:cached], quantize=self._quantize, sampling=s)
+        seq.decoder = Decoder(model, kv, sampler=sampler, processors=self._processors(job), history=job.prompt[:cached], quantize=self._quantize, sampling=s, whole=whole)
         seq.steps = self._prefill(seq, cached)
 
     def _prefill(self, seq: _Sequence, cached: int) -> Iterator[int | None]:
@@ -485,6 +489,31 @@ def _with_images(model, job: Job, position: int):
     from ..vision import Prompted
 
     return Prompted(model, job.prompt, job.images, position)
+
+
+def _whole_images(model, job: Job) -> list[tuple[int, int]]:
+    if job.images is None:
+        return []
+    from ..vision import whole_spans
+
+    return whole_spans(model, job.images)
+
+
+def _resumable(model, kv: list, cached: int, whole: list[tuple[int, int]]) -> tuple[list, int]:
+    """The cache and its token count cut back to the start of the image its prefix ends
+    inside of, if it does (an image whose tokens attend to each other both ways must be
+    computed whole): trimmed, or, where it cannot be trimmed, none reused."""
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+    from ..vision import resume_at
+
+    start = resume_at(whole, cached)
+    if start == cached:
+        return kv, cached
+    if trimmable(kv):
+        trim_prompt_cache(kv, cached - start)
+        return kv, start
+    return make_prompt_cache(model), 0
 
 
 def _reset_random_state() -> None:
