@@ -69,7 +69,7 @@ def _forced(request: wire.MessagesRequest, api) -> wire.ToolChoice | None:
     return choice
 
 
-# The fewest tokens a prompt must leave for its answer (as app.ANSWER_FLOOR).
+# The fewest tokens a prompt must leave for its answer (as api.messages.ANSWER_FLOOR).
 ANSWER_FLOOR = 1024
 
 # vLLM's: "This model's maximum context length is 32768 tokens. However, you requested
