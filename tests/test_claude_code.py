@@ -103,13 +103,16 @@ def test_an_agent_loop_reads_a_file_and_answers_from_it(scripted, claude_bin, tm
     assert {r["model"] for r in turns} == {"anyclaude-smollm2"} and {r["resolved_model"] for r in turns} == {"smollm2"}
     assert {r["request"]["max_tokens"] for r in turns} == {256}
     assert [t["name"] for t in call["request"]["tools"]] == ["Read"]
-    # The first ends with the model's call to Read; the second sends it back as Claude Code
-    # took it from the stream (the log keeps no streamed response), then the call's result:
-    # the file, as Claude Code's Read tool gave it.
+    # The first ends with the model's call to Read (the log keeps the streamed answer put
+    # together); the second sends it back as Claude Code took it from the stream, then the
+    # call's result: the file, as Claude Code's Read tool gave it.
     assert call["stop_reason"] == "tool_use" and call["ended"] == "message_stop", call
+    (sent,) = [b for b in call["response"]["content"] if b["type"] == "tool_use"]
     said, last = reply["request"]["messages"][-2:]
     (use,) = [b for b in said["content"] if b["type"] == "tool_use"]
     assert said["role"] == "assistant" and use["name"] == "Read" and use["input"] == {"file_path": str(notes)}, said
+    assert (sent["id"], sent["name"], sent["input"]) == (use["id"], use["name"], use["input"]), sent
+    assert secret in "".join(b.get("text", "") for b in reply["response"]["content"]), reply["response"]
     (done,) = [b for b in last["content"] if b.get("type") == "tool_result"]
     assert done["tool_use_id"] == use["id"] and not done.get("is_error"), done
     assert secret in json.dumps(done["content"]), done

@@ -203,11 +203,11 @@ async def _generate(t: Transport, planned: Planned) -> None:
         # the answer is generated, not before it on the event loop.
         located = (position, asyncio.create_task(asyncio.to_thread(misses.locate, request, engine.loaded.tokenizer, rendered.cache_key, position, engine.loaded.vision)))
     watcher = t.on_hang_up(generation)
-    events = None
+    events = [] if server.profile.log.bodies else None
     try:
         if request.stream:
             await t.open_stream()
-            outcome = await drive(stream, generation, output, t.send_events, timeouts, single_call=single_call)
+            outcome = await drive(stream, generation, output, _sending(t, events), timeouts, single_call=single_call)
         else:
             events, collect, quiet = _collecting(t, timeouts)
             outcome = await drive(stream, generation, output, collect, quiet, single_call=single_call)
@@ -263,16 +263,17 @@ async def _relay(t: Transport, planned: Relayed) -> None:
     # four bytes of request to a token.
     stream = MessageStream(model=request.model, input_tokens=planned.counted or max(1, len(planned.body) // 4), show_thinking=not (request.thinking and request.thinking.display == "omitted"))
     single_call = (request.tool_choice or wire.ToolChoice()).disable_parallel_tool_use
-    events = None
+    events = [] if server.profile.log.bodies else None
     try:
         if request.stream:
+            sending = _sending(t, events)
 
-            async def send(events: list) -> bool:
+            async def send(batch: list) -> bool:
                 # Headers once the upstream has answered something: an upstream that
                 # breaks before it did is a plain status the SDKs retry.
                 if not t.started and not t.disconnected.is_set():
                     await t.open_stream()
-                return await t.send_events(events)
+                return await sending(batch)
 
             outcome = await relay(stream, call, send, timeouts, single_call=single_call)
         else:
@@ -289,8 +290,11 @@ async def _relay(t: Transport, planned: Relayed) -> None:
 
 
 async def _answer(t: Transport, request: wire.MessagesRequest, outcome, events: list | None) -> None:
-    """The end of a response: a stream's error event and its end, or the whole message."""
+    """The end of a response: a stream's error event and its end, or the whole message.
+    (`events`: what the stream sent, when the log keeps bodies; a whole one's, always.)"""
     if request.stream:
+        if events and (message := accumulate(events)) is not None:
+            t.record.response = message  # what the client was sent, put together
         if outcome.error and not t.disconnected.is_set():
             await t.send_events([envelope(outcome.error, t.request_id)])
         if t.started:
@@ -308,6 +312,18 @@ async def _answer(t: Transport, request: wire.MessagesRequest, outcome, events: 
 def _timeouts(server: Server) -> Timeouts:
     t = server.profile.timeouts
     return Timeouts(t.first_token, t.idle, t.total, t.ping_interval, profile=server.loaded.name)
+
+
+def _sending(t: Transport, kept: list | None):
+    """The stream's sender: the transport's, keeping a copy of the events in `kept` (for the log)."""
+    if kept is None:
+        return t.send_events
+
+    async def send(batch: list) -> bool:
+        kept.extend(batch)
+        return await t.send_events(batch)
+
+    return send
 
 
 def _collecting(t: Transport, timeouts: Timeouts):
