@@ -10,8 +10,10 @@ equal the same request's answer alone (greedy), and how much KV was copied per r
 to merge it into the batch and out again. Then a main turn sent while three
 subagents decode (with Claude Code's request-class header) against the same turn on
 an idle daemon. Last, the ceiling on this machine: mlx-lm's own `batch_generate` on the
-same model and prompts, against its `generate_step` one after another (`--no-raw`
-skips it). The daemon runs the tiny profile with the repetition penalty off, so
+same model and prompts, against its `generate_step` one after another; and the
+forward pass alone, N rows over N prompts' KV against one row, which bounds what any
+batching can gain here, with the same pass over a 16-token KV beside it to show what
+attention over the prompt costs (`--no-raw` skips both). The daemon runs the tiny profile with the repetition penalty off, so
 that an answer depends on its own request only; each prompt is cached before it is
 measured, so both ways start from the same cache. Ends with one JSON line.
 
@@ -163,6 +165,7 @@ def main() -> None:
         daemon.stop()
     if not args.no_raw:
         report["raw_mlx_lm"] = raw_ratios(args.sessions, args.max_tokens)
+        report["forward_pass"] = pass_ratios(args.sessions)
     print(json.dumps(report))
 
 
@@ -208,6 +211,53 @@ def raw_ratios(sessions: list[int], max_tokens: int) -> list[dict]:
         together = sum(len(t) for t in response.token_ids) / (time.perf_counter() - started)
         results.append({"sessions": n, "alone_tokens_per_s": round(alone, 2), "together_tokens_per_s": round(together, 2), "ratio": round(together / alone, 3)})
         print(f"{n:>8} {alone:>24.2f} {together:>21.2f} {together / alone:>6.2f}")
+    return results
+
+
+def pass_ratios(sessions: list[int], steps: int = 8) -> list[dict]:
+    """The model's forward pass alone, one token for each of N rows over N prompts' KV
+    (mlx-lm's BatchKVCache, as the engine merges them): N x the one-row pass's time over
+    the N-row pass's is the most that batching N sessions can gain on this machine."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from anyclaude import models, profiles
+    from bench.agent_loop import openai_messages
+
+    loaded = profiles.load("tiny")
+    model = models.loader(loaded.profile.models["smollm2"], loaded.profile.engine, loaded.path.parent)()
+    net, tokenizer = model.model, model.tokenizer
+    messages, tools = openai_messages(anthropic_body([{"role": "user", "content": TASKS[0]}]), tokenizer)
+    prompt_length = len(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
+
+    def kv(length: int) -> list:
+        cache = make_prompt_cache(net)
+        for start in range(0, length, 512):
+            net(mx.array([[1] * min(512, length - start)]), cache=cache)
+            mx.eval([c.state for c in cache])
+        return cache
+
+    def seconds(rows: int, length: int) -> float:
+        caches = [kv(length) for _ in range(rows)]
+        cache = caches[0] if rows == 1 else [type(layers[0]).merge(list(layers)) for layers in zip(*caches)]
+        inputs = mx.array([[1]] * rows)
+        mx.eval(net(inputs, cache=cache))  # warm
+        started = time.perf_counter()
+        for _ in range(steps):
+            mx.eval(net(inputs, cache=cache))
+        return (time.perf_counter() - started) / steps
+
+    results = []
+    print(f"{'rows':>8} {'pass ms, ' + str(prompt_length) + '-token KV':>24} {'ceiling':>8} {'pass ms, 16-token KV':>21} {'ceiling':>8}")
+    one = {length: seconds(1, length) for length in (prompt_length, 16)}
+    for n in sessions:
+        row = {"rows": n, "kv_tokens": prompt_length}
+        for length, name in ((prompt_length, "prompt"), (16, "short")):
+            t = one[length] if n == 1 else seconds(n, length)
+            row[f"{name}_pass_ms"] = round(t * 1000, 1)
+            row[f"{name}_ceiling"] = round(n * one[length] / t, 2)
+        results.append(row)
+        print(f"{n:>8} {row['prompt_pass_ms']:>24.1f} {row['prompt_ceiling']:>8.2f} {row['short_pass_ms']:>21.1f} {row['short_ceiling']:>8.2f}")
     return results
 
 
