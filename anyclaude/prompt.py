@@ -42,6 +42,13 @@ class Rendered(Struct, frozen=True):
     # For a model that sees: the images, where their tokens are, and the prompt as the
     # prefix cache keys it (vision.Images); None without images.
     seen_images: Any = None
+    # Tokens before the generation prompt (the assistant turn's opening), 0 if unknown:
+    # the next turn renders this one's answer from there, perhaps otherwise than it was
+    # generated (Qwen3.5 leaves out earlier turns' reasoning once the user speaks again).
+    reply_start: int = 0
+    # Whether the last message is the user's own (not only tool results): the templates
+    # that leave out reasoning do so for the turns before such a message.
+    user_turn: bool = False
 
     @property
     def cache_key(self) -> list[int]:
@@ -75,6 +82,8 @@ def render(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_hea
         checkpoint=_system_prefix(template, messages, template_tools, text, ids),
         images=seen.images,
         seen_images=images,
+        reply_start=_reply_start(template, messages, template_tools, text, ids),
+        user_turn=bool(messages) and messages[-1]["role"] == "user",
     )
 
 
@@ -157,6 +166,22 @@ class _Template:
                 return self.render(adapted, tools, **kwargs)
             except Exception as exc:
                 raise InvalidRequest(f"the model's chat template cannot render this conversation: {exc}") from None
+
+
+def _reply_start(template: _Template, messages: list[dict], tools, text: str, ids: list[int]) -> int:
+    if not messages or messages[-1]["role"] == "assistant":  # continuing a turn: no opening
+        return 0
+    try:
+        head = template.render(messages, tools, add_generation_prompt=False)
+    except Exception:
+        return 0
+    if len(head) >= len(text) or not text.startswith(head):
+        return 0
+    # The opening's own tokens, where they end the prompt's (no merge across the boundary).
+    tail = _encode(template.tokenizer, text[len(head) :])
+    if not 0 < len(tail) < len(ids) or list(ids[-len(tail) :]) != tail.tolist():
+        return 0
+    return len(ids) - len(tail)
 
 
 # The user turn of the probe that finds where a template's system+tools prefix ends.

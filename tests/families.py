@@ -36,12 +36,12 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
-def build(architecture: str, seed: int = 0):
+def build(architecture: str, seed: int = 0, **overrides):
     """A random-weight model of `architecture` (a module of mlx_lm.models), evaluated."""
     import mlx.core as mx
 
     module = importlib.import_module(f"mlx_lm.models.{architecture}")
-    args = module.ModelArgs.from_dict({"model_type": architecture, **COMMON, **ARCHITECTURES[architecture]})
+    args = module.ModelArgs.from_dict({"model_type": architecture, **COMMON, **ARCHITECTURES[architecture], **overrides})
     mx.random.seed(seed)
     model = module.Model(args)
     mx.eval(model.parameters())

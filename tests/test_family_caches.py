@@ -46,11 +46,11 @@ class Conversation:
         self.cached.start()
         self.plain.start()
 
-    def ask(self, engine: Engine, prompt: list[int], checkpoint: int = 0, cut_after: int | None = None):
+    def ask(self, engine: Engine, prompt: list[int], checkpoint: int = 0, cut_after: int | None = None, **job):
         async def run():
             generation = Generation(asyncio.get_running_loop())
             self.model.calls, self.model.generation = cut_after, generation
-            engine.submit(Job(prompt=prompt, max_tokens=ANSWER, sampling=GREEDY, checkpoint=checkpoint), generation)
+            engine.submit(Job(prompt=prompt, max_tokens=ANSWER, sampling=GREEDY, checkpoint=checkpoint, **job), generation)
             tokens, cached = [], None
             self.lookup = None
             while True:
@@ -67,10 +67,10 @@ class Conversation:
 
         return asyncio.run(run())
 
-    def turn(self, prompt: list[int], checkpoint: int = 0) -> tuple[list[int], int]:
+    def turn(self, prompt: list[int], checkpoint: int = 0, **job) -> tuple[list[int], int]:
         """The answer with the cache (and what it reused), checked against no cache."""
         reference, _, _ = self.ask(self.plain, prompt)
-        answer, cached, _ = self.ask(self.cached, prompt, checkpoint)  # last: its lookup and store stay
+        answer, cached, _ = self.ask(self.cached, prompt, checkpoint, **job)  # last: its lookup and store stay
         assert answer == reference, "the answer depends on the cache"
         return answer, cached
 
@@ -137,3 +137,57 @@ def test_a_claude_code_conversation_reuses_the_cache_and_answers_as_without_it(a
         assert cached >= len(system)
     finally:
         again.stop()
+
+
+def test_a_model_whose_cache_cannot_be_trimmed_resumes_the_user_s_next_message_after_their_last(tiny_model):
+    """Qwen3.5's real template leaves out the reasoning of the turns before the user's
+    last message: the next message parts from what was generated at the first of them.
+    On a hybrid model (linear attention: reused by exact prefix only) the turn resumes
+    at the end of the user's previous message, kept apart from the tool loop's entries."""
+    from anyclaude import prompt
+    from anyclaude.api import wire
+    from anyclaude.engine.cache import REPLY, TURN
+    from test_templates import QWEN_THINK, family_tokenizer
+
+    tok = family_tokenizer(tiny_model, "Qwen3.5-4B.jinja", QWEN_THINK)
+    chat = Conversation(build("qwen3_next", vocab_size=len(tok.vocab)), tok)
+    tool = {"name": "Read", "description": "Read a file", "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}
+
+    def render(messages: list[dict]) -> prompt.Rendered:
+        body = {"model": "m", "max_tokens": 64, "system": "You are a coding agent. " * 20, "tools": [tool], "messages": messages}
+        return prompt.render(wire.decode_request(wire.encoder.encode(body | {"thinking": {"type": "enabled", "budget_tokens": 512}})), tok)
+
+    def ask(messages: list[dict]) -> tuple[prompt.Rendered, list[int], int]:
+        rendered = render(messages)
+        answer, cached = chat.turn(rendered.ids, rendered.checkpoint, reply_start=rendered.reply_start, user_turn=rendered.user_turn)
+        return rendered, answer, cached
+
+    def said(answer: list[int], *extra: dict) -> dict:
+        thought = {"type": "thinking", "thinking": "Let me see.", "signature": "x"}
+        return {"role": "assistant", "content": [thought, {"type": "text", "text": tok.decode(answer)}, *extra]}
+
+    try:
+        chat.cached.wait_ready()
+        u1 = {"role": "user", "content": "What does the README say?"}
+        first, a1, cached = ask([u1])
+        assert 0 < first.checkpoint < first.reply_start < len(first.ids) and first.user_turn
+        assert cached == 0
+        u2 = {"role": "user", "content": "Now read setup.py."}
+        second, a2, cached = ask([u1, said(a1), u2])
+        # The first answer comes back without its reasoning: resumed where the user's
+        # first message ends, not at the system prompt.
+        assert cached == first.reply_start, (cached, first.reply_start, first.checkpoint)
+        call = {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"path": "setup.py"}}
+        result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "from setuptools import setup"}]}
+        loop = [u1, said(a1), u2, said(a2, call), result]
+        third, a3, cached = ask(loop)
+        assert not third.user_turn and cached >= second.reply_start
+        # The user speaks again: the tool loop's reasoning goes, and the turn resumes at
+        # the end of their last message, kept while the loop's own entries came and went.
+        u3 = {"role": "user", "content": "Thanks. Summarise both."}
+        fourth, _, cached = ask([*loop, said(a3), u3])
+        assert cached == second.reply_start, (cached, second.reply_start)
+        points = [e.point for e in chat.cached.cache._entries]
+        assert points.count(REPLY) <= 1 and points.count(TURN) >= 2, points
+    finally:
+        chat.stop()

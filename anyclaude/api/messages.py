@@ -164,6 +164,8 @@ def plan(t: Transport, body: bytes, key: str | None = None) -> Planned | Relayed
         side=(rank := _rank(t, request)) == SIDE,
         rank=rank,
         images=rendered.seen_images,
+        reply_start=rendered.reply_start,
+        user_turn=rendered.user_turn,
     )
     record.side = job.side or None
     record.call_grammar = "forced" if forced else "held" if lazy else None

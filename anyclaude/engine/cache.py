@@ -26,9 +26,12 @@ Every mlx-lm cache type is kept. An entry knows its tokens from the token array 
 was stored with (never from the layers' `size()`). Caches that cannot be trimmed
 (sliding-window layers past their window, linear-attention and SSM layers) are reused
 by exact prefix only, so the engine stores them at the points where reuse happens:
-the end of the system+tools prefix, the end of each prompt before its answer (the
-next turn re-renders the answer, and may part from it right there), the end of each
-request, and where a prefill was cut short.
+the end of the system+tools prefix; each prompt's end before its generation prompt
+(the next turn renders the answer from there, and may part from it right there:
+Qwen3.5's template leaves out earlier turns' reasoning once the user speaks again); the
+end of each request; and where a prefill was cut short. Of such a conversation's
+entries, one of each kind is kept (a newer one that extends it replaces it), except
+those at the user's turns: the next message of the user resumes at the last of them.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ from msgspec import Struct
 
 CONVERSATION = "conversation"
 CHECKPOINT = "checkpoint"
+# Where in its request a conversation entry was stored (Entry.point): "" at the end (the
+# prompt and what was generated), or before the generation prompt, after tool results
+# (REPLY) or after the user's own message (TURN).
+REPLY = "reply"
+TURN = "turn"
 KEEP_ON_DISK = 4
 
 # What became of an entry offered to `store` (the request log's `cache_store`):
@@ -78,6 +86,7 @@ class Entry(Struct):
     # The checkpoint this entry begins with and holds (its token count; 0: none), which
     # it is cut back to when evicted, if no other entry holds it.
     holds: int = 0
+    point: str = ""  # where in its request it was stored: "", REPLY or TURN
 
 
 class Reuse(Struct):
@@ -299,7 +308,8 @@ class PrefixCache:
             # it parts from the answer as generated (cut at max_tokens, a stop sequence,
             # reasoning the template leaves out; a retry shares all but the last token):
             # the entry is taken over, trimmed, and stored back longer when the request ends.
-            if best.kind == CONVERSATION and (cut == 0 or (reuse >= best.prompt - 1 and trimmable(best.cache))):
+            # (A snapshot before a generation prompt is copied: the next turn may need it too.)
+            if best.kind == CONVERSATION and not best.point and (cut == 0 or (reuse >= best.prompt - 1 and trimmable(best.cache))):
                 from mlx_lm.models.cache import trim_prompt_cache
 
                 self._entries = [e for e in self._entries if e is not best]
@@ -307,17 +317,17 @@ class PrefixCache:
                 return Reuse(best.cache, reuse, best.kind, lookup)
         return Reuse(prefix_copy(best.cache, reuse), reuse, best.kind, lookup)
 
-    def store(self, tokens: list[int], cache: list, kind: str = CONVERSATION, *, prompt: int | None = None, side: bool = False) -> str:
+    def store(self, tokens: list[int], cache: list, kind: str = CONVERSATION, *, prompt: int | None = None, side: bool = False, point: str = "") -> str:
         """Keep a cache holding exactly `tokens` (the first `prompt` of them the request's
-        prompt, by default all; `side`: a side request's), then evict down to the budget
-        (engine thread). Returns what became of it: STORED, TOO_LARGE, OVER_BUDGET,
-        MISCOUNTED or EMPTY."""
+        prompt, by default all; `side`: a side request's; `point`: see Entry), then evict
+        down to the budget (engine thread). Returns what became of it: STORED, TOO_LARGE,
+        OVER_BUDGET, MISCOUNTED or EMPTY."""
         if not tokens:
             return EMPTY
         held = length(cache)
         if held is not None and held != len(tokens):
             return MISCOUNTED  # a cache we cannot account for is not reused
-        entry = Entry(np.asarray(tokens), cache, nbytes(cache), kind, time.monotonic(), len(tokens) if prompt is None else prompt, side)
+        entry = Entry(np.asarray(tokens), cache, nbytes(cache), kind, time.monotonic(), len(tokens) if prompt is None else prompt, side, point=point)
         with self._lock:
             if kind == CHECKPOINT:
                 self._remember(entry.tokens)
@@ -418,13 +428,20 @@ class PrefixCache:
             # The longest checkpoint it begins with, which it then holds.
             entry.holds = max((len(p) for p in self._prefixes if len(p) <= len(entry.tokens) and common_prefix(p, entry.tokens) == len(p)), default=0)
         # What the new entry holds need not be kept apart: an entry of the same kind it
-        # begins with, or a checkpoint it holds (which it would be cut back to).
+        # begins with, or a checkpoint it holds (which it would be cut back to). One that
+        # cannot be trimmed is replaced by a newer one stored at the same point of its
+        # request, except at the user's turns: a branch, or the user's next message after
+        # a template left reasoning out, resumes at one of those.
         self._entries = [
             e
             for e in self._entries
             if not (
                 common_prefix(e.tokens, entry.tokens) == len(e.tokens)
-                and ((e.kind == entry.kind and trimmable(e.cache)) or (e.kind == CHECKPOINT and 0 < len(e.tokens) <= entry.holds))
+                and (
+                    (e.kind == entry.kind and trimmable(e.cache))
+                    or (e.kind == CHECKPOINT and 0 < len(e.tokens) <= entry.holds)
+                    or (e.kind == entry.kind == CONVERSATION and e.point == entry.point != TURN)
+                )
             )
         ]
         self._entries.append(entry)
@@ -576,3 +593,9 @@ def trimmable(cache: list) -> bool:
     from mlx_lm.models.cache import can_trim_prompt_cache
 
     return can_trim_prompt_cache(cache)
+
+
+def trimmable_at(cache: list, tokens: int) -> bool:
+    """Whether a model's cache could still be cut back once it holds `tokens` tokens (a
+    sliding-window layer can until its window is full)."""
+    return trimmable(cache) and all(tokens < getattr(layer, "max_size", tokens + 1) for layer in _layers(cache))

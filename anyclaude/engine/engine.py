@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from msgspec import Struct
 
 from . import metal
-from .cache import CHECKPOINT, FAILED, PrefixCache, Reuse, prefix_copy, trimmable
+from .cache import CHECKPOINT, FAILED, REPLY, TURN, PrefixCache, Reuse, prefix_copy, trimmable, trimmable_at
 from .events import Done, Failed, Generation, Job, Prefilled, Token
 
 if TYPE_CHECKING:
@@ -360,6 +360,14 @@ class Engine:
             yield from decoder.extend(job.prompt[done : job.checkpoint], self.prefill_step)
             done = job.checkpoint
             self.cache.store(seq.key[:done], prefix_copy(decoder.cache, done), CHECKPOINT)
+        reply = job.reply_start
+        if self.cache and done < reply < len(job.prompt) and not trimmable_at(decoder.cache, reply):
+            # A cache that cannot be cut back is kept where the next turn renders this
+            # one's answer from (perhaps otherwise than it is generated), and where a
+            # retry of this prompt resumes.
+            yield from decoder.extend(job.prompt[done:reply], self.prefill_step)
+            done = reply
+            self.cache.store(seq.key[:done], prefix_copy(decoder.cache, done), point=TURN if job.user_turn else REPLY, side=job.side)
         yield from decoder.prefill(job.prompt[done:], self.prefill_step)
 
     def _advance(self, seq: _Sequence) -> int | None:
@@ -380,11 +388,11 @@ class Engine:
         seq.generation.put(Prefilled(len(job.prompt), took, reuse.tokens if reuse else 0, reuse.kind if reuse else "", reuse.lookup if reuse else ""))
         if self._took(seq, token):
             return
-        if self.cache and not trimmable(seq.decoder.cache):
-            # The prompt alone, before its answer: the next turn re-renders the answer
-            # and may part from it right there, and a cache that cannot be trimmed is
-            # reused by exact prefix only.
-            self.cache.store(seq.key, prefix_copy(seq.decoder.cache, len(job.prompt)), side=job.side)
+        if self.cache and not job.reply_start and not trimmable(seq.decoder.cache):
+            # Where its generation prompt begins is not known: the prompt alone, before
+            # its answer (the next turn re-renders the answer and may part from it right
+            # there, and a cache that cannot be trimmed is reused by exact prefix only).
+            self.cache.store(seq.key, prefix_copy(seq.decoder.cache, len(job.prompt)), side=job.side, point=TURN)
         if job.images is None and self._quantize is None and batchable(seq.decoder.cache):
             seq.batch = shared
         else:

@@ -39,6 +39,11 @@ class Job(Struct, frozen=True):
     rank: int = 0
     # The prompt's images (vision.Images), for a model that sees them.
     images: Any = None
+    # Tokens before the generation prompt (prompt.Rendered.reply_start; 0: unknown), and
+    # whether the user spoke last: where a cache that cannot be trimmed is kept for the
+    # next turn, which renders this one's answer from there.
+    reply_start: int = 0
+    user_turn: bool = False
 
 
 # What the engine sends back, in order: Prefilled once, Token per token, then Done or Failed.
