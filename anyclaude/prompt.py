@@ -66,7 +66,7 @@ def render(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_hea
     pictures: list = []
     if seen.pictures:
         messages, pictures = _image_parts(messages, seen.pictures)
-    text = template.apply(messages, template_tools)
+    text, taken = template.apply(messages, template_tools)
     images = None
     if pictures:
         ids, images = vision.prepare(text, pictures)
@@ -82,8 +82,8 @@ def render(request: wire.CountTokensRequest, tokenizer: Any, *, keep_billing_hea
         checkpoint=_system_prefix(template, messages, template_tools, text, ids),
         images=seen.images,
         seen_images=images,
-        reply_start=_reply_start(template, messages, template_tools, text, ids),
-        user_turn=bool(messages) and messages[-1]["role"] == "user",
+        reply_start=_reply_start(template, taken, template_tools, text, ids),
+        user_turn=bool(taken) and taken[-1]["role"] == "user",
     )
 
 
@@ -149,12 +149,13 @@ class _Template:
         text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **self.kwargs, **kwargs)
         return self.family.rendered(text)
 
-    def apply(self, messages: list[dict], tools: list[dict] | None) -> str:
-        """The whole prompt: ready for the reply, or continuing a final assistant turn."""
+    def apply(self, messages: list[dict], tools: list[dict] | None) -> tuple[str, list[dict]]:
+        """The whole prompt, ready for the reply or continuing a final assistant turn; and
+        the messages as the template took them."""
         continue_final = bool(messages) and messages[-1]["role"] == "assistant"
         kwargs = dict(add_generation_prompt=not continue_final, continue_final_message=continue_final)
         try:
-            return self.render(messages, tools, **kwargs)
+            return self.render(messages, tools, **kwargs), messages
         except Exception as first:
             # Many templates refuse a system turn after the first message; give them
             # the same text as a reminder inside the user turn instead of dropping it.
@@ -163,7 +164,7 @@ class _Template:
             if adapted == messages:
                 raise InvalidRequest(f"the model's chat template cannot render this conversation: {first}") from None
             try:
-                return self.render(adapted, tools, **kwargs)
+                return self.render(adapted, tools, **kwargs), adapted
             except Exception as exc:
                 raise InvalidRequest(f"the model's chat template cannot render this conversation: {exc}") from None
 

@@ -303,3 +303,14 @@ def test_reasoning_within_a_tool_loop_renders_back_to_the_generated_tokens(tiny_
     second = prompt.render(request(messages, system=c.system, **thinking), tok)
     want = first.ids + (tok.encode(c.kept(reply), add_special_tokens=False) if c.kept else out_ids)
     assert second.ids[: len(want)] == want, where_they_part(tok, second.ids, want)
+
+
+def test_claude_code_s_own_request_knows_where_its_generation_prompt_begins(tiny_model):
+    # Claude Code 2.1.332's default request carries system reminders after the first
+    # message, which Qwen3.5's template refuses as system turns: they are folded into the
+    # user's, and the generation prompt is found in the prompt as the template took it.
+    captured = json.loads((Path(__file__).parent / "fixtures" / "claude_code_2.1.332.json").read_text())["body"]
+    tok = family_tokenizer(tiny_model, "Qwen3.5-4B.jinja", QWEN_THINK)
+    rendered = prompt.render(wire.decode_request(json.dumps(captured).encode()), tok)
+    assert 0 < rendered.checkpoint < rendered.reply_start < len(rendered.ids) and rendered.user_turn
+    assert tok.decode(rendered.ids[rendered.reply_start :]).startswith("<|im_start|>assistant\n")
