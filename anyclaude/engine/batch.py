@@ -41,6 +41,11 @@ class Batch:
     def __len__(self) -> int:
         return len(self.members)
 
+    @property
+    def alone(self) -> bool:
+        """One member, on its own cache (nothing merged)."""
+        return len(self.members) == 1 and self._merged is None
+
     def join(self, member) -> None:
         if not self.members:
             self.members.append(member)
@@ -57,6 +62,33 @@ class Batch:
         self.copied += self.nbytes
         member.decoder.cache = None  # its KV lives in the batch now
         self.members.append(member)
+        # The copy made now, while the engine holds room for it (`join_cost`), not at
+        # the next step's evaluation.
+        mx.eval([layer.state for layer in self._merged])
+
+    def join_cost(self, member) -> int:
+        """Bytes of KV that `member` joining would hold at its peak beyond what is held
+        now: the merged cache, every row as long as the longest, and the newcomer's
+        copy; when the newcomer is the longer, a padded copy of the batch's rows too
+        (measured by bench/batch_memory.py)."""
+        if not self.members:
+            return 0
+        # A lone member's cache is merged at its length (not the 256-position steps it
+        # grows by); a merged one is copied whole.
+        batch = self.nbytes // len(self) if self._merged is not None else _used(self.members[0].decoder.cache)
+        joining = _used(member.decoder.cache)
+        rows = len(self) + 2 + (len(self) if joining > batch else 0)
+        return rows * max(batch, joining)
+
+    def leave_cost(self) -> int:
+        """Bytes of KV a member leaving copies at its peak: the rows that stay, and its own."""
+        return self.nbytes
+
+    def fits(self, member, ratio: float) -> bool:
+        """Whether `member` is within `ratio` of the members' lengths: merged, the shorter
+        rows are left-padded to the longest, in memory and in every step's attention."""
+        lengths = [m.decoder.position for m in self.members] + [member.decoder.position]
+        return max(lengths) <= ratio * max(1, min(lengths))
 
     def leave(self, member) -> list:
         """Take `member` out; its cache, on its own again."""
@@ -74,6 +106,7 @@ class Batch:
         else:
             self._merged = None
         member.decoder.cache = cache
+        mx.eval([layer.state for layer in cache + (self._merged or [])])  # the copies made now, as in `join`
         return cache
 
     def step(self) -> list[int | Exception]:
@@ -106,6 +139,19 @@ class Batch:
         if self._merged is None:
             return 0
         return sum(layer.nbytes for layer in self._merged)
+
+
+def _used(cache: list) -> int:
+    """Bytes of a sequence's own cache that hold tokens: a layer of keys and values
+    allocates positions ahead; other layers (states) count whole."""
+    used = 0
+    for layer in cache:
+        keys, offset = getattr(layer, "keys", None), getattr(layer, "offset", None)
+        if hasattr(keys, "shape") and isinstance(offset, int) and keys.shape[2]:
+            used += layer.nbytes * min(offset, keys.shape[2]) // keys.shape[2]
+        else:
+            used += layer.nbytes
+    return used
 
 
 def _merge(caches: Sequence[list]) -> list:
