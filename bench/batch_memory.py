@@ -2,7 +2,9 @@
 llama: the transient peak of a join and a leave (mlx-lm's BatchKVCache `extend`, `filter`,
 `extract` copy the batch), and the left padding of a short sequence merged with a long one.
 
-    uv run --no-sync python -m bench.batch_memory [--long 4096] [--short 256]
+    uv run --no-sync python -m bench.batch_memory [--long 4096] [--short 256] [--tiny]
+
+`--tiny`: the tiny profile's model (imported from its GGUF as the daemon does) instead.
 """
 
 from __future__ import annotations
@@ -109,8 +111,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--long", type=int, default=4096)
     parser.add_argument("--short", type=int, default=256)
+    parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
-    m = model()
+    if args.tiny:
+        from mlx_lm.utils import load
+
+        from anyclaude import models, profiles
+
+        (tiny,) = profiles.load("tiny").profile.models.values()
+        m, _ = load(str(models.prepare(tiny)))
+    else:
+        m = model()
     per_token = Member(m, 1, 0)
     print(f"KV bytes per token: {kv(per_token) // 256} (a fresh cache holds 256 positions)")
     print("joins and leaves (bytes):")

@@ -9,6 +9,12 @@ forward pass (`batch.Batch`). So a new request's first token waits for one chunk
 someone else's prefill at most, and no stream stalls for longer than a chunk. A request
 begins its prefill only once its KV (prompt plus `max_tokens`) fits in the cache budget
 beside the live requests' (the stored entries give way to it); alone, it always runs.
+Until then it is queued, not served: its `first_token` timer starts with its prefill.
+
+Merging a sequence into a batch, and taking one out, copies the batch's KV beside the
+old arrays for a moment; the budget holds that copy too, and a join whose copy does not
+fit waits (the sequence decodes on its own meanwhile). Sequences of very different
+lengths are not merged (MERGE_RATIO): the short one would be padded to the long one.
 """
 
 from __future__ import annotations
@@ -375,7 +381,8 @@ class Engine:
             yield from decoder.extend(job.prompt[done : job.checkpoint], self.prefill_step)
             done = job.checkpoint
             with self._copying(self.cache.size.bytes(done)):
-                self.cache.store(seq.key[:done], prefix_copy(decoder.cache, done), CHECKPOINT)
+                checkpoint = prefix_copy(decoder.cache, done)
+            self.cache.store(seq.key[:done], checkpoint, CHECKPOINT)  # counted as stored from here
         yield from decoder.prefill(job.prompt[done:], self.prefill_step)
 
     def _advance(self, seq: _Sequence) -> int | None:
@@ -401,7 +408,8 @@ class Engine:
             # and may part from it right there, and a cache that cannot be trimmed is
             # reused by exact prefix only.
             with self._copying(self.cache.size.bytes(len(job.prompt))):
-                self.cache.store(seq.key, prefix_copy(seq.decoder.cache, len(job.prompt)), side=job.side)
+                prompt = prefix_copy(seq.decoder.cache, len(job.prompt))
+            self.cache.store(seq.key, prompt, side=job.side)
         seq.mergeable = job.images is None and self._quantize is None and batchable(seq.decoder.cache)
         seq.batch = Batch(self.loaded.model)
         self._batches.append(seq.batch)
