@@ -297,12 +297,14 @@ class Engine:
 
     def _fits(self, seq: _Sequence, filling: list[_Sequence]) -> bool:
         """Memory admission: a request waits while its KV would not fit beside the live
-        ones' (it runs alone in any case: the prefix cache gives way to it), with room
-        left for the copy a batch makes when one of its members leaves (`_end`)."""
+        ones' (it runs alone in any case: the prefix cache gives way to it).
+
+        No room is kept back for the copy a batch makes when a member leaves (`_end`):
+        the stored entries give way to it, and keeping it free would hold requests back
+        for the whole answers of the others, at a budget that fits them all."""
         if self.cache is None or not (filling or any(self._batches)):
             return True
-        leave = max((b.leave_cost() for b in self._batches), default=0)
-        return self.cache.room(len(seq.job.prompt) + seq.job.max_tokens, leave)
+        return self.cache.room(len(seq.job.prompt) + seq.job.max_tokens)
 
     def _batch_from_memory(self) -> int:
         if self.cache is None:
@@ -430,11 +432,10 @@ class Engine:
         if not seq.mergeable:
             return
         others = [b for b in self._batches if b is not seq.batch and b and b.members[0].mergeable and b.fits(seq, MERGE_RATIO)]
-        if not others:
-            return
-        batch = max(others, key=len)
-        cost = batch.join_cost(seq)
-        if self.cache is not None and not self.cache.fits(cost):
+        # The largest batch whose copy fits: the fewer batches, the fewer forward passes.
+        costs = [(b, b.join_cost(seq)) for b in sorted(others, key=len, reverse=True)]
+        batch, cost = next(((b, c) for b, c in costs if self.cache is None or self.cache.fits(c)), (None, 0))
+        if batch is None:
             return
         seq.batch.leave(seq)  # alone: its own cache, nothing copied
         self._batches.remove(seq.batch)
