@@ -371,6 +371,8 @@ class Engine:
             self.cache.reserve(seq, len(job.prompt) + job.max_tokens)
         model = _with_images(loaded.model, job, cached)
         seq.decoder = Decoder(model, kv, sampler=sampler, processors=self._processors(job), history=job.prompt[:cached], quantize=self._quantize, sampling=s)
+        if reuse:
+            reuse.cache = None  # the decoder's now: held here too, it would outlive a join
         seq.steps = self._prefill(seq, cached)
 
     def _prefill(self, seq: _Sequence, cached: int) -> Iterator[int | None]:
