@@ -196,6 +196,8 @@ class Server:
             engine.set_prefill_step(loaded.profile.engine.prefill_step)
             engine.set_max_batch(loaded.profile.engine.max_batch)
             engine.configure_cache(_budget(loaded.profile.cache), loaded.profile.cache.persist)
+            if isinstance(schedulers[key], Scheduler):
+                schedulers[key].admit()  # a larger max_batch lets the waiting in now
         if loaded.profile.log != self.profile.log:
             self.log = _request_log(loaded.profile)
         # One assignment each, on the event loop: a request sees the old set or the new.

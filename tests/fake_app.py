@@ -10,6 +10,7 @@ import json
 import os
 import re
 import threading
+import time
 
 from anyclaude import constrain, profiles
 from anyclaude.http.app import App
@@ -51,6 +52,7 @@ class ScriptedEngine:
         threading.Thread(target=self._play, args=(job, generation), daemon=True).start()
 
     def _play(self, job: Job, generation: Generation) -> None:
+        generation.started_at = time.monotonic()  # taken up at once, as the real engine says
         tokenizer = self.loaded.tokenizer
         text = tokenizer.decode(job.prompt)
         script = re.findall(r"SCRIPT:([\w-]+)", text)[-1]

@@ -15,7 +15,6 @@ batch of its own, stepped in turn with the others, so none waits for another's w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -41,22 +40,65 @@ class Batch:
     def __len__(self) -> int:
         return len(self.members)
 
+    @property
+    def alone(self) -> bool:
+        """One member, on its own cache (nothing merged)."""
+        return len(self.members) == 1 and self._merged is None
+
     def join(self, member) -> None:
         if not self.members:
             self.members.append(member)
             return
+        # A layer at a time, each evaluated before the next and the originals let go
+        # of as it goes: the copies beside the originals are one layer's, not the whole
+        # batch's; and they are made now, while the engine holds room for them
+        # (`join_cost`), not at the next step's evaluation.
         if self._merged is None:
             (first,) = self.members
-            self._merged = _merge([first.decoder.cache])
+            own, first.decoder.cache = first.decoder.cache, None
+            self._merged = []
+            for i, layer in enumerate(own):
+                self._merged.append(type(layer).merge([layer]))
+                own[i] = None
+                mx.eval(self._merged[-1].state)
             self.copied += self.nbytes
-            first.decoder.cache = None
-        joining = _merge([member.decoder.cache])
-        for layer, other in zip(self._merged, joining):
-            layer.extend(other)
-        # Extending re-pads and concatenates: the whole batch is copied, the newcomer included.
+        own, member.decoder.cache = member.decoder.cache, None  # its KV lives in the batch now
+        for i, layer in enumerate(self._merged):
+            # Extending re-pads and concatenates: the whole layer is copied, the newcomer's included.
+            layer.extend(type(own[i]).merge([own[i]]))
+            own[i] = None
+            mx.eval(layer.state)
         self.copied += self.nbytes
-        member.decoder.cache = None  # its KV lives in the batch now
         self.members.append(member)
+
+    def join_cost(self, member) -> int:
+        """Bytes of KV that `member` joining would hold at its peak beyond what is held
+        now: what the merged cache grows by (every row as long as the longest), and one
+        layer's copies made beside it (the layer merged, the newcomer's, a padded copy
+        of the old; measured by bench/batch_memory.py)."""
+        if not self.members:
+            return 0
+        # A lone member's cache is merged at its length (not the 256-position steps it
+        # grows by); a merged one is copied whole.
+        first = self.members[0].decoder.cache if self._merged is None else None
+        batch = self.nbytes // len(self) if first is None else _used(first)
+        joining = _used(member.decoder.cache)
+        row, layers = max(batch, joining), len(member.decoder.cache)
+        grows = (len(self) + 1) * row - (self.nbytes if first is None else _nbytes(first)) - _nbytes(member.decoder.cache)
+        return max(0, grows) + -(-(2 * len(self) + 3) * row // layers)
+
+    def leave_cost(self) -> int:
+        """Bytes of KV a member leaving copies at its peak: its own row, and one layer of
+        the rows that stay."""
+        if self._merged is None:
+            return 0
+        return self.nbytes // len(self) + -(-2 * self.nbytes // len(self._merged))
+
+    def fits(self, member, ratio: float) -> bool:
+        """Whether `member` is within `ratio` of the members' lengths: merged, the shorter
+        rows are left-padded to the longest, in memory and in every step's attention."""
+        lengths = [m.decoder.position for m in self.members] + [member.decoder.position]
+        return max(lengths) <= ratio * max(1, min(lengths))
 
     def leave(self, member) -> list:
         """Take `member` out; its cache, on its own again."""
@@ -65,11 +107,13 @@ class Batch:
         if self._merged is None:
             return member.decoder.cache
         cache = [layer.extract(i) for layer in self._merged]
+        mx.eval([layer.state for layer in cache])  # (copies made now, a layer at a time, as in `join`)
         self.copied += sum(layer.nbytes for layer in cache)
         if self.members:
             keep = [j for j in range(len(self.members) + 1) if j != i]
             for layer in self._merged:
                 layer.filter(keep)
+                mx.eval(layer.state)
             self.copied += self.nbytes
         else:
             self._merged = None
@@ -108,5 +152,18 @@ class Batch:
         return sum(layer.nbytes for layer in self._merged)
 
 
-def _merge(caches: Sequence[list]) -> list:
-    return [type(layers[0]).merge(list(layers)) for layers in zip(*caches)]
+def _used(cache: list) -> int:
+    """Bytes of a sequence's own cache that hold tokens: a layer of keys and values
+    allocates positions ahead; other layers (states) count whole."""
+    used = 0
+    for layer in cache:
+        keys, offset = getattr(layer, "keys", None), getattr(layer, "offset", None)
+        if hasattr(keys, "shape") and isinstance(offset, int) and keys.shape[2]:
+            used += layer.nbytes * min(offset, keys.shape[2]) // keys.shape[2]
+        else:
+            used += layer.nbytes
+    return used
+
+
+def _nbytes(cache: list) -> int:
+    return sum(layer.nbytes for layer in cache)

@@ -266,9 +266,15 @@ class PrefixCache:
         """Make room for the KV of a request being generated, `tokens` long at most (its
         prompt plus max_tokens; 0 once it has ended), evicting what it needs (engine thread).
         The requests decoding together each hold their own reservation."""
+        self.hold(owner, self.size.bytes(tokens) if tokens else 0)
+
+    def hold(self, owner: object, nbytes: int) -> None:
+        """Make room for `nbytes` of live KV that `owner` holds (0: let go), evicting
+        stored entries for it (engine thread): a request's reservation, or a copy the
+        engine is about to make (a batch merging or splitting, an entry being cut out)."""
         with self._lock:
-            if tokens:
-                self._live[owner] = self.size.bytes(tokens)
+            if nbytes:
+                self._live[owner] = nbytes
             else:
                 self._live.pop(owner, None)
             self.live_bytes = sum(self._live.values())
@@ -276,10 +282,14 @@ class PrefixCache:
             self.peak_bytes = max(self.peak_bytes, self.bytes + self.live_bytes)
         self._announce()
 
-    def room(self, tokens: int) -> bool:
-        """Whether a request `tokens` long fits beside the ones being generated (stored
-        entries can be evicted for it; the live ones cannot)."""
-        return self.live_bytes + self.size.bytes(tokens) <= self.max_bytes
+    def room(self, tokens: int, extra: int = 0) -> bool:
+        """Whether a request `tokens` long (and `extra` bytes besides) fits beside the ones
+        being generated (stored entries can be evicted for it; the live ones cannot)."""
+        return self.fits(self.size.bytes(tokens) + extra)
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether `nbytes` more of live KV fit beside what is held live now."""
+        return self.live_bytes + nbytes <= self.max_bytes
 
     def peek(self, tokens: list[int]) -> int:
         """How many leading prompt tokens a fetch would reuse now (any thread)."""

@@ -9,6 +9,12 @@ forward pass (`batch.Batch`). So a new request's first token waits for one chunk
 someone else's prefill at most, and no stream stalls for longer than a chunk. A request
 begins its prefill only once its KV (prompt plus `max_tokens`) fits in the cache budget
 beside the live requests' (the stored entries give way to it); alone, it always runs.
+Until then it is queued, not served: its `first_token` timer starts with its prefill.
+
+Merging a sequence into a batch, and taking one out, copies the batch's KV beside the
+old arrays for a moment; the budget holds that copy too, and a join whose copy does not
+fit waits (the sequence decodes on its own meanwhile). Sequences of very different
+lengths are not merged (MERGE_RATIO): the short one would be padded to the long one.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import threading
 import time
 import itertools
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -89,6 +96,7 @@ class _Sequence:
         self.begun = 0.0
         self.reuse: Reuse | None = None
         self.ended = False
+        self.mergeable = False  # its cache can be merged with others' in a batch
 
     @property
     def priority(self) -> tuple[int, int]:
@@ -97,6 +105,12 @@ class _Sequence:
 _STOP = object()
 # The most generations an engine decodes together unless `[engine] max_batch` says.
 DEFAULT_BATCH = 8
+# Sequences are merged in one batch only while the longest is at most this many times
+# the shortest: mlx-lm's batched caches left-pad every row to the longest, and a short
+# request beside a long one would hold (and attend over) the long one's length, beyond
+# its reservation (figures: bench/batch_memory.py). Further apart, they decode in
+# separate batches, a forward pass each.
+MERGE_RATIO = 4.0
 
 
 class Engine:
@@ -180,7 +194,8 @@ class Engine:
             self.cache.configure(max_bytes, loaded.cache_dir if persist and loaded else None)
 
     def submit(self, job: Job, generation: Generation) -> None:
-        """Hand `job` to the engine thread; its events arrive on `generation`."""
+        """Hand `job` to the engine thread; its events arrive on `generation`, whose
+        `started_at` the engine sets when it begins the prefill."""
         self._inbox.put(_Work(job=job, generation=generation))
 
     # --- the engine thread -------------------------------------------------
@@ -217,20 +232,18 @@ class Engine:
         self._loop()
 
     def _loop(self) -> None:
-        from .batch import Batch
-
         if self.loaded is None:
             while (work := self._inbox.get()) is not _STOP:
                 work.generation.put(Failed(f"the model failed to load: {self.load_error}"))
             self._release()
             return
         order = itertools.count()
-        # Received, not begun; begun, prefilling; decoding: the batch of those that can
-        # be merged, then one of its own for each of the others.
+        # Received, not begun; begun, prefilling; decoding, in batches: those that can be
+        # merged, grouped by length, and one of its own for each of the others.
         pending: list[_Sequence] = []
         filling: list[_Sequence] = []
-        shared = Batch(self.loaded.model)
-        self._batches: list[Batch] = [shared]
+        self._batches: list[Batch] = []
+        copied = 0  # by the batches gone
         stopping = False
         while True:
             busy = bool(pending or filling or any(self._batches))
@@ -247,17 +260,24 @@ class Engine:
             for seq in [s for s in pending if s.generation.cancelled]:
                 pending.remove(seq)
                 seq.generation.put(Done("cancelled"))
-            self._prefill_next(pending, filling, shared)
-            for batch in self._batches:
+            self._prefill_next(pending, filling)
+            self._regroup()
+            for batch in list(self._batches):
                 if batch:
                     self._decode(batch)
-            self.batch_copied = shared.copied  # (a batch of one copies nothing)
-            self._batches = [b for b in self._batches if b is shared or b]
+            copied += sum(b.copied for b in self._batches if not b)
+            self._batches = [b for b in self._batches if b]
+            self.batch_copied = copied + sum(b.copied for b in self._batches)
 
-    def _prefill_next(self, pending: list[_Sequence], filling: list[_Sequence], shared: Batch) -> None:
-        """One prefill chunk, for the first in rank among those begun and those whose KV
-        fits beside the live ones'; one that has its first token joins a batch."""
-        candidates = filling + [s for s in pending if self._fits(s, filling)]
+    def _prefill_next(self, pending: list[_Sequence], filling: list[_Sequence]) -> None:
+        """One prefill chunk, for the first in rank among those begun and the first of
+        those received, if its KV fits beside the live ones'; one that has its first
+        token joins a batch.
+
+        The others received wait behind the first, even those that would fit: a large
+        request waits for room, not for a gap that smaller ones never leave."""
+        first = min(pending, key=lambda s: s.priority, default=None)
+        candidates = filling + ([first] if first is not None and self._fits(first, filling) else [])
         if not candidates:
             return
         seq = min(candidates, key=lambda s: s.priority)
@@ -269,7 +289,7 @@ class Engine:
                 self._begin(seq)
             token = self._advance(seq)
             if token is not None:
-                self._first(seq, token, shared)
+                self._first(seq, token)
         except Exception as exc:
             self._fail(seq, exc)
         if seq.steps is None:  # it has its first token, or an end
@@ -277,7 +297,11 @@ class Engine:
 
     def _fits(self, seq: _Sequence, filling: list[_Sequence]) -> bool:
         """Memory admission: a request waits while its KV would not fit beside the live
-        ones' (it runs alone in any case: the prefix cache gives way to it)."""
+        ones' (it runs alone in any case: the prefix cache gives way to it).
+
+        No room is kept back for the copy a batch makes when a member leaves (`_end`):
+        the stored entries give way to it, and keeping it free would hold requests back
+        for the whole answers of the others, at a budget that fits them all."""
         if self.cache is None or not (filling or any(self._batches)):
             return True
         return self.cache.room(len(seq.job.prompt) + seq.job.max_tokens)
@@ -332,6 +356,9 @@ class Engine:
 
         job, loaded = seq.job, self.loaded
         seq.begun = time.perf_counter()
+        # Taken up now, not when handed over: waiting for room beside the others is
+        # queueing, and must not count against its prefill (the first_token timer).
+        seq.generation.started_at = time.monotonic()
         s = job.sampling
         sampler = make_sampler(temp=s.temperature, top_p=s.top_p if s.top_p < 1.0 else 0.0, top_k=s.top_k)
         # Images' tokens are keyed by the images' hashes.
@@ -348,6 +375,8 @@ class Engine:
             self.cache.reserve(seq, len(job.prompt) + job.max_tokens)
         model = _with_images(loaded.model, job, cached)
         seq.decoder = Decoder(model, kv, sampler=sampler, processors=self._processors(job), history=job.prompt[:cached], quantize=self._quantize, sampling=s, whole=whole)
+        if reuse:
+            reuse.cache = None  # the decoder's now: held here too, it would outlive a join
         seq.steps = self._prefill(seq, cached)
 
     def _prefill(self, seq: _Sequence, cached: int) -> Iterator[int | None]:
@@ -359,7 +388,9 @@ class Engine:
             # (Were it cached already, the fetch above would have reused it.)
             yield from decoder.extend(job.prompt[done : job.checkpoint], self.prefill_step)
             done = job.checkpoint
-            self.cache.store(seq.key[:done], prefix_copy(decoder.cache, done), CHECKPOINT)
+            with self._copying(self.cache.size.bytes(done)):
+                checkpoint = prefix_copy(decoder.cache, done)
+            self.cache.store(seq.key[:done], checkpoint, CHECKPOINT)  # counted as stored from here
         reply = job.reply_start
         if self.cache and done < reply < len(job.prompt) and not trimmable_at(decoder.cache, reply):
             # A cache that cannot be cut back is kept where the next turn renders this
@@ -367,7 +398,9 @@ class Engine:
             # retry of this prompt resumes.
             yield from decoder.extend(job.prompt[done:reply], self.prefill_step)
             done = reply
-            self.cache.store(seq.key[:done], prefix_copy(decoder.cache, done), point=TURN if job.user_turn else REPLY, side=job.side)
+            with self._copying(self.cache.size.bytes(done)):
+                snapshot = prefix_copy(decoder.cache, done)
+            self.cache.store(seq.key[:done], snapshot, point=TURN if job.user_turn else REPLY, side=job.side)
         yield from decoder.prefill(job.prompt[done:], self.prefill_step)
 
     def _advance(self, seq: _Sequence) -> int | None:
@@ -380,7 +413,7 @@ class Engine:
             seq.steps = None
         return token
 
-    def _first(self, seq: _Sequence, token: int, shared: Batch) -> None:
+    def _first(self, seq: _Sequence, token: int) -> None:
         from .batch import Batch, batchable
 
         job, reuse = seq.job, seq.reuse
@@ -392,13 +425,39 @@ class Engine:
             # Where its generation prompt begins is not known: the prompt alone, before
             # its answer (the next turn re-renders the answer and may part from it right
             # there, and a cache that cannot be trimmed is reused by exact prefix only).
-            self.cache.store(seq.key, prefix_copy(seq.decoder.cache, len(job.prompt)), side=job.side, point=TURN)
-        if job.images is None and self._quantize is None and batchable(seq.decoder.cache):
-            seq.batch = shared
-        else:
-            seq.batch = Batch(self.loaded.model)
-            self._batches.append(seq.batch)
+            with self._copying(self.cache.size.bytes(len(job.prompt))):
+                prompt = prefix_copy(seq.decoder.cache, len(job.prompt))
+            self.cache.store(seq.key, prompt, side=job.side, point=TURN)
+        seq.mergeable = job.images is None and self._quantize is None and batchable(seq.decoder.cache)
+        seq.batch = Batch(self.loaded.model)
+        self._batches.append(seq.batch)
         seq.batch.join(seq)
+        self._merge(seq)
+
+    def _regroup(self) -> None:
+        """Merge the mergeable sequences decoding on their own into a batch, where they
+        fit now: their lengths have come closer, or the copy has room."""
+        for batch in list(self._batches):
+            if batch.alone and batch.members[0].mergeable:
+                self._merge(batch.members[0])
+
+    def _merge(self, seq: _Sequence) -> None:
+        """Move `seq`, decoding on its own, into the batch of the others of about its
+        length (MERGE_RATIO), when the copy that joining makes fits in the budget
+        beside the live KV (the stored entries give way to it); else it goes on alone."""
+        if not seq.mergeable:
+            return
+        others = [b for b in self._batches if b is not seq.batch and b and b.members[0].mergeable and b.fits(seq, MERGE_RATIO)]
+        # The largest batch whose copy fits: the fewer batches, the fewer forward passes.
+        costs = [(b, b.join_cost(seq)) for b in sorted(others, key=len, reverse=True)]
+        batch, cost = next(((b, c) for b, c in costs if self.cache is None or self.cache.fits(c)), (None, 0))
+        if batch is None:
+            return
+        seq.batch.leave(seq)  # alone: its own cache, nothing copied
+        self._batches.remove(seq.batch)
+        seq.batch = batch
+        with self._copying(cost):
+            batch.join(seq)
 
     def _took(self, seq: _Sequence, token: int) -> bool:
         """Record a generated token; whether that ended the sequence."""
@@ -454,7 +513,11 @@ class Engine:
         if seq.ended:
             return
         seq.ended = True
-        kv = seq.batch.leave(seq) if seq.batch is not None else seq.decoder.cache if seq.decoder else None
+        if seq.batch is not None:
+            with self._copying(seq.batch.leave_cost()):
+                kv = seq.batch.leave(seq)
+        else:
+            kv = seq.decoder.cache if seq.decoder else None
         seq.batch = None
         store = ""
         if self.cache:
@@ -470,6 +533,21 @@ class Engine:
             # Once the request has its end: a large model's checkpoint is gigabytes,
             # and writing it must not hold the answer up.
             self.cache.save()
+
+    @contextmanager
+    def _copying(self, nbytes: int) -> Iterator[None]:
+        # A copy of live KV (a batch merged or split, an entry cut out of a cache) holds
+        # its bytes beside the originals until it is made: the budget holds them too,
+        # the stored entries making way, for as long as it takes.
+        if self.cache is None or not nbytes:
+            yield
+            return
+        token = object()
+        self.cache.hold(token, nbytes)
+        try:
+            yield
+        finally:
+            self.cache.hold(token, 0)
 
     def _processors(self, job: Job) -> list | None:
         from mlx_lm.sample_utils import make_logits_processors

@@ -88,7 +88,9 @@ class Generation:
         self._cancel = threading.Event()
         self._on_end = on_end
         self.ended = False
-        # Monotonic times, for the request log: queued, and handed to the engine.
+        # Monotonic times: queued; taken up by the engine (its prefill begun), which
+        # starts the first_token timer and ends the request log's queue wait. The
+        # engine's thread sets the latter (None until then).
         self.submitted_at: float | None = None
         self.started_at: float | None = None
         # What became of its prefix-cache entry, once the engine has ended it (see Done.store).

@@ -15,6 +15,13 @@ chunk of someone else's at most, never for their answers.
 A full queue is refused at once with 529 and `retry-after`, before any headers; so is
 any request while the queue is drained (its model being replaced) or closed (the daemon
 stopping).
+
+Nothing is handed to an engine still loading its model: its `max_batch` comes from the
+memory the model leaves, and the requests that came meanwhile go in together once it is
+known, in the order above (`admit` does the same when the setting changes).
+The engine, not the queue, says when a request is taken up (`Generation.started_at`, the
+start of its `first_token` timer): when its prefill begins, which may be later than its
+hand-off if its KV must wait for room beside the others'.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ class Scheduler:
         self._running: dict[Generation, Job] = {}
         self._order = itertools.count()
         self._idle: asyncio.Future | None = None
+        self._loading: asyncio.Task | None = None  # waiting for the engine's model
         self.closed: str | None = None  # why new work is turned away (a swap, a stop)
 
     @property
@@ -96,7 +104,17 @@ class Scheduler:
                 generation.put(Failed(reason, retry=True))
                 generation.cancel()
 
+    def admit(self) -> None:
+        """Hand the engine what it takes now: after its `max_batch` changed."""
+        self._dispatch()
+
     def _dispatch(self) -> None:
+        if self._waiting and not self.engine.wait_ready(0):
+            # Loading: its max_batch is not known yet (one would let the first request
+            # in alone, and the others wait for its whole answer).
+            if self._loading is None:
+                self._loading = asyncio.get_running_loop().create_task(self._loaded())
+            return
         while self._waiting:
             chosen = min(self._waiting, key=self._rank)
             if chosen.generation.cancelled:
@@ -106,8 +124,14 @@ class Scheduler:
                 return
             self._waiting.remove(chosen)
             self._running[chosen.generation] = chosen.job
-            chosen.generation.started_at = time.monotonic()
             self.engine.submit(chosen.job, chosen.generation)
+
+    async def _loaded(self) -> None:
+        try:
+            await asyncio.to_thread(self.engine.wait_ready)  # a threading.Event
+        finally:
+            self._loading = None
+        self._dispatch()
 
     def _admits(self, job: Job) -> bool:
         if len(self._running) < self.engine.max_batch:

@@ -120,7 +120,7 @@ class Exchange:
         record.ended = self.last_event if record.stream else None
         record.duration_s = round(time.monotonic() - self.clock, 3)
         generation = self.generation
-        # (Work cancelled before an engine took it is never handed to one.)
+        # (Work the engine has not begun holds no cache entry to wait for.)
         if generation is None or generation.ended or generation.started_at is None:
             self._write()
             return
