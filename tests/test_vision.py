@@ -18,8 +18,8 @@ from anyclaude.api import wire
 from anyclaude.engine.cache import PrefixCache
 from anyclaude.engine.engine import Engine, KVQuantization, Loaded
 from anyclaude.engine.events import Done, Failed, Generation, Job, Prefilled, Sampling, Token
-from bench.harness import Daemon, request
-from vision_model import IMAGE_TOKENS, build
+from bench.harness import request
+from vision_model import IMAGE_TOKENS, build, logged, serving
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, top_k=0)
 SEEING, BLIND = "claude-opus-4-8", "anyclaude-blind"
@@ -191,33 +191,14 @@ def test_answers_with_images_do_not_depend_on_the_cache(gemma, kv):
 
 @pytest.fixture(scope="module")
 def seeing_daemon(tmp_path_factory, model_cache, gemma_dir):
-    import tomli_w
-
-    folder = tmp_path_factory.mktemp("vision-daemon")
     table = {"path": str(gemma_dir), "max_tokens": 8}
-    profile = {
-        "models": {"gemma": table, "blind": table | {"vision": False}},
-        "aliases": {"claude-*": "gemma"},
-        "sampling": {"temperature": 0.0},
-    }
-    path = folder / "vision.toml"
-    path.write_text(tomli_w.dumps(profile))
-    daemon = Daemon(str(path), model_cache, folder / "daemon.log")
-    try:
-        daemon.wait_ready()
+    with serving(tmp_path_factory.mktemp("vision-daemon"), model_cache, {"gemma": table, "blind": table | {"vision": False}}) as daemon:
         yield daemon
-    finally:
-        assert daemon.stop() == 0, daemon.output()
 
 
 @pytest.fixture(scope="module")
 def sdk(seeing_daemon) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=seeing_daemon.url, api_key="sk-local-test", max_retries=0, timeout=120)
-
-
-def logged(daemon, reply) -> dict:
-    (found,) = [r for r in daemon.records() if r["request_id"] == reply._request_id]
-    return found
 
 
 def test_an_image_reaches_the_model_and_the_next_turn_reuses_it(sdk, seeing_daemon, gemma):

@@ -22,9 +22,8 @@ from anyclaude import prompt, vision
 from anyclaude.api import wire
 from anyclaude.engine.cache import PrefixCache
 from anyclaude.engine.engine import Engine, Loaded
-from bench.harness import Daemon
 from test_vision import READ, Cutting, ask, image, looking, png, read_back
-from vision_model import build_gemma4
+from vision_model import build_gemma4, logged, said, serving
 
 SYSTEM = "You are a careful assistant who describes pictures, in a few words and plainly."
 N = 6  # tokens of each answer (test_vision's `ask` asks for 6)
@@ -244,19 +243,10 @@ def test_two_images_of_different_sizes_answer_as_mlx_vlm_does(seeing, tmp_path):
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, model_cache, folder):
-    import tomli_w
-
-    where = tmp_path_factory.mktemp("gemma4-daemon")
     # Prefill chunks of 8 tokens: the image (tokens 31 to 43) would be cut.
-    profile = {"models": {"gemma4": {"path": str(folder), "max_tokens": N}}, "aliases": {"claude-*": "gemma4"}, "sampling": {"temperature": 0.0}, "engine": {"prefill_step": 8}}
-    path = where / "gemma4.toml"
-    path.write_text(tomli_w.dumps(profile))
-    running = Daemon(str(path), model_cache, where / "daemon.log")
-    try:
-        running.wait_ready()
+    models = {"gemma4": {"path": str(folder), "max_tokens": N}}
+    with serving(tmp_path_factory.mktemp("gemma4-daemon"), model_cache, models, engine={"prefill_step": 8}) as running:
         yield running
-    finally:
-        assert running.stop() == 0, running.output()
 
 
 @pytest.fixture(scope="module")
@@ -264,14 +254,10 @@ def sdk(daemon) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=daemon.url, api_key="sk-local-test", max_retries=0, timeout=120)
 
 
-def said(reply) -> str:
-    return "".join(b.text for b in reply.content if b.type == "text")
-
-
 def test_an_image_in_a_message_and_in_a_tool_result_through_the_daemon(sdk, daemon, seeing, tmp_path):
     _, tokenizer, _ = seeing
     reply = sdk.messages.create(model="gemma4", max_tokens=N, system=SYSTEM, messages=looking(1))
-    (line,) = [r for r in daemon.records() if r["request_id"] == reply._request_id]
+    line = logged(daemon, reply)
     assert "images_unseen" not in line and line["prompt_tokens"] == len(rendered(seeing, looking(1)).ids)
     assert said(reply) == tokenizer.decode(reference(seeing, looking(1), [1], tmp_path))
     # Claude Code's Read of a PNG: the image inside a tool result.

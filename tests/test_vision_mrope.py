@@ -21,8 +21,8 @@ import pytest
 
 from anyclaude import prompt, vision
 from anyclaude.api import wire
-from bench.harness import Daemon, request
-from vision_model import build_qwen
+from bench.harness import request
+from vision_model import build_qwen, logged, said, serving
 
 KINDS = ["qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen2_5_vl", "qwen2_vl"]
 HYBRID = {"qwen3_5", "qwen3_5_moe"}  # linear-attention layers: caches reused by exact prefix only
@@ -111,19 +111,8 @@ def test_positions_are_the_model_s_own(loaded, kind):
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, model_cache, folders):
-    import tomli_w
-
-    folder = tmp_path_factory.mktemp("mrope-daemon")
-    profile = {
-        "models": {kind: {"path": str(where), "max_tokens": N} for kind, where in folders.items()},
-        "aliases": {"claude-*": KINDS[0]},
-        "sampling": {"temperature": 0.0},
-    }
-    path = folder / "mrope.toml"
-    path.write_text(tomli_w.dumps(profile))
-    running = Daemon(str(path), model_cache, folder / "daemon.log")
-    try:
-        running.wait_ready()
+    models = {kind: {"path": str(where), "max_tokens": N} for kind, where in folders.items()}
+    with serving(tmp_path_factory.mktemp("mrope-daemon"), model_cache, models) as running:
         # Every model loaded before the first request: MLX's compile state is the
         # process's, and a model loading on one engine thread (evaluating its weights)
         # while another traces a compiled function fails that one.
@@ -132,22 +121,11 @@ def daemon(tmp_path_factory, model_cache, folders):
             assert time.monotonic() < deadline, running.output()
             time.sleep(0.2)
         yield running
-    finally:
-        assert running.stop() == 0, running.output()
 
 
 @pytest.fixture(scope="module")
 def sdk(daemon) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=daemon.url, api_key="sk-local-test", max_retries=0, timeout=120)
-
-
-def logged(daemon, reply) -> dict:
-    (found,) = [r for r in daemon.records() if r["request_id"] == reply._request_id]
-    return found
-
-
-def said(reply) -> str:
-    return "".join(b.text for b in reply.content if b.type == "text")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -255,3 +257,31 @@ def build_gemma4(out: Path, tokenizer_dir: Path, seed: int = 0, *, sliding_windo
     mx.eval(model.parameters())
     save_weights(out, model)
     return out
+
+
+@contextmanager
+def serving(where: Path, model_cache, models: dict[str, dict], **sections) -> Iterator:
+    """The real daemon on a profile of these models (greedy, `claude-*` the first), stopped after."""
+    import tomli_w
+
+    from bench.harness import Daemon
+
+    profile = {"models": models, "aliases": {"claude-*": next(iter(models))}, "sampling": {"temperature": 0.0}, **sections}
+    path = where / "vision.toml"
+    path.write_text(tomli_w.dumps(profile))
+    daemon = Daemon(str(path), model_cache, where / "daemon.log")
+    try:
+        daemon.wait_ready()
+        yield daemon
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+
+
+def logged(daemon, reply) -> dict:
+    """A reply's line in the daemon's request log."""
+    (found,) = [r for r in daemon.records() if r["request_id"] == reply._request_id]
+    return found
+
+
+def said(reply) -> str:
+    return "".join(b.text for b in reply.content if b.type == "text")
