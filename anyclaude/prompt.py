@@ -172,17 +172,37 @@ class _Template:
 def _reply_start(template: _Template, messages: list[dict], tools, text: str, ids: list[int]) -> int:
     if not messages or messages[-1]["role"] == "assistant":  # continuing a turn: no opening
         return 0
-    try:
-        head = template.render(messages, tools, add_generation_prompt=False)
-    except Exception:
-        return 0
-    if len(head) >= len(text) or not text.startswith(head):
-        return 0
+    opening = _opening(template.tokenizer, template.family, tuple(template.kwargs.items()))
+    if opening is None or not text.endswith(opening):
+        # An opening that depends on the conversation: the conversation without it.
+        try:
+            head = template.render(messages, tools, add_generation_prompt=False)
+        except Exception:
+            return 0
+        if len(head) >= len(text) or not text.startswith(head):
+            return 0
+        opening = text[len(head) :]
     # The opening's own tokens, where they end the prompt's (no merge across the boundary).
-    tail = _encode(template.tokenizer, text[len(head) :])
+    tail = _encode(template.tokenizer, opening)
     if not 0 < len(tail) < len(ids) or list(ids[-len(tail) :]) != tail.tolist():
         return 0
     return len(ids) - len(tail)
+
+
+@functools.lru_cache(maxsize=32)
+def _opening(tokenizer, family, kwargs: tuple) -> str | None:
+    """The generation prompt of a template with these settings, from a one-message probe
+    (rendering a long conversation again would cost as much as rendering it), or None."""
+    probe = [{"role": "user", "content": _PROBE}]
+
+    def render(opened: bool) -> str:
+        return family.rendered(tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=opened, **dict(kwargs)))
+
+    try:
+        whole, head = render(True), render(False)
+    except Exception:
+        return None
+    return whole[len(head) :] if len(head) < len(whole) and whole.startswith(head) else None
 
 
 # The user turn of the probe that finds where a template's system+tools prefix ends.
