@@ -68,6 +68,11 @@ def envelope(exc: AnthropicError, request_id: str) -> ErrorEnvelope:
     return ErrorEnvelope(error=_ErrorBody(type=exc.type, message=exc.message), request_id=request_id)
 
 
+# The fewest tokens a prompt must leave for its answer (or max_tokens, if smaller): a
+# prompt that leaves less is refused with prompt_too_long rather than answered in a handful.
+ANSWER_FLOOR = 1024
+
+
 def prompt_too_long(tokens: int, maximum: int) -> InvalidRequest:
     # Claude Code matches this wording to compact the conversation.
     return InvalidRequest(f"prompt is too long: {tokens} tokens > {maximum} maximum")

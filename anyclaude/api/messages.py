@@ -20,15 +20,11 @@ from ..engine.events import Generation, Job, Sampling
 from ..engine.scheduler import RANKS, SIDE
 from ..output import Output
 from . import wire
-from .errors import AnthropicError, InvalidRequest, envelope, prompt_too_long
+from .errors import ANSWER_FLOOR, AnthropicError, InvalidRequest, envelope, prompt_too_long
 from .stream import MessageStream, Timeouts, accumulate, drive, relay
 
 if TYPE_CHECKING:
     from ..server import Server
-
-# The fewest tokens a prompt must leave for its answer (or max_tokens, if smaller).
-ANSWER_FLOOR = 1024
-
 
 class Transport(Protocol):
     """One request's connection to its client, as the use case sees it."""

@@ -10,7 +10,7 @@ import re
 
 from .. import profiles, prompt
 from ..api import wire
-from ..api.errors import InvalidRequest, prompt_too_long
+from ..api.errors import ANSWER_FLOOR, InvalidRequest, prompt_too_long
 from . import anthropic, openai
 from .base import Broke, Call, Down, Ended, Forced, Gate, Output, Refused, Upstream, Usage, clamp, forwarded
 
@@ -68,9 +68,6 @@ def _forced(request: wire.MessagesRequest, api) -> wire.ToolChoice | None:
         raise InvalidRequest(f"tool_choice.name: no tool named {choice.name!r} among the tools")
     return choice
 
-
-# The fewest tokens a prompt must leave for its answer (as api.messages.ANSWER_FLOOR).
-ANSWER_FLOOR = 1024
 
 # vLLM's: "This model's maximum context length is 32768 tokens. However, you requested
 # 40000 tokens (30000 in the messages, 10000 in the completion)."; SGLang's and others'
