@@ -141,17 +141,29 @@ def context_window(profile: profiles.Profile, health: dict | None = None, served
     return min(sizes)
 
 
+# What Claude Code keeps free, beside the output limit, before it compacts on its own.
+COMPACT_RESERVE = 13_000
+
+
 def output_limit(profile: profiles.Profile, context: int) -> int:
-    """The output limit Claude Code asks for. It reserves about 13K tokens plus this limit
-    before it compacts, so a limit near the window would leave no room for a conversation:
-    at most an eighth of the window (and never more than the models give)."""
+    """The output limit Claude Code asks for. It reserves COMPACT_RESERVE tokens plus this
+    limit before it compacts, so a limit near the window would leave no room for a
+    conversation: at most an eighth of the window (and never more than the models give)."""
     models = [profile.models[profile.resolve(n)] for n in family_names(profile).values()]
     return min(min(m.max_tokens for m in models), max(1024, context // 8))
+
+
+def compacts_too_soon(context: int, output: int) -> bool:
+    """Whether Claude Code would compact by itself before a quarter of the window is used:
+    below about 20K tokens it would summarise the conversation on every turn (an 8K model,
+    on every turn from the second), so it is left to stop at the window for a `/compact`."""
+    return context - COMPACT_RESERVE - output < context // 4
 
 
 def claude_env(profile: profiles.Profile, url: str, context: int) -> dict[str, str]:
     """The variables that point Claude Code at the daemon and fit it to the local model."""
     timeouts = profile.timeouts
+    output = output_limit(profile, context)
     return {
         "ANTHROPIC_BASE_URL": url,
         "ANTHROPIC_AUTH_TOKEN": auth_token(profile),
@@ -162,7 +174,8 @@ def claude_env(profile: profiles.Profile, url: str, context: int) -> dict[str, s
         # The model's window (honoured for ids that do not start with claude-).
         "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(context),
         "CLAUDE_CODE_DISABLE_1M_CONTEXT": "1",
-        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(output_limit(profile, context)),
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(output),
+        **({"DISABLE_AUTO_COMPACT": "1"} if compacts_too_soon(context, output) else {}),
         # What kind of request each is (main, subagent, auxiliary...), and the models listed.
         "CLAUDE_CODE_GATEWAY_HINT_HEADERS": "1",
         "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",

@@ -79,6 +79,8 @@ def test_env_points_claude_code_at_the_profile_and_fits_the_model():
         "CLAUDE_CODE_MAX_CONTEXT_TOKENS": "8192",
         "CLAUDE_CODE_DISABLE_1M_CONTEXT": "1",
         "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(profiles.load("tiny").profile.models["smollm2"].max_tokens),
+        # Claude Code keeps 13K tokens free before it compacts: more than this whole window.
+        "DISABLE_AUTO_COMPACT": "1",
         "CLAUDE_CODE_GATEWAY_HINT_HEADERS": "1",
         "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",
         "ENABLE_TOOL_SEARCH": "true",
@@ -115,6 +117,10 @@ def test_names_contexts_and_timeouts_from_a_profile_with_two_models():
     # Claude Code keeps ~13K tokens plus the output limit free before it compacts.
     assert env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "8192"
     assert launcher.output_limit(profile, 16384) == 2048
+    # It compacts by itself at 65536 - 13000 - 8192 tokens; it would at 1336 of 16384, every turn.
+    assert "DISABLE_AUTO_COMPACT" not in env
+    assert launcher.claude_env(profile, "http://h:1", 16384)["DISABLE_AUTO_COMPACT"] == "1"
+    assert "DISABLE_AUTO_COMPACT" not in launcher.claude_env(profile, "http://h:1", 32768)
     assert env["API_TIMEOUT_MS"] == "1200500"
     assert env["CLAUDE_STREAM_IDLE_TIMEOUT_MS"] == "630000"  # outlasts the daemon's 600 s prefill budget
 
