@@ -134,7 +134,7 @@ def check_device() -> Check:
 
     found = blas.openblas_path()
     if found:
-        return WARN, "device", f"CPU only (no Metal): slow; OpenBLAS ({found}) will make it several times faster"
+        return WARN, "device", f"CPU only (no Metal): slow; the daemon uses OpenBLAS ({found}), several times faster than without"
     faster = " (apt-get install libopenblas0-pthread makes it several times faster)" if sys.platform == "linux" else ""
     return WARN, "device", f"CPU only (no Metal): slow{faster}"
 
