@@ -39,17 +39,22 @@ images, whole); here a pass after a cached prefix (a checkpoint, an earlier turn
 that too (`_overlay_after_cache`). An image pass is also given what Gemma 4's
 `get_input_embeddings` makes besides the embeddings: the per-layer inputs (of its small
 models), with the image tokens' taken from the padding id.
+
+Claude Code sends all of a conversation's images on every turn; the processor's output
+for each is kept by the image's hash (`Remembered`), so a turn processes only its new ones.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import io
 import json
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -158,12 +163,14 @@ class Vision:
 
     def __init__(self, processor: Any, kind: str, image_token: int):
         self.processor, self.kind, self.image_token = processor, kind, image_token
+        self.remembered = processor.image_processor = Remembered(processor.image_processor)
 
     def prepare(self, text: str, pictures: list[Picture]) -> tuple[list[int], Images]:
         """The token ids of a rendered prompt whose image placeholders the processor expands,
         and its images (a prompt thread)."""
         try:
-            out = self.processor(text=[text], images=[p.image for p in pictures], add_special_tokens=False)
+            with self.remembered.these([p.digest for p in pictures]):
+                out = self.processor(text=[text], images=[p.image for p in pictures], add_special_tokens=False)
         except Exception as exc:  # an image the processor cannot take (too small a side, ...)
             raise InvalidRequest(f"image: the model's processor cannot take it: {exc}") from None
         # The processor hands back MLX arrays made from NumPy (copies; nothing is computed
@@ -188,6 +195,91 @@ class Vision:
         for (start, end), picture in zip(spans, pictures):
             keys[start:end] = [key_of(picture.digest)] * (end - start)
         return ids, Images(keys=keys, spans=spans, pixels=each, grids=grids)
+
+
+# The image processor's output kept for images seen again (a conversation sends all its
+# images on every turn; a 1280x800 screenshot takes Qwen's processor about 0.1 s on a CPU).
+REMEMBERED_BYTES = 256 * 2**20
+
+
+class Remembered:
+    """A model's image processor that gives an image it has processed before (by hash) its
+    earlier output, and processes only the others. Each image's output is its own (no
+    processor anyclaude feeds looks at two images together), and the outputs of several are
+    put together as the processor puts them: arrays end to end (stacked images, Qwen's
+    patches and grids), lists joined, and images of different sizes as a list (Gemma 4)."""
+
+    def __init__(self, processor: Any, limit: int = REMEMBERED_BYTES):
+        self.inner, self.limit = processor, limit
+        self.processed = 0  # images the processor itself has processed
+        self._kept: OrderedDict[tuple[str, str], tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    @contextlib.contextmanager
+    def these(self, digests: list[str]):
+        """The hashes of the images the next call (on this thread) is given, in order."""
+        self._local.digests = digests
+        try:
+            yield
+        finally:
+            self._local.digests = None
+
+    def __call__(self, images: Any = None, *args: Any, **kwargs: Any) -> Any:
+        digests = getattr(self._local, "digests", None)
+        if not isinstance(images, list) or not images or digests is None or len(digests) != len(images) or args:
+            self.processed += len(images) if isinstance(images, list) else 1
+            return self.inner(images, *args, **kwargs)
+        how = repr(sorted(kwargs.items()))
+        with self._lock:
+            found = {d: self._kept[(d, how)][0] for d in digests if (d, how) in self._kept}
+            for d in found:
+                self._kept.move_to_end((d, how))
+        new = {d: image for d, image in zip(digests, images) if d not in found}
+        for d, image in new.items():
+            found[d] = self.inner([image], **kwargs)
+        with self._lock:
+            self.processed += len(new)
+            for d in new:
+                size = _nbytes(found[d])
+                if size <= self.limit and (d, how) not in self._kept:
+                    self._kept[(d, how)] = (found[d], size)
+                    self._bytes += size
+            while self._bytes > self.limit:
+                _, (_, size) = self._kept.popitem(last=False)
+                self._bytes -= size
+        return _joined([found[d] for d in digests])
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    if hasattr(value, "items"):
+        return sum(_nbytes(v) for _, v in value.items())
+    return 0
+
+
+def _joined(parts: list[Any]) -> Any:
+    """One-image outputs of an image processor as its output for all of them."""
+    first = parts[0]
+    if isinstance(first, tuple):
+        return tuple(_joined([p[i] for p in parts]) for i in range(len(first)))
+    if isinstance(first, list):
+        return [x for p in parts for x in p]
+    if isinstance(first, np.ndarray):
+        if len({p.shape[1:] for p in parts}) == 1:
+            return np.concatenate(parts)
+        return [p[0] for p in parts]  # Gemma 4: images of different sizes, one array each
+    if hasattr(first, "items"):
+        joined = {k: _joined([p[k] for p in parts]) for k in first.keys()}
+        return joined if isinstance(first, dict) else type(first)(data=joined)
+    return first
 
 
 def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:

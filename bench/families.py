@@ -55,18 +55,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import agent_loop  # noqa: E402
+from bench.harness import from_tests  # noqa: E402
 
-
-def _tests_families():
-    # tests/families.py (the architectures' arguments), loaded by path: this file has
-    # the same name, and its folder comes first on sys.path when run as a script.
-    spec = importlib.util.spec_from_file_location("tests_families", ROOT / "tests" / "families.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-families = _tests_families()
+families = from_tests("families")  # the architectures' arguments
 
 TARGETS = {"warm_over_cold": 0.25, "warm_over_ideal": 1.2}
 ANSWER = 24  # tokens per answer

@@ -132,3 +132,14 @@ def profile_file(directory: Path, name: str, **sections) -> Path:
     path = directory / f"{name}.toml"
     path.write_text(tomli_w.dumps(data))
     return path
+
+
+def from_tests(name: str):
+    """A module of tests/ (model builders, architectures' arguments), loaded by its path:
+    a bench script's own folder comes first on sys.path, and may hold a file of that name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tests_{name}", Path(__file__).resolve().parent.parent / "tests" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

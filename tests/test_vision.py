@@ -19,7 +19,7 @@ from anyclaude.engine.cache import PrefixCache
 from anyclaude.engine.engine import Engine, KVQuantization, Loaded
 from anyclaude.engine.events import Done, Failed, Generation, Job, Prefilled, Sampling, Token
 from bench.harness import request
-from vision_model import IMAGE_TOKENS, build, logged, serving
+from vision_model import IMAGE_TOKENS, build, logged, processed_once, serving
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, top_k=0)
 SEEING, BLIND = "claude-opus-4-8", "anyclaude-blind"
@@ -80,6 +80,12 @@ def test_images_become_the_template_s_image_parts_and_the_processor_s_tokens(gem
     # Inside a tool result, folded into a user turn by the generic family, in order.
     both = rendered(gemma, read_back(1) + [{"role": "user", "content": [image(2), {"type": "text", "text": "And this?"}]}], tools=[READ])
     assert len(both.seen_images.spans) == 2 and "<tool_response>" in both.text
+
+
+def test_the_images_of_earlier_turns_are_not_processed_again(gemma):
+    from test_vision_mrope import image as sized
+
+    processed_once(gemma[2], lambda messages: rendered(gemma, messages), sized)
 
 
 def test_bad_image_data_is_a_400_naming_it(gemma):

@@ -23,7 +23,7 @@ from anyclaude.api import wire
 from anyclaude.engine.cache import PrefixCache
 from anyclaude.engine.engine import Engine, Loaded
 from test_vision import READ, Cutting, ask, image, looking, png, read_back
-from vision_model import build_gemma4, logged, said, serving
+from vision_model import build_gemma4, logged, processed_once, said, serving
 
 SYSTEM = "You are a careful assistant who describes pictures, in a few words and plainly."
 N = 6  # tokens of each answer (test_vision's `ask` asks for 6)
@@ -213,6 +213,13 @@ def test_a_sliding_window_shorter_than_the_prompt(tmp_path_factory, tiny_model, 
         assert asked(running, passes, rendered(seeing, turn)) == (reference(seeing, turn, [3], tmp_path), r.checkpoint)
     finally:
         stop(running)
+
+
+def test_the_images_of_earlier_turns_are_not_processed_again(seeing):
+    from test_vision_mrope import image as sized
+
+    # Of two sizes: the processor gives them as a list, not one array.
+    processed_once(seeing[2], lambda messages: rendered(seeing, messages), sized)
 
 
 def test_two_images_of_different_sizes_answer_as_mlx_vlm_does(seeing, tmp_path):

@@ -22,7 +22,7 @@ import pytest
 from anyclaude import prompt, vision
 from anyclaude.api import wire
 from bench.harness import request
-from vision_model import build_qwen, logged, said, serving
+from vision_model import build_qwen, logged, processed_once, said, serving
 
 KINDS = ["qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen2_5_vl", "qwen2_vl"]
 HYBRID = {"qwen3_5", "qwen3_5_moe"}  # linear-attention layers: caches reused by exact prefix only
@@ -218,6 +218,12 @@ def test_a_hybrid_model_resumes_a_prefill_cut_inside_or_past_the_image(loaded, t
     finally:
         engine.stop()
         engine.wait_stopped()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_5", "qwen2_vl"])
+def test_the_images_of_earlier_turns_are_not_processed_again(loaded, kind):
+    # Of two sizes: their patches end to end, their grids one after the other.
+    processed_once(loaded[kind][2], lambda messages: rendered(loaded[kind], messages), image)
 
 
 def test_two_sequences_interleaved_on_one_model_answer_as_each_alone(loaded):

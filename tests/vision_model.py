@@ -285,3 +285,27 @@ def logged(daemon, reply) -> dict:
 
 def said(reply) -> str:
     return "".join(b.text for b in reply.content if b.type == "text")
+
+
+def processed_once(v, render, image) -> None:
+    """A conversation's images are processed once: the next turn sends them again and only
+    its new image is processed, and the prompt is what processing them all anew gives.
+    `render(messages)` renders with `v`; `image(seed, shape)` is an image block."""
+    import numpy as np
+
+    first = [{"role": "user", "content": [{"type": "text", "text": "Look:"}, image(11, (40, 30)), {"type": "text", "text": "?"}]}]
+    later = [*first, {"role": "assistant", "content": "A picture."}, {"role": "user", "content": [image(12, (64, 30)), {"type": "text", "text": "And this?"}]}]
+    render(first)
+    before = v.remembered.processed
+    again = render(later)
+    assert v.remembered.processed - before == 1
+    kept, v.processor.image_processor = v.processor.image_processor, v.remembered.inner
+    try:
+        anew = render(later)
+    finally:
+        v.processor.image_processor = kept
+    assert again.ids == anew.ids and again.cache_key == anew.cache_key
+    a, b = again.seen_images, anew.seen_images
+    assert len(a.spans) == 2 and a.spans == b.spans and a.grids == b.grids
+    assert [p.shape for p in a.pixels] == [p.shape for p in b.pixels]
+    assert all(np.array_equal(x, y) for x, y in zip(a.pixels, b.pixels))
