@@ -232,7 +232,8 @@ class Remembered:
     def __call__(self, images: Any = None, *args: Any, **kwargs: Any) -> Any:
         digests = getattr(self._local, "digests", None)
         if not isinstance(images, list) or not images or digests is None or len(digests) != len(images) or args:
-            self.processed += len(images) if isinstance(images, list) else 1
+            with self._lock:
+                self.processed += len(images) if isinstance(images, list) else 1
             return self.inner(images, *args, **kwargs)
         how = repr(sorted(kwargs.items()))
         with self._lock:

@@ -26,6 +26,7 @@ from .stream import MessageStream, Timeouts, accumulate, drive, relay
 if TYPE_CHECKING:
     from ..server import Server
 
+
 class Transport(Protocol):
     """One request's connection to its client, as the use case sees it."""
 
